@@ -1,0 +1,5 @@
+"""nncompress: compress trained PyTorch models into small, fast, packed artifacts."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

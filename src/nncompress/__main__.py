@@ -1,0 +1,3 @@
+from nncompress.cli import main
+
+raise SystemExit(main())
