@@ -1,0 +1,206 @@
+"""The few public verbs: ``compress``, ``save``, ``load``, ``measure`` (and ``compare``).
+
+``compress`` runs a :class:`~nncompress.recipe.Recipe` on a copy of a model and measures
+the model before the first stage and after every stage, so a person sees what each
+technique bought and cost: accuracy, bytes of the packed ``.nnc`` file, MACs and latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nncompress import formats
+from nncompress.data import Dataset
+from nncompress.errors import DataError, ModelError
+from nncompress.measure import Comparison, Measurement, compare, measure
+from nncompress.recipe import Recipe, Stage
+from nncompress.technique import TECHNIQUES, Context, all_techniques
+
+__all__ = [
+    "Comparison",
+    "CompressionResult",
+    "Measurement",
+    "StageResult",
+    "compare",
+    "compress",
+    "load",
+    "measure",
+    "save",
+]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One recipe stage: its ``name`` (technique, ``fine_tune`` or ``evaluate``), ``kind``,
+    full parameters, the :class:`Measurement` of the model after it, and the wall-clock
+    ``seconds`` the stage itself took (measuring excluded)."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    measurement: Measurement
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """What :func:`compress` returns.
+
+    ``model``: the compressed model (a copy; the caller's model is untouched), in eval
+    mode. ``baseline``: the measurement of the model as given. ``stages``: one
+    :class:`StageResult` per recipe stage, in order. ``log``: one-line notes from the run.
+    ``model_name`` / ``dataset``: labels for tables and saved metadata.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    baseline: Measurement
+    stages: tuple[StageResult, ...]
+    log: tuple[str, ...]
+    model_name: str = ""
+    dataset: str = ""
+
+    @property
+    def final(self) -> Measurement:
+        """The measurement after the last stage."""
+        return self.stages[-1].measurement if self.stages else self.baseline
+
+    def comparison(self) -> Comparison:
+        """The final model against the baseline (ratios > 1 mean smaller / faster)."""
+        return compare(self.baseline, self.final)
+
+    def table(self) -> str:
+        """A plain-text table: the baseline, then the model after every stage."""
+        from nncompress.report import (
+            ResultRow,
+            fmt_bytes,
+            fmt_count,
+            fmt_ms,
+            fmt_pct,
+            fmt_ratio,
+            render_text,
+        )
+
+        points = [("0 baseline", self.baseline, None)]
+        points += [(f"{i} {s.name}", s.measurement, s.seconds)
+                   for i, s in enumerate(self.stages, 1)]
+        rows = [ResultRow.build(self.model_name, self.dataset, label, self.baseline, m)
+                for label, m, _ in points]
+        batch_n = next((r.batch_n for r in rows if r.batch_n), None)
+        headers = ["stage", "accuracy", "Δ accuracy", "bytes on disk", "ratio",
+                   "params (non-zero)", "MACs (non-zero)", "latency b1",
+                   f"latency b{batch_n or 'N'}", "stage time"]
+        cells = [[label, fmt_pct(r.accuracy), fmt_pct(r.accuracy_delta, signed=True),
+                  fmt_bytes(r.artifact_bytes), fmt_ratio(r.size_ratio),
+                  f"{fmt_count(r.params)} ({fmt_count(r.nonzero_params)})",
+                  f"{fmt_count(r.macs)} ({fmt_count(r.sparse_macs)})",
+                  fmt_ms(r.latency_b1_ms), fmt_ms(r.latency_bn_ms),
+                  "-" if sec is None else f"{sec:.1f} s"]
+                 for (label, _, sec), r in zip(points, rows, strict=True)]
+        title = (f"{self.model_name or 'model'} on {self.dataset or 'data'}, recipe "
+                 f"{self.recipe.name} (bytes: .nnc file; MACs per sample; latency: CPU "
+                 "median per batch)")
+        return title + "\n" + render_text(headers, cells)
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(type(model), "arch_name", type(model).__name__))
+
+
+def _check_inputs(model: Any, data: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compress needs a torch.nn.Module, got {type(model).__name__}")
+    if not all(hasattr(data, a) for a in ("train", "test", "input_shape", "num_classes")):
+        raise DataError(f"compress needs a Dataset (train, test, input_shape, num_classes), "
+                        f"got {type(data).__name__}")
+
+
+def _run_stage(model: nn.Module, stage: Stage, index: int, ctx: Context) -> nn.Module:
+    """Run one stage on ``model`` (in place where the technique allows); return the model."""
+    if stage.kind == "technique":
+        out = TECHNIQUES.get(stage.name).apply(model, stage.config, ctx)
+        if not isinstance(out, nn.Module):
+            raise TypeError(f"technique {stage.name!r} returned {type(out).__name__}, "
+                            "not an nn.Module")
+        return out
+    if stage.kind == "fine_tune":
+        cfg = stage.config
+        log = ctx.fine_tune(model, epochs=cfg.epochs, lr=cfg.lr,
+                            desc=f"stage {index} fine-tune")
+        if log.final_test_acc is not None:
+            ctx.note(f"stage {index} fine_tune: {log.epochs} epochs at lr {cfg.lr:g}, "
+                     f"test accuracy {100 * log.final_test_acc:.2f} %")
+    return model
+
+
+def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, seed: int = 0,
+             progress: bool = True, measure_latency: bool = True,
+             latency_batches: Sequence[int] = (1, 256)) -> CompressionResult:
+    """Compress a copy of ``model`` with ``recipe`` (a Recipe, a packaged recipe's name or
+    a YAML path), measuring it on ``data`` before the first stage and after every stage.
+
+    The caller's ``model`` is never modified. ``seed`` seeds every random choice (the
+    fine-tuning batch order among them); ``measure_latency=False`` skips the timing runs.
+    """
+    plan = Recipe.resolve(recipe)
+    _check_inputs(model, data)
+    all_techniques()
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise ModelError(f"cannot copy the model {type(model).__name__} "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+    def measure_now(m: nn.Module) -> Measurement:
+        return measure(m, data, latency_batches=tuple(latency_batches),
+                       with_latency=measure_latency)
+
+    baseline = measure_now(work)
+    ctx = Context(data=data, seed=seed, progress=progress)
+    results: list[StageResult] = []
+    for index, stage in enumerate(plan.stages, 1):
+        start = time.perf_counter()
+        work = _run_stage(work, stage, index, ctx)
+        seconds = time.perf_counter() - start
+        results.append(StageResult(stage.name, stage.kind, stage.params, measure_now(work),
+                                   seconds))
+    work.eval()
+    return CompressionResult(model=work, recipe=plan, baseline=baseline,
+                             stages=tuple(results), log=tuple(ctx.log),
+                             model_name=_model_name(model), dataset=str(data.name))
+
+
+def save(model_or_result: nn.Module | CompressionResult, path: str | Path, *,
+         meta: Mapping[str, Any] | None = None,
+         encodings: Mapping[str, str] | None = None) -> int:
+    """Write a packed ``.nnc`` file (no pickle) with ``formats.save``; return bytes written.
+
+    Given a :class:`CompressionResult`, saves its model and records the recipe, dataset,
+    and baseline and final test accuracy in the metadata (``meta`` entries win).
+    """
+    model = model_or_result
+    info: dict[str, Any] = {}
+    if isinstance(model_or_result, CompressionResult):
+        result = model_or_result
+        model = result.model
+        info = {"recipe": result.recipe.name, "model": result.model_name,
+                "dataset": result.dataset, "accuracy": result.final.accuracy,
+                "baseline_accuracy": result.baseline.accuracy}
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"save needs an nn.Module or a CompressionResult, "
+                         f"got {type(model).__name__}")
+    info.update(meta or {})
+    return formats.save(model, path, meta=info or None, encodings=encodings)
+
+
+def load(path: str | Path, **kwargs: Any) -> nn.Module:
+    """Read a ``.nnc`` file written by :func:`save` into a runnable module (``formats.load``;
+    keyword arguments such as ``skeleton=`` are passed on)."""
+    return formats.load(path, **kwargs)

@@ -1,0 +1,332 @@
+"""Datasets: MNIST-1D (generated offline), sklearn digits, and user data references.
+
+MNIST-1D: Greydanus, "Scaling down deep learning" (2020) — 10 classes of 1-D signals,
+each sample shaped ``(1, 40)``; generated here with the ``mnist1d`` package's own
+generator (never downloaded) and cached as ``.npz`` under ``cache_dir()/data``.
+
+Digits: the UCI 8x8 handwritten digits bundled with scikit-learn (1797 samples), pixel
+values scaled to ``[0, 1]``, each sample shaped ``(1, 8, 8)``.
+
+User data: ``"package.module:function"`` names a function taking no arguments that returns
+``(train_loader, test_loader)`` or ``(x_train, y_train, x_test, y_test)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nncompress.errors import DataError
+from nncompress.paths import cache_dir
+from nncompress.registry import Registry
+
+__all__ = ["Dataset", "dataset_names", "example_input", "load_dataset"]
+
+#: Bumped whenever the arrays written to the MNIST-1D cache would change.
+_MNIST1D_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train/test loaders plus what a model needs to know about the samples.
+
+    ``train`` yields ``(x: float32 [B, *input_shape], y: int64 [B])`` in shuffled order;
+    ``test`` yields the same, never shuffled. ``input_shape`` is per sample, channels first.
+    """
+
+    name: str
+    train: DataLoader
+    test: DataLoader
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """A train/test split as tensors: x float32 ``[N, *shape]``, y int64 ``[N]``."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+# --------------------------------------------------------------------------- bundled data
+
+
+def _mnist1d_cache_path() -> Path:
+    """Cache file keyed by the generator's version (its default arguments live there).
+
+    Keying on the installed version keeps a cache hit from importing ``mnist1d`` (which
+    pulls in matplotlib and scipy, about a second).
+    """
+    try:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    key = f"mnist1d={version};cache={_MNIST1D_CACHE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "data" / f"mnist1d-{digest}.npz"
+
+
+def _generate_mnist1d() -> dict[str, np.ndarray]:
+    """Run the MNIST-1D generator (default arguments: 4000 train / 1000 test, seed 42).
+
+    ``make_dataset`` reseeds numpy's and Python's global RNGs; both are restored. The
+    arguments' ``url`` field is never used (nothing is downloaded).
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise DataError(f"dataset 'mnist1d' needs the mnist1d package: {exc}") from exc
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {
+        "x_train": np.asarray(raw["x"], dtype=np.float32),
+        "y_train": np.asarray(raw["y"], dtype=np.int64),
+        "x_test": np.asarray(raw["x_test"], dtype=np.float32),
+        "y_test": np.asarray(raw["y_test"], dtype=np.int64),
+    }
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+
+
+def _mnist1d() -> _Arrays:
+    """MNIST-1D, samples shaped (1, 40); generated once, then read from the cache."""
+    path = _mnist1d_cache_path()
+    arrays = _read_npz(path)
+    if arrays is None:
+        arrays = _generate_mnist1d()
+        _write_npz_atomic(path, arrays)
+    return _Arrays(
+        x_train=torch.from_numpy(arrays["x_train"]).unsqueeze(1),
+        y_train=torch.from_numpy(arrays["y_train"]),
+        x_test=torch.from_numpy(arrays["x_test"]).unsqueeze(1),
+        y_test=torch.from_numpy(arrays["y_test"]),
+    )
+
+
+def _digits() -> _Arrays:
+    """sklearn digits, pixels / 16, samples shaped (1, 8, 8); stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None, :, :]
+    y = np.asarray(bunch.target, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return _Arrays(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x_tr, y_tr, x_te, y_te)))
+
+
+_BUNDLED: Registry[Callable[[], _Arrays]] = Registry("dataset", error=DataError)
+_BUNDLED.register("mnist1d", _mnist1d)
+_BUNDLED.register("digits", _digits)
+
+
+# --------------------------------------------------------------------------- user data
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _resolve_reference(ref: str) -> Callable[[], Any]:
+    """Import ``package.module:function`` (the function may be a dotted attribute path)."""
+    module_name, _, attr_path = ref.partition(":")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise DataError(f"bad data reference {ref!r}: expected 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure of user code is bad input
+        raise DataError(f"cannot import module {module_name!r} of data reference {ref!r}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise DataError(f"data reference {ref!r}: {module_name!r} has no attribute "
+                            f"{attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise DataError(f"data reference {ref!r} is not callable")
+    return obj
+
+
+def _as_tensor(value: Any, what: str, ref: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(np.asarray(value)) if not torch.is_tensor(value) else value
+    except Exception as exc:
+        raise DataError(f"data reference {ref!r}: {what} is not an array "
+                        f"({type(value).__name__})") from exc
+
+
+def _check_labels(y: torch.Tensor, what: str, ref: str) -> torch.Tensor:
+    """Return labels as int64 [N]; whole-number floats are accepted, anything else is not."""
+    if y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
+        raise DataError(f"data reference {ref!r}: {what} must be a 1-D array of integer class "
+                        f"labels, got dtype {y.dtype} shape {tuple(y.shape)}")
+    if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.round())).all()):
+        raise DataError(f"data reference {ref!r}: {what} holds non-integer labels")
+    y = y.to(torch.int64)
+    if y.numel() and int(y.min()) < 0:
+        raise DataError(f"data reference {ref!r}: {what} holds negative labels")
+    return y
+
+
+def _arrays_from_user(parts: Sequence[Any], ref: str) -> _Arrays:
+    names = ("x_train", "y_train", "x_test", "y_test")
+    xt, yt, xe, ye = (_as_tensor(p, n, ref) for p, n in zip(parts, names, strict=True))
+    yt, ye = _check_labels(yt, "y_train", ref), _check_labels(ye, "y_test", ref)
+    for x, y, split in ((xt, yt, "train"), (xe, ye, "test")):
+        if not (x.is_floating_point() or x.dtype in _INT_DTYPES) or x.ndim < 2:
+            raise DataError(f"data reference {ref!r}: x_{split} must be a numeric array shaped "
+                            f"[N, ...], got dtype {x.dtype} shape {tuple(x.shape)}")
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"data reference {ref!r}: x_{split} has {len(x)} samples but "
+                            f"y_{split} has {len(y)} labels (need the same, non-zero)")
+    if xt.shape[1:] != xe.shape[1:]:
+        raise DataError(f"data reference {ref!r}: train samples are shaped "
+                        f"{tuple(xt.shape[1:])} but test samples {tuple(xe.shape[1:])}")
+    return _Arrays(xt.to(torch.float32), yt, xe.to(torch.float32), ye)
+
+
+def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, ...], int]:
+    """Check every batch of a user loader; return (sample shape, max label)."""
+    shape: tuple[int, ...] | None = None
+    top = -1
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield (x, y) "
+                            f"batches")
+        x, y = batch
+        if not (torch.is_tensor(x) and x.dtype == torch.float32 and x.ndim >= 2):
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield float32 "
+                            f"x batches shaped [B, ...]")
+        if not (torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield int64 "
+                            f"labels shaped [B], one per sample")
+        _check_labels(y, f"{split} y", ref)
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            raise DataError(f"data reference {ref!r}: {split} samples change shape between "
+                            f"batches")
+        shape = tuple(x.shape[1:])
+        top = max(top, int(y.max()) if len(y) else -1)
+    if shape is None:
+        raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
+    return shape, top
+
+
+def _loaders_from_user(parts: Sequence[Any], ref: str) -> Dataset:
+    train, test = parts
+    if not (isinstance(train, DataLoader) and isinstance(test, DataLoader)):
+        raise DataError(f"data reference {ref!r} must return two DataLoaders or four arrays")
+    shape_tr, top_tr = _scan_loader(train, "train", ref)
+    shape_te, top_te = _scan_loader(test, "test", ref)
+    if shape_tr != shape_te:
+        raise DataError(f"data reference {ref!r}: train samples are shaped {shape_tr} but test "
+                        f"samples {shape_te}")
+    return Dataset(ref, train, test, shape_tr, max(top_tr, top_te) + 1)
+
+
+def _load_user(ref: str, batch_size: int, seed: int) -> Dataset:
+    func = _resolve_reference(ref)
+    try:
+        result = func()
+    except Exception as exc:  # user code failing is bad input, reported in one line
+        raise DataError(f"data reference {ref!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 4):
+        raise DataError(f"data reference {ref!r} must return (train_loader, test_loader) or "
+                        f"(x_train, y_train, x_test, y_test), got {type(result).__name__}")
+    if len(result) == 2:
+        return _loaders_from_user(result, ref)
+    return _from_arrays(ref, _arrays_from_user(result, ref), batch_size, seed)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _from_arrays(name: str, arrays: _Arrays, batch_size: int, seed: int) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(TensorDataset(arrays.x_train, arrays.y_train), batch_size=batch_size,
+                       shuffle=True, generator=generator, num_workers=0)
+    test = DataLoader(TensorDataset(arrays.x_test, arrays.y_test), batch_size=batch_size,
+                      shuffle=False, num_workers=0)
+    top = max(int(arrays.y_train.max()), int(arrays.y_test.max()))
+    return Dataset(name, train, test, tuple(arrays.x_train.shape[1:]), top + 1)
+
+
+def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
+    """Load a bundled dataset (``"mnist1d"``, ``"digits"``) or a ``"module:function"`` ref.
+
+    The train loader is shuffled by a ``torch.Generator`` seeded with ``seed``; the test
+    loader keeps its order. Raises :class:`DataError` for anything that cannot be used.
+    """
+    if not isinstance(name, str) or not name:
+        raise DataError(f"dataset must be a non-empty name, got {name!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if ":" in name:
+        return _load_user(name, batch_size, seed)
+    return _from_arrays(name, _BUNDLED.get(name)(), batch_size, seed)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Names of the bundled datasets: ``("digits", "mnist1d")``."""
+    return _BUNDLED.names()
+
+
+def _first_samples(batches: Iterable[Any], count: int) -> list[torch.Tensor]:
+    taken: list[torch.Tensor] = []
+    have = 0
+    for x, _ in batches:
+        taken.append(x[: count - have])
+        have += len(taken[-1])
+        if have >= count:
+            break
+    return taken
+
+
+def example_input(data: Dataset, batch: int = 1) -> torch.Tensor:
+    """The first ``batch`` test samples, ``[batch, *input_shape]`` (repeated if too few)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    taken = _first_samples(data.test, batch)
+    if not taken or sum(len(t) for t in taken) == 0:
+        raise DataError(f"dataset {data.name!r} has no test samples")
+    x = torch.cat(taken)
+    if len(x) < batch:
+        x = x.repeat(-(-batch // len(x)), *([1] * (x.ndim - 1)))[:batch]
+    return x

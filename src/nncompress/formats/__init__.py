@@ -1,0 +1,39 @@
+"""The ``.nnc`` container: a packed, pickle-free model file, and its tensor encodings.
+
+```python
+from nncompress import formats
+formats.save(model, "model.nnc", meta={"accuracy": 0.93})   # -> bytes written
+model = formats.load("model.nnc")                            # eval mode, same outputs
+formats.inspect("model.nnc")                                 # per-tensor bytes, sparsity
+```
+
+Layout and header schema: ``docs/FORMAT.md``. Adding an encoding: subclass
+:class:`Encoding` and register an instance in :data:`ENCODINGS`.
+"""
+
+from nncompress.formats.arch import MODULE_TYPES
+from nncompress.formats.container import (
+    ContainerInfo,
+    TensorInfo,
+    inspect,
+    load,
+    read_header,
+    save,
+)
+from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
+from nncompress.formats.header import FORMAT_VERSION, MAGIC
+
+__all__ = [
+    "DTYPES",
+    "ENCODINGS",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MODULE_TYPES",
+    "ContainerInfo",
+    "Encoding",
+    "TensorInfo",
+    "inspect",
+    "load",
+    "read_header",
+    "save",
+]

@@ -1,0 +1,353 @@
+"""The architecture record: a model's structure as JSON, so ``load`` rebuilds it without pickle.
+
+A record has two parts (see ``docs/FORMAT.md``):
+
+- ``builder``: for an :class:`~nncompress.models.base.ArchModule` (a class with a string
+  ``arch_name`` and an ``arch_config()`` method), ``{"name": arch_name, "config": {...}}``;
+  on load the class comes from the caller's ``builders`` or from
+  ``nncompress.models.ARCHITECTURES`` and is called as ``cls(**config)``. For any other
+  ``nn.Module``: ``{"name": null, "class": "module.Class"}`` (informational only); loading
+  it needs a freshly constructed ``skeleton``.
+- ``modules``: ``{path: {"type": ..., "args": ...}}`` for every submodule that directly owns
+  parameters or buffers. Types in :data:`MODULE_TYPES` record their constructor arguments;
+  on load, a module whose built spec differs from the recorded one (e.g. a structurally
+  pruned Linear with fewer ``out_features``) is replaced by one constructed from the
+  recorded, validated args. Other types record ``"args": null`` and must match the built
+  model's type exactly.
+
+Nothing from a file is ever imported, evaluated or unpickled: only classes named in
+:data:`MODULE_TYPES`, in ``builders`` or in the architecture registry are ever called.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nncompress.errors import FormatError
+from nncompress.formats._checks import (
+    check_bool,
+    check_dict,
+    check_float,
+    check_int,
+    check_keys,
+    check_list,
+    check_str,
+    clip,
+    fail,
+    short,
+)
+
+__all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "describe", "module_spec", "parse_record"]
+
+Validator = Callable[[Any, str], Any]
+_MAX_WIDTH = 2**31
+
+
+def _int(value: Any, what: str) -> int:
+    return check_int(value, what, hi=_MAX_WIDTH)
+
+
+def _positive(value: Any, what: str) -> int:
+    return check_int(value, what, lo=1, hi=_MAX_WIDTH)
+
+
+def _ints(value: Any, what: str) -> list[int]:
+    return [_int(v, what) for v in check_list(value, what, max_len=8)]
+
+
+def _padding(value: Any, what: str) -> str | list[int]:
+    if value in ("same", "valid"):
+        return value
+    return _ints(value, what)
+
+
+def _optional(check: Validator) -> Validator:
+    return lambda value, what: None if value is None else check(value, what)
+
+
+def _choice(*options: str) -> Validator:
+    def check(value: Any, what: str) -> str:
+        if value not in options:
+            fail(f"{what} must be one of {', '.join(options)}; got {short(value)}")
+        return value
+    return check
+
+
+def _fraction(value: Any, what: str) -> float:
+    number = check_float(value, what)
+    if not 0.0 <= number <= 1.0:
+        fail(f"{what} must be between 0 and 1, got {number}")
+    return number
+
+
+_CONV = {"in_channels": _int, "out_channels": _int, "kernel_size": _ints, "stride": _ints,
+         "padding": _padding, "dilation": _ints, "groups": _positive, "bias": check_bool,
+         "padding_mode": _choice("zeros", "reflect", "replicate", "circular")}
+_NORM = {"num_features": _int, "eps": check_float, "momentum": _optional(check_float),
+         "affine": check_bool, "track_running_stats": check_bool}
+_RNN = {"input_size": _int, "hidden_size": _int, "num_layers": _positive, "bias": check_bool,
+        "batch_first": check_bool, "dropout": _fraction, "bidirectional": check_bool}
+
+#: The one table of constructible layer types: name -> (class, {constructor arg: check}).
+#: Only these are ever constructed from a file's args; each arg is read from the attribute
+#: of the same name (``bias`` from whether the module has one).
+MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
+    "Linear": (nn.Linear, {"in_features": _int, "out_features": _int, "bias": check_bool}),
+    "Conv1d": (nn.Conv1d, _CONV),
+    "Conv2d": (nn.Conv2d, _CONV),
+    "BatchNorm1d": (nn.BatchNorm1d, _NORM),
+    "BatchNorm2d": (nn.BatchNorm2d, _NORM),
+    "LayerNorm": (nn.LayerNorm, {"normalized_shape": _ints, "eps": check_float,
+                                 "elementwise_affine": check_bool, "bias": check_bool}),
+    "Embedding": (nn.Embedding, {"num_embeddings": _int, "embedding_dim": _int,
+                                 "padding_idx": _optional(_int),
+                                 "max_norm": _optional(check_float), "norm_type": check_float,
+                                 "scale_grad_by_freq": check_bool, "sparse": check_bool}),
+    "GRU": (nn.GRU, _RNN),
+    "LSTM": (nn.LSTM, {**_RNN, "proj_size": _int}),
+    "RNN": (nn.RNN, {**_RNN, "nonlinearity": _choice("tanh", "relu")}),
+}
+_TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class ArchRecord:
+    """A validated architecture record (``builder`` part plus ``modules``)."""
+
+    name: str | None                      # builder name (None: a user model)
+    config: dict[str, Any] | None         # builder kwargs
+    class_name: str | None                # informational class name of a user model
+    modules: dict[str, tuple[str, dict[str, Any] | None]]   # path -> (type, args)
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """``{"type", "args"}`` of one module: args for table types, ``None`` for others."""
+    name = _TYPE_NAMES.get(type(module))
+    if name is None:
+        return {"type": qualname(type(module)), "args": None}
+    args = {}
+    for key in MODULE_TYPES[name][1]:
+        value = getattr(module, key)
+        if key == "bias" and not isinstance(value, bool):
+            value = value is not None
+        args[key] = _json_value(value)
+    return {"type": name, "args": args}
+
+
+def _owns_tensors(module: nn.Module) -> bool:
+    return any(v is not None for v in (*module._parameters.values(), *module._buffers.values()))
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The JSON architecture record of ``model`` (see the module docstring)."""
+    cls = type(model)
+    arch_name = getattr(cls, "arch_name", None)
+    if isinstance(arch_name, str) and callable(getattr(model, "arch_config", None)):
+        config = model.arch_config()
+        try:
+            config = json.loads(json.dumps(config, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise FormatError(f"{cls.__name__}.arch_config() is not JSON-serialisable: "
+                              f"{exc}") from None
+        if not isinstance(config, dict):
+            raise FormatError(f"{cls.__name__}.arch_config() must return a dict, "
+                              f"got {type(config).__name__}")
+        builder: dict[str, Any] = {"name": arch_name, "config": config}
+    else:
+        builder = {"name": None, "class": qualname(cls)}
+    modules = {path: module_spec(m) for path, m in model.named_modules(remove_duplicate=False)
+               if _owns_tensors(m)}
+    return {"builder": builder, "modules": modules}
+
+
+def parse_record(raw: Any) -> ArchRecord:
+    """Validate a record read from a file (types, keys, and args of table types)."""
+    record = check_keys(raw, "arch record", ("builder", "modules"))
+    builder = check_dict(record["builder"], "arch builder")
+    if builder.get("name") is None:
+        check_keys(builder, "arch builder", ("name", "class"))
+        name, config = None, None
+        class_name = check_str(builder["class"], "arch builder class")
+    else:
+        check_keys(builder, "arch builder", ("name", "config"))
+        name = check_str(builder["name"], "arch builder name")
+        config = check_dict(builder["config"], f"arch config of {short(name)}")
+        class_name = None
+    modules = {}
+    for path, spec in check_dict(record["modules"], "arch modules").items():
+        what = f"module {short(path)}"
+        entry = check_keys(spec, what, ("type", "args"))
+        type_name = check_str(entry["type"], f"{what} type")
+        if type_name in MODULE_TYPES:
+            checks = MODULE_TYPES[type_name][1]
+            args = check_keys(entry["args"], f"{what} args", checks)
+            modules[path] = (type_name, {k: checks[k](args[k], f"{what} {k}") for k in checks})
+        elif entry["args"] is not None:
+            fail(f"{what} records type {short(type_name)} with args, but only "
+                 f"{', '.join(MODULE_TYPES)} can be constructed from a file")
+        else:
+            modules[path] = (type_name, None)
+    return ArchRecord(name, config, class_name, modules)
+
+
+def assemble(record: ArchRecord, tensors: Mapping[str, torch.Tensor], *,
+             skeleton: nn.Module | None,
+             builders: Mapping[str, Callable[..., nn.Module]] | None,
+             source: str) -> nn.Module:
+    """Build the recorded model (or adopt ``skeleton``), fix its layers, load ``tensors``.
+
+    ``skeleton`` is modified in place and returned. Every tensor is loaded strictly: a
+    missing or unexpected one, or a shape that does not fit, raises FormatError naming it.
+    """
+    if skeleton is not None:
+        model = skeleton
+    elif record.name is None:
+        fail(f"{source} holds a user model of class {str(record.class_name)[:160]}; pass "
+             "skeleton= (a freshly constructed instance) or give the class "
+             "arch_name/arch_config and pass builders=")
+    else:
+        model = _build(record, tensors, builders)
+    model = _replace_modules(model, record.modules, tensors)
+    _fit_tensors(model, tensors)
+    try:
+        with torch.no_grad():
+            model.load_state_dict(dict(tensors), strict=True)
+    except RuntimeError as exc:
+        fail(f"cannot load the tensors of {source}: {clip(str(exc), 200)}")
+    return model
+
+
+def _factory(name: str, builders: Mapping[str, Callable[..., nn.Module]] | None
+             ) -> Callable[..., nn.Module]:
+    if builders is not None and name in builders:
+        return builders[name]
+    try:
+        from nncompress.models import ARCHITECTURES
+    except ImportError:
+        known: tuple[str, ...] = ()
+    else:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES.get(name)
+        known = ARCHITECTURES.names()
+    known += tuple(builders or ())
+    fail(f"file needs architecture {name!r}, which is not registered (known: "
+         f"{', '.join(sorted(known)) or 'none'}); pass builders={{{name!r}: YourClass}}")
+
+
+def _build(record: ArchRecord, tensors: Mapping[str, torch.Tensor],
+           builders: Mapping[str, Callable[..., nn.Module]] | None) -> nn.Module:
+    """``cls(**config)``, after a dry run on the meta device bounds its size by the file's."""
+    assert record.name is not None and record.config is not None
+    factory = _factory(record.name, builders)
+    held = sum(t.numel() for t in tensors.values())
+    limit = 4 * held + 2**20
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = factory(**record.config)
+        size = sum(t.numel() for t in probe.state_dict().values())
+    except Exception:  # the dry run is only a guard; the real build reports errors
+        size = 0
+    if size > limit:
+        fail(f"arch config of {record.name!r} builds {size} elements but the file holds "
+             f"only {held}")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = factory(**record.config)
+    except Exception as exc:  # a hostile config may provoke anything from the builder
+        fail(f"cannot rebuild architecture {record.name!r} from its recorded config: "
+             f"{clip(str(exc), 200)}")
+    if not isinstance(model, nn.Module):
+        fail(f"builder of {record.name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _replace_modules(model: nn.Module, modules: Mapping[str, tuple[str, dict | None]],
+                     tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    found = dict(model.named_modules(remove_duplicate=False))
+    for path, (type_name, args) in modules.items():
+        current = found.get(path)
+        if current is None:
+            fail(f"module {short(path)} recorded in the file is not in the model")
+        if args is None:
+            if qualname(type(current)) != type_name:
+                fail(f"module {short(path)} is recorded as {short(type_name, 160)} but the model "
+                     f"has {qualname(type(current))}")
+            continue
+        if module_spec(current) == {"type": type_name, "args": args}:
+            continue
+        new = _construct(path, type_name, args, tensors)
+        if not path:
+            model = new
+        else:
+            parent, _, leaf = path.rpartition(".")
+            setattr(found[parent], leaf, new)
+    return model
+
+
+def _construct(path: str, type_name: str, args: dict[str, Any],
+               tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A table module from validated args; shapes are checked on the meta device first."""
+    cls = MODULE_TYPES[type_name][0]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    # the probe skips weight init: meta-device init is slow to warm up (normal_ ~2 s)
+    probe_cls = type(f"{type_name}Probe", (cls,), {"reset_parameters": lambda self: None})
+    try:
+        probe = probe_cls(**kwargs, device="meta")
+    except Exception as exc:  # torch validates args with asserts and ValueErrors alike
+        fail(f"module {short(path)}: cannot construct {type_name} from its recorded args: "
+             f"{clip(str(exc), 120)}")
+    for leaf, tensor in probe.state_dict().items():
+        name = f"{path}.{leaf}" if path else leaf
+        if name not in tensors:
+            fail(f"module {short(path)} rebuilt as {type_name} needs tensor {short(name)}, "
+                 "which the file lacks")
+        if tensor.shape != tensors[name].shape:
+            fail(f"tensor {short(name)} has shape {list(tensors[name].shape)} in the file but "
+                 f"{list(tensor.shape)} in the {type_name} its module records")
+    with torch.random.fork_rng(devices=[]):
+        return cls(**kwargs)
+
+
+def _fit_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check names strictly; give non-table tensors the file's shape and any dtype it has."""
+    own = model.state_dict(keep_vars=True)
+    for name in own:
+        if name not in tensors:
+            fail(f"tensor {short(name)} of the model is missing from the file")
+    owners = dict(model.named_modules(remove_duplicate=False))
+    for name, value in tensors.items():
+        current = own.get(name)
+        if not isinstance(current, torch.Tensor):
+            fail(f"file holds tensor {short(name)} that the model does not have")
+        if current.shape == value.shape and current.dtype == value.dtype:
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = owners[path]
+        if type(owner) in _TYPE_NAMES and current.shape != value.shape:
+            fail(f"tensor {short(name)} has shape {list(value.shape)} in the file but "
+                 f"{list(current.shape)} in the model")
+        if leaf in owner._parameters:
+            grad = current.requires_grad and (value.is_floating_point() or value.is_complex())
+            fresh = torch.empty(value.shape, dtype=value.dtype, device=current.device)
+            setattr(owner, leaf, nn.Parameter(fresh, requires_grad=grad))
+        elif leaf in owner._buffers:
+            setattr(owner, leaf, torch.empty(value.shape, dtype=value.dtype,
+                                             device=current.device))
+        else:
+            fail(f"tensor {short(name)} is neither a parameter nor a buffer of the model")

@@ -1,0 +1,109 @@
+"""One :class:`Measurement` of a model on a dataset, and the :class:`Comparison` of two."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from nncompress.data import Dataset, example_input
+from nncompress.measure.evaluation import accuracy
+from nncompress.measure.macs import MacCount, count_macs
+from nncompress.measure.params import ParamCount, count_params
+from nncompress.measure.size import artifact_bytes, torch_save_bytes
+from nncompress.measure.timing import LatencyReport, latency
+
+__all__ = ["Comparison", "Measurement", "compare", "measure"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything measured about one model.
+
+    ``accuracy``: top-1 on the test split, fraction in [0, 1]. ``params``: element counts.
+    ``macs``: per sample. ``artifact_bytes``: the .nnc file; ``torch_save_bytes``:
+    ``torch.save(state_dict)``. ``latency``: ms per batch call, or None when skipped.
+    """
+
+    accuracy: float
+    params: ParamCount
+    macs: MacCount
+    artifact_bytes: int
+    torch_save_bytes: int
+    latency: LatencyReport | None
+
+
+def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] = (1, 256),
+            warmup: int = 5, repeats: int = 30, with_latency: bool = True,
+            threads: int | None = None) -> Measurement:
+    """Measure ``model`` on ``data``: test accuracy, parameters, MACs (on one real test
+    sample), bytes on disk, and (unless ``with_latency`` is False) latency per batch size
+    in ``latency_batches`` on seeded random inputs of ``data.input_shape``."""
+    report = None
+    if with_latency:
+        report = latency(model, data.input_shape, latency_batches, warmup=warmup,
+                         repeats=repeats, threads=threads)
+    return Measurement(
+        accuracy=accuracy(model, data.test),
+        params=count_params(model),
+        macs=count_macs(model, example_input(data, 1)),
+        artifact_bytes=artifact_bytes(model),
+        torch_save_bytes=torch_save_bytes(model),
+        latency=report,
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``after`` relative to ``before``; every ratio is before / after, so > 1 means
+    "after is smaller / faster".
+
+    ``accuracy_delta``: after - before, as a fraction (-0.01 = one point lost).
+    ``size_ratio``: .nnc bytes. ``torch_save_ratio``: before's ``torch.save`` bytes over
+    after's .nnc bytes (the saving against the usual way of storing a model).
+    ``params_ratio`` / ``nonzero_ratio``: parameter elements, all / non-zero.
+    ``macs_ratio`` / ``sparse_macs_ratio``: per-sample MACs, dense / non-zero weights only.
+    ``speedup``: ``(batch, before median ms / after median ms)`` for every batch size both
+    measured (empty when either skipped latency).
+    """
+
+    accuracy_delta: float
+    size_ratio: float
+    torch_save_ratio: float
+    params_ratio: float
+    nonzero_ratio: float
+    macs_ratio: float
+    sparse_macs_ratio: float
+    speedup: tuple[tuple[int, float], ...]
+
+
+def _ratio(before: float, after: float) -> float:
+    """``before / after``; inf when only ``after`` is 0, nan when both are."""
+    if after == 0:
+        return math.inf if before > 0 else math.nan
+    return before / after
+
+
+def _speedup(before: LatencyReport | None,
+             after: LatencyReport | None) -> tuple[tuple[int, float], ...]:
+    if before is None or after is None:
+        return ()
+    after_ms = {r.batch: r.median_ms for r in after.results}
+    return tuple((r.batch, _ratio(r.median_ms, after_ms[r.batch]))
+                 for r in before.results if r.batch in after_ms)
+
+
+def compare(before: Measurement, after: Measurement) -> Comparison:
+    """How ``after`` compares with ``before`` (see :class:`Comparison` for each field)."""
+    return Comparison(
+        accuracy_delta=after.accuracy - before.accuracy,
+        size_ratio=_ratio(before.artifact_bytes, after.artifact_bytes),
+        torch_save_ratio=_ratio(before.torch_save_bytes, after.artifact_bytes),
+        params_ratio=_ratio(before.params.total, after.params.total),
+        nonzero_ratio=_ratio(before.params.nonzero, after.params.nonzero),
+        macs_ratio=_ratio(before.macs.total, after.macs.total),
+        sparse_macs_ratio=_ratio(before.macs.sparse_total, after.macs.sparse_total),
+        speedup=_speedup(before.latency, after.latency),
+    )

@@ -1,0 +1,43 @@
+"""Reference models, their registry and the pretrained cache.
+
+- :data:`ARCHITECTURES`: ``arch_name -> ArchModule subclass`` (formats rebuild saved models
+  from ``arch_name`` + ``arch_config()`` through it);
+- :func:`build`, :func:`model_names`, :func:`spec`: the reference-model table;
+- :func:`load`: a trained reference model (trained on first use, then cached as ``.nnc``).
+"""
+
+from nncompress.models.base import ARCHITECTURES, MODELS, ArchModule, ModelSpec
+from nncompress.models.cnn import CNN1d, CNN2d
+from nncompress.models.mlp import MLP
+from nncompress.models.pretrained import load
+from nncompress.models.recurrent import GRUClassifier, LSTMClassifier
+from nncompress.models.rescnn import InvertedResidual1d, ResCNN
+from nncompress.models.transformer import (
+    FeedForward,
+    MultiHeadSelfAttention,
+    TinyTransformer,
+    TransformerBlock,
+)
+from nncompress.models.zoo import build, model_names, spec
+
+__all__ = [
+    "ARCHITECTURES",
+    "MLP",
+    "MODELS",
+    "ArchModule",
+    "CNN1d",
+    "CNN2d",
+    "FeedForward",
+    "GRUClassifier",
+    "InvertedResidual1d",
+    "LSTMClassifier",
+    "ModelSpec",
+    "MultiHeadSelfAttention",
+    "ResCNN",
+    "TinyTransformer",
+    "TransformerBlock",
+    "build",
+    "load",
+    "model_names",
+    "spec",
+]

@@ -1,0 +1,19 @@
+"""Pruning techniques. Importing this package registers them in ``TECHNIQUES``.
+
+- ``magnitude_prune``: magnitude connection pruning with iterative fine-tuning
+  (Han, Pool, Tran & Dally, 2015).
+"""
+
+from nncompress.prune.magnitude import MagnitudePruneConfig, magnitude_masks, magnitude_prune
+from nncompress.prune.masks import PRUNABLE, Prunables, apply_masks, find_prunable, mask_sparsity
+
+__all__ = [
+    "PRUNABLE",
+    "MagnitudePruneConfig",
+    "Prunables",
+    "apply_masks",
+    "find_prunable",
+    "magnitude_masks",
+    "magnitude_prune",
+    "mask_sparsity",
+]

@@ -1,0 +1,137 @@
+"""Which weights can be pruned, and pruning masks: finding them (analysis) and applying
+them (surgery) are separate steps (design principle 2).
+
+:data:`PRUNABLE` is the one table mapping a layer type to the names of its own
+parameters that connection pruning may zero (Han et al., 2015, prune the weight
+matrices of fully connected, convolutional and recurrent layers; biases are kept).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nncompress.errors import ModelError
+
+__all__ = [
+    "PRUNABLE",
+    "Prunables",
+    "apply_masks",
+    "find_prunable",
+    "mask_sparsity",
+    "select",
+]
+
+#: Layer type -> fnmatch patterns naming its *own* prunable parameters (first isinstance
+#: match wins, so subclasses such as attention's out-projection Linear are covered).
+#: An empty tuple marks a known type none of whose parameters are pruned (norm layers).
+#: A module with parameters of its own whose type is not listed is reported, not pruned.
+PRUNABLE: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.Linear, ("weight",)),
+    (nn.Bilinear, ("weight",)),
+    (nn.Conv1d, ("weight",)),
+    (nn.Conv2d, ("weight",)),
+    (nn.Conv3d, ("weight",)),
+    (nn.ConvTranspose1d, ("weight",)),
+    (nn.ConvTranspose2d, ("weight",)),
+    (nn.ConvTranspose3d, ("weight",)),
+    # GRU / LSTM / RNN: every input-hidden, hidden-hidden (and LSTM projection) matrix.
+    (nn.RNNBase, ("weight_ih_l*", "weight_hh_l*", "weight_hr_l*")),
+    (nn.RNNCellBase, ("weight_ih", "weight_hh")),
+    (nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                             "v_proj_weight")),
+    (nn.BatchNorm1d, ()),
+    (nn.BatchNorm2d, ()),
+    (nn.BatchNorm3d, ()),
+    (nn.SyncBatchNorm, ()),
+    (nn.InstanceNorm1d, ()),
+    (nn.InstanceNorm2d, ()),
+    (nn.InstanceNorm3d, ()),
+    (nn.LayerNorm, ()),
+    (nn.GroupNorm, ()),
+    (nn.RMSNorm, ()),
+)
+
+
+@dataclass(frozen=True)
+class Prunables:
+    """What connection pruning may touch in a model.
+
+    ``names``: parameter names (as in ``model.named_parameters()``) of prunable weights, in
+    model order. ``unsupported``: one line per parameter owned by a module type that
+    :data:`PRUNABLE` does not know, e.g. ``"pos_embedding (Transformer)"``.
+    """
+
+    names: tuple[str, ...]
+    unsupported: tuple[str, ...]
+
+
+def _rule(module: nn.Module) -> tuple[str, ...] | None:
+    for layer_type, patterns in PRUNABLE:
+        if isinstance(module, layer_type):
+            return patterns
+    return None
+
+
+def find_prunable(model: nn.Module) -> Prunables:
+    """Walk every module's own parameters and sort them by the :data:`PRUNABLE` table."""
+    names: list[str] = []
+    unsupported: list[str] = []
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        patterns = _rule(module)
+        for pname, _ in own:
+            full = f"{prefix}.{pname}" if prefix else pname
+            if patterns is None:
+                unsupported.append(f"{full} ({type(module).__name__})")
+            elif any(fnmatch.fnmatchcase(pname, p) for p in patterns):
+                names.append(full)
+    return Prunables(tuple(names), tuple(unsupported))
+
+
+def select(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> tuple[str, ...]:
+    """The names matching any ``include`` and no ``exclude`` fnmatch pattern, in order.
+
+    Raises ``ModelError`` naming an include pattern that matches none of ``names``.
+    """
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            known = ", ".join(names) or "none"
+            raise ModelError(f"layers pattern {pattern!r} matches no prunable weight; "
+                             f"prunable: {known}")
+    return tuple(n for n in names
+                 if any(fnmatch.fnmatchcase(n, p) for p in include)
+                 and not any(fnmatch.fnmatchcase(n, p) for p in exclude))
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero every weight whose keep-mask entry is False, in place; return ``model``.
+
+    ``masks`` maps parameter names to bool tensors of the parameter's shape.
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = params.get(name)
+            if param is None:
+                raise ModelError(f"pruning mask for {name!r} matches no parameter of the model")
+            if mask.shape != param.shape:
+                raise ModelError(f"pruning mask for {name!r} has shape {tuple(mask.shape)}, "
+                                 f"the parameter has {tuple(param.shape)}")
+            param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0.0)
+    return model
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of masked-out (False) entries over all masks; 0.0 for no masks."""
+    total = sum(m.numel() for m in masks.values())
+    if total == 0:
+        return 0.0
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total

@@ -1,0 +1,56 @@
+"""PNG plots for reports (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from nncompress.report.rows import ResultRow
+
+
+def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
+    """Scatter of test accuracy (%) against artifact bytes (log scale), one colour per model."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.artifact_bytes)
+        ax.plot([r.artifact_bytes for r in mine], [100 * r.accuracy for r in mine],
+                marker="o", label=model)
+        for r in mine:
+            ax.annotate(r.technique, (r.artifact_bytes, 100 * r.accuracy), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes of the .nnc file on disk (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs. artifact size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_layer_sparsity(layers: Mapping[str, Sequence[tuple[str, float]]], path: Path) -> Path:
+    """Per-layer sparsity (% zero weights), one panel row per compressed model."""
+    names = list(layers)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.8 * max(1, len(names))), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        entries = layers[name]
+        ax.bar(range(len(entries)), [100 * s for _, s in entries], color="tab:blue")
+        ax.set_xticks(range(len(entries)))
+        ax.set_xticklabels([n for n, _ in entries], rotation=30, ha="right", fontsize=6)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% zeros", fontsize=7)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle("Per-layer sparsity of the weights")
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
