@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,10 +19,13 @@ EXIT_INTERNAL = 1
 
 DATA_HELP = "dataset: mnist1d, digits or package.module:function"
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nncompress`` and ``python -m nncompress``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # so `--data mymodule:fn` finds the user's module
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

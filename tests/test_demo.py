@@ -1,0 +1,36 @@
+"""The main job on its smallest setting: one model, quick training, a full report folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nncompress import cli
+
+
+def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    code = cli.main(["demo", "--quick", "--models", "mlp", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "magnitude-prune" in printed and "baseline (fp32)" in printed
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["technique"]: r for r in payload["rows"]}
+    assert set(rows) == {"baseline (fp32)", "magnitude-prune"}
+    pruned = rows["magnitude-prune"]
+    assert pruned["nonzero_params"] < 0.2 * pruned["params"]
+    assert pruned["artifact_bytes"] < rows["baseline (fp32)"]["artifact_bytes"] / 3
+    assert (out / "report.md").is_file()
+    assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert (out / "layer_sparsity.png").stat().st_size > 1000
+
+
+def test_demo_rejects_unknown_model(tmp_path: Path, capsys) -> None:
+    code = cli.main(["demo", "--models", "mlp,vgg99", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "vgg99" in err
+    assert not (tmp_path / "r").exists()
