@@ -40,9 +40,10 @@ from nncompress.train import fine_tune
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 MODELS = (("mlp", "digits"), ("cnn1d", "mnist1d"))
-STEPS = 3
-EPOCHS_PER_STEP = 2
-LR = 1e-4
+STEPS = 5
+EPOCHS_PER_STEP = 1
+FINAL_EPOCHS = 6
+LR = 3e-3
 SEED = 0
 
 
@@ -75,6 +76,7 @@ def run_torch_prune(model: nn.Module, data: Dataset, sparsity: float) -> tuple[n
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
         fine_tune(m, data, epochs=EPOCHS_PER_STEP, lr=LR, seed=SEED, progress=False)
         done = target
+    fine_tune(m, data, epochs=FINAL_EPOCHS, lr=LR, seed=SEED, progress=False)
     for module, name in params:
         prune.remove(module, name)
     return m, torch_save_bytes(m)
@@ -84,7 +86,8 @@ def run_ours(model: nn.Module, data: Dataset, sparsity: float, tmp: Path) -> tup
     """nncompress magnitude pruning; returns (the model nc.load gives back, .nnc file bytes)."""
     recipe = Recipe("bench-magnitude", (Stage.technique(
         "magnitude_prune", sparsity=sparsity, scope="global", steps=STEPS,
-        epochs_per_step=EPOCHS_PER_STEP, lr=LR),))
+        epochs_per_step=EPOCHS_PER_STEP, lr=LR),
+        Stage.fine_tune(epochs=FINAL_EPOCHS, lr=LR)))
     result = nc.compress(model, recipe, data, seed=SEED, progress=False,
                          measure_latency=False)
     path = tmp / f"ours-{sparsity}.nnc"
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Magnitude connection pruning (Han et al. 2015) vs `torch.nn.utils.prune`",
         "",
         f"Global magnitude threshold over Linear/Conv weights, {STEPS} pruning steps with "
-        f"{EPOCHS_PER_STEP} fine-tuning epochs each (Adam, lr {LR}), same seed, same loop. "
+        f"{EPOCHS_PER_STEP} fine-tuning epoch(s) each, then {FINAL_EPOCHS} epochs of masked "
+        f"fine-tuning (Adam, lr {LR}), same seed, same loop. "
         "torch.nn.utils.prune: `global_unstructured(L1Unstructured)`, `prune.remove`, "
         "`torch.save(state_dict)`. nncompress: `magnitude_prune`, `nc.save` (.nnc, sparse "
         "encoding chosen automatically).",

@@ -65,15 +65,6 @@ USER_CODE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and far faster when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private cache dir for the whole module (so MNIST-1D is generated only once)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,6 @@ TINY: dict[str, dict[str, Any]] = {
     "transformer": {"dim": 8, "num_heads": 2, "head_dim": 4, "mlp_dim": 16},
 }
 ALL = ("cnn1d", "cnn2d", "gru", "lstm", "mlp", "rescnn", "transformer")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and far faster when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(name: str, num_classes: int = 10) -> ArchModule:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -14,15 +13,6 @@ from nncompress import models
 from nncompress.data import Dataset, load_dataset
 from nncompress.errors import DataError
 from nncompress.train import LR_SCHEDULES, TrainLog, evaluate, fine_tune, fit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and far faster when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ model, and a packed artifact can be rebuilt from it without pickle.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -96,3 +97,17 @@ def check_classes(arch: str, num_classes: int) -> int:
         raise ModelError(f"model {arch!r}: num_classes must be an integer >= 2, "
                          f"got {num_classes!r}")
     return num_classes
+
+
+def fc_stack(arch: str, in_features: int, widths: Sequence[int], num_classes: int,
+             layers: OrderedDict[str, nn.Module] | None = None) -> nn.Sequential:
+    """``fc1, relu1, ..., fcN`` from ``in_features`` through ``widths`` to ``num_classes``,
+    appended to ``layers`` (e.g. a leading ``flatten``)."""
+    layers = OrderedDict() if layers is None else layers
+    prev = in_features
+    for i, width in enumerate(widths, start=1):
+        layers[f"fc{i}"] = nn.Linear(prev, width)
+        layers[f"relu{i}"] = nn.ReLU()
+        prev = width
+    layers[f"fc{len(widths) + 1}"] = nn.Linear(prev, check_classes(arch, num_classes))
+    return nn.Sequential(layers)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nncompress.errors import ModelError
-from nncompress.models.base import ArchModule, check_classes, check_rank, per_layer
+from nncompress.models.base import ArchModule, check_classes, check_rank, fc_stack, per_layer
 
 __all__ = ["CNN1d", "CNN2d"]
 
@@ -104,15 +104,9 @@ class CNN2d(ArchModule):
             prev = out
         self.features = nn.Sequential(feats)
         self.flatten = nn.Flatten()
-        head: OrderedDict[str, nn.Module] = OrderedDict()
         prev = prev * (height >> len(convs)) * (width >> len(convs))
         widths = per_layer(hidden, None, "cnn2d hidden", allow_empty=True)
-        for i, out in enumerate(widths, start=1):
-            head[f"fc{i}"] = nn.Linear(prev, out)
-            head[f"relu{i}"] = nn.ReLU()
-            prev = out
-        head[f"fc{len(widths) + 1}"] = nn.Linear(prev, check_classes("cnn2d", num_classes))
-        self.classifier = nn.Sequential(head)
+        self.classifier = fc_stack("cnn2d", prev, widths, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.features(x)))

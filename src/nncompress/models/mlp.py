@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nncompress.errors import ModelError
-from nncompress.models.base import ArchModule, check_classes, per_layer
+from nncompress.models.base import ArchModule, fc_stack, per_layer
 
 __all__ = ["MLP"]
 
@@ -36,14 +36,8 @@ class MLP(ArchModule):
         if not self.input_shape or any(d < 1 for d in self.input_shape):
             raise ModelError(f"model 'mlp': bad input_shape {input_shape!r}")
         widths = per_layer(hidden, None, "mlp hidden", allow_empty=True)
-        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
-        prev = math.prod(self.input_shape)
-        for i, width in enumerate(widths, start=1):
-            layers[f"fc{i}"] = nn.Linear(prev, width)
-            layers[f"relu{i}"] = nn.ReLU()
-            prev = width
-        layers[f"fc{len(widths) + 1}"] = nn.Linear(prev, check_classes("mlp", num_classes))
-        self.layers = nn.Sequential(layers)
+        self.layers = fc_stack("mlp", math.prod(self.input_shape), widths, num_classes,
+                               OrderedDict(flatten=nn.Flatten()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
