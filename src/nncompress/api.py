@@ -88,8 +88,8 @@ class CompressionResult:
             render_text,
         )
 
-        points = [("0 baseline", self.baseline, None)]
-        points += [(f"{i} {s.name}", s.measurement, s.seconds)
+        points = [("baseline", self.baseline, None)]
+        points += [(f"#{i} {s.name}", s.measurement, s.seconds)
                    for i, s in enumerate(self.stages, 1)]
         rows = [ResultRow.build(self.model_name, self.dataset, label, self.baseline, m)
                 for label, m, _ in points]
