@@ -88,8 +88,9 @@ def test_table_has_a_row_per_stage(run) -> None:
     assert "test-prune" in lines[0]
     assert "accuracy" in lines[1] and "bytes on disk" in lines[1]
     body = lines[3:]
-    assert [line.split()[1] for line in body] == [
-        "baseline", "magnitude_prune", "fine_tune", "evaluate"]
+    assert body[0].split()[0] == "baseline"
+    assert [" ".join(line.split()[:2]) for line in body[1:]] == [
+        "#1 magnitude_prune", "#2 fine_tune", "#3 evaluate"]
 
 
 def test_save_and_load_round_trip(run, tmp_path: Path) -> None:
