@@ -13,6 +13,7 @@ from nncompress import formats
 from nncompress.errors import FormatError
 from nncompress.formats import MODULE_TYPES
 from nncompress.formats.arch import describe, module_spec
+from nncompress.lowrank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankRNN
 
 
 class TinyMLP(nn.Module):
@@ -123,6 +124,10 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
             bidirectional=True), nn.GRU(1, 1)),
     (nn.LSTM(3, 6, proj_size=2), nn.LSTM(3, 6)),
     (nn.RNN(3, 4, nonlinearity="relu"), nn.RNN(3, 4)),
+    (LowRankLinear(6, 5, 2, bias=False), LowRankLinear(6, 5, 3)),
+    (LowRankConv1d(3, 4, 2, 3, stride=2, padding=1), LowRankConv1d(3, 4, 1, 1)),
+    (LowRankConv2d(3, 4, 2, (3, 1), padding="same", bias=False), LowRankConv2d(1, 1, 1, 1)),
+    (LowRankRNN("LSTM", 5, 2, 6, proj_size=3), LowRankRNN("GRU", 5, 2, 6)),
 ]
 
 

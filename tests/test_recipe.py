@@ -92,7 +92,7 @@ def stage_yaml(stage: str) -> str:
 
 @pytest.mark.parametrize(("text", "expected"), [
     (stage_yaml("{technique: magnitude_prun, params: {sparsity: 0.5}}"),
-     "recipe stage 1: unknown technique 'magnitude_prun'; known: magnitude_prune"),
+     "recipe stage 1: unknown technique 'magnitude_prun'; known: "),
     (stage_yaml("{technique: magnitude_prune, params: {sparsty: 0.5}}"),
      "recipe stage 1 (magnitude_prune): unknown parameter 'sparsty'"),
     (stage_yaml("{technique: magnitude_prune, params: {sparsity: '0.5'}}"),

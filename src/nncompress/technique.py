@@ -47,7 +47,7 @@ CATEGORIES: tuple[str, ...] = (
 )
 
 #: Packages whose import registers techniques (one line per technique package).
-TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune",)
+TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank")
 
 
 class TechniqueConfig(BaseModel):

@@ -11,8 +11,9 @@ A record has two parts (see ``docs/FORMAT.md``):
 - ``modules``: ``{path: {"type": ..., "args": ...}}`` for every submodule that directly owns
   parameters or buffers. Types in :data:`MODULE_TYPES` record their constructor arguments;
   on load, a module whose built spec differs from the recorded one (e.g. a structurally
-  pruned Linear with fewer ``out_features``) is replaced by one constructed from the
-  recorded, validated args. Other types record ``"args": null`` and must match the built
+  pruned Linear with fewer ``out_features``, or a Linear recorded as the ``LowRankLinear``
+  that replaced it) is replaced by one constructed from the recorded, validated args,
+  parents before children. Other types record ``"args": null`` and must match the built
   model's type exactly.
 
 Nothing from a file is ever imported, evaluated or unpickled: only classes named in
@@ -41,6 +42,13 @@ from nncompress.formats._checks import (
     clip,
     fail,
     short,
+)
+from nncompress.lowrank.layers import (
+    RNN_MODES,
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankLinear,
+    LowRankRNN,
 )
 
 __all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "describe", "module_spec", "parse_record"]
@@ -91,6 +99,7 @@ _CONV = {"in_channels": _int, "out_channels": _int, "kernel_size": _ints, "strid
          "padding_mode": _choice("zeros", "reflect", "replicate", "circular")}
 _NORM = {"num_features": _int, "eps": check_float, "momentum": _optional(check_float),
          "affine": check_bool, "track_running_stats": check_bool}
+_LOW_RANK_CONV = {"rank": _positive, **{k: v for k, v in _CONV.items() if k != "groups"}}
 _RNN = {"input_size": _int, "hidden_size": _int, "num_layers": _positive, "bias": check_bool,
         "batch_first": check_bool, "dropout": _fraction, "bidirectional": check_bool}
 
@@ -112,6 +121,14 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     "GRU": (nn.GRU, _RNN),
     "LSTM": (nn.LSTM, {**_RNN, "proj_size": _int}),
     "RNN": (nn.RNN, {**_RNN, "nonlinearity": _choice("tanh", "relu")}),
+    # factorised layers (nncompress.lowrank): rebuilt parent first, then their children
+    "LowRankLinear": (LowRankLinear, {"in_features": _int, "out_features": _int,
+                                      "rank": _positive, "bias": check_bool}),
+    "LowRankConv1d": (LowRankConv1d, _LOW_RANK_CONV),
+    "LowRankConv2d": (LowRankConv2d, _LOW_RANK_CONV),
+    "LowRankRNN": (LowRankRNN, {"mode": _choice(*RNN_MODES), "input_size": _int,
+                                "rank": _positive, "hidden_size": _int, "bias": check_bool,
+                                "batch_first": check_bool, "proj_size": _int}),
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
 
@@ -154,6 +171,13 @@ def _owns_tensors(module: nn.Module) -> bool:
     return any(v is not None for v in (*module._parameters.values(), *module._buffers.values()))
 
 
+def _recorded(module: nn.Module) -> bool:
+    """Owns tensors, or is a table type holding some (a wrapper such as LowRankRNN)."""
+    if _owns_tensors(module):
+        return True
+    return type(module) in _TYPE_NAMES and next(module.parameters(), None) is not None
+
+
 def describe(model: nn.Module) -> dict[str, Any]:
     """The JSON architecture record of ``model`` (see the module docstring)."""
     cls = type(model)
@@ -172,7 +196,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     else:
         builder = {"name": None, "class": qualname(cls)}
     modules = {path: module_spec(m) for path, m in model.named_modules(remove_duplicate=False)
-               if _owns_tensors(m)}
+               if _recorded(m)}
     return {"builder": builder, "modules": modules}
 
 
@@ -297,6 +321,11 @@ def _replace_modules(model: nn.Module, modules: Mapping[str, tuple[str, dict | N
         else:
             parent, _, leaf = path.rpartition(".")
             setattr(found[parent], leaf, new)
+        # the old module's subtree is gone; the new one's children (recorded after their
+        # parent, e.g. ``fc.first`` of a LowRankLinear) are now found under ``path``
+        for stale in [p for p in found if p.startswith(f"{path}.") or (not path and p)]:
+            del found[stale]
+        found.update(new.named_modules(prefix=path, remove_duplicate=False))
     return model
 
 
