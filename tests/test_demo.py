@@ -20,7 +20,7 @@ def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "magnitude-prune" in printed and "baseline (fp32)" in printed
     payload = json.loads((out / "results.json").read_text())
     rows = {r["technique"]: r for r in payload["rows"]}
-    assert set(rows) == {"baseline (fp32)", "magnitude-prune"}
+    assert {"baseline (fp32)", "magnitude-prune"} <= set(rows)
     pruned = rows["magnitude-prune"]
     assert pruned["nonzero_params"] < 0.2 * pruned["params"]
     assert pruned["artifact_bytes"] < rows["baseline (fp32)"]["artifact_bytes"] / 3

@@ -103,7 +103,7 @@ def test_write_report_folder(tmp_path: Path, measurements) -> None:
     assert payload["note"] == "x"
     assert [r["technique"] for r in payload["rows"]] == ["baseline (fp32)", "half-pruned"]
     assert payload["environment"]["threads"] >= 1
-    assert len(paths.plots) == 2
+    assert len(paths.plots) == 3
     for plot in paths.plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert plot.name in paths.markdown.read_text()

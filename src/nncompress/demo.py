@@ -8,10 +8,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.report import ReportPaths, ResultRow, rows_text, write_report
 
-DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune",)
+DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "sparse-vd", "low-rank", "layer-prune")
 QUICK_EPOCHS = 1
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A recipe that does not apply to a model, and the one-line reason it gave."""
+
+    model: str
+    recipe: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -19,6 +29,7 @@ class DemoResult:
     """What the demo measured and where it wrote it."""
 
     rows: tuple[ResultRow, ...]
+    skipped: tuple[Skipped, ...]
     report: ReportPaths
     seconds: float
 
@@ -43,26 +54,44 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     sparsity: dict[str, list[tuple[str, float]]] = {}
     model_dir = out_dir / "models"
     model_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[Skipped] = []
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: training or loading from cache")
         model, data = zoo.load(name, seed=seed, progress=progress,
                                epochs=QUICK_EPOCHS if quick else None)
         for recipe in plans:
             echo(f"[{i}/{len(names)}] {name}: compressing with {recipe.name}")
-            result = api.compress(model, recipe, data, seed=seed, progress=progress)
-            if not rows or rows[-1].model != name:
+            try:
+                result = api.compress(model, recipe, data, seed=seed, progress=progress)
+            except (UnsupportedLayerError, ConstraintError) as exc:
+                echo(f"[{i}/{len(names)}] {name}: {recipe.name} does not apply: {exc}")
+                skipped.append(Skipped(name, recipe.name, str(exc)))
+                continue
+            if all(r.model != name for r in rows):
                 rows.append(ResultRow.build(name, data.name, "baseline (fp32)",
                                             result.baseline, result.baseline))
             rows.append(ResultRow.build(name, data.name, recipe.name, result.baseline,
                                         result.final))
             api.save(result, model_dir / f"{name}-{recipe.name}.nnc")
-            sparsity[f"{name} / {recipe.name}"] = [
-                (layer.name, 1 - layer.nonzero_params / layer.params)
-                for layer in result.final.macs.layers if layer.params]
+            layers = [(layer.name, 1 - layer.nonzero_params / layer.params)
+                      for layer in result.final.macs.layers if layer.params]
+            if any(zeros > 0.01 for _, zeros in layers):
+                sparsity[f"{name} / {recipe.name}"] = layers
     echo("")
     echo(rows_text(rows))
     seconds = time.perf_counter() - start
     paths = write_report(out_dir, "nncompress demo", rows, sparsity,
-                         extra={"seconds": seconds, "quick": quick, "seed": seed})
+                         extra={"seconds": seconds, "quick": quick, "seed": seed,
+                                "skipped": [vars(k) for k in skipped]},
+                         sections=[_skipped_section(skipped)] if skipped else [])
     echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
-    return DemoResult(rows=tuple(rows), report=paths, seconds=seconds)
+    return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
+                      seconds=seconds)
+
+
+def _skipped_section(skipped: Sequence[Skipped]) -> str:
+    lines = ["## Not applicable", "",
+             "Recipes that refused a model, with the reason they gave (nothing is skipped "
+             "silently):", ""]
+    lines += [f"- **{k.model}** / `{k.recipe}`: {k.reason}" for k in skipped]
+    return "\n".join(lines)

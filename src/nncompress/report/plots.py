@@ -32,6 +32,26 @@ def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_accuracy_vs_macs(rows: Sequence[ResultRow], path: Path) -> Path:
+    """Test accuracy (%) against MACs per sample (log scale), one panel line per model:
+    where structured methods land (fewer MACs) next to unstructured ones (same MACs)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.macs)
+        ax.plot([r.macs for r in mine], [100 * r.accuracy for r in mine], marker="o",
+                linestyle=":", label=model)
+        for r in mine:
+            ax.annotate(r.technique, (r.macs, 100 * r.accuracy), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per sample (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs. compute")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_layer_sparsity(layers: Mapping[str, Sequence[tuple[str, float]]], path: Path) -> Path:
     """Per-layer sparsity (% zero weights), one panel row per compressed model."""
     names = list(layers)

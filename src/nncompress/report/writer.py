@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 
-from nncompress.report.plots import plot_accuracy_vs_bytes, plot_layer_sparsity
+from nncompress.report.plots import (
+    plot_accuracy_vs_bytes,
+    plot_accuracy_vs_macs,
+    plot_layer_sparsity,
+)
 from nncompress.report.rows import ResultRow, rows_markdown
 
 MEASUREMENT_NOTES = (
@@ -49,11 +53,17 @@ def environment() -> dict[str, Any]:
 
 def write_report(out_dir: Path, title: str, rows: Sequence[ResultRow],
                  layer_sparsity: Mapping[str, Sequence[tuple[str, float]]],
-                 extra: Mapping[str, Any] | None = None) -> ReportPaths:
-    """Write ``report.md``, ``results.json``, ``accuracy_vs_bytes.png`` and
-    ``layer_sparsity.png`` into ``out_dir`` (created if missing)."""
+                 extra: Mapping[str, Any] | None = None,
+                 sections: Sequence[str] = ()) -> ReportPaths:
+    """Write ``report.md``, ``results.json``, ``accuracy_vs_bytes.png``,
+    ``accuracy_vs_macs.png`` and ``layer_sparsity.png`` into ``out_dir`` (created if
+    missing).
+
+    ``sections`` are extra Markdown blocks (each starting with its own ``##`` heading),
+    placed after the results table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [plot_accuracy_vs_bytes(rows, out_dir / "accuracy_vs_bytes.png")]
+    plots = [plot_accuracy_vs_bytes(rows, out_dir / "accuracy_vs_bytes.png"),
+             plot_accuracy_vs_macs(rows, out_dir / "accuracy_vs_macs.png")]
     if layer_sparsity:
         plots.append(plot_layer_sparsity(layer_sparsity, out_dir / "layer_sparsity.png"))
     env = environment()
@@ -61,7 +71,10 @@ def write_report(out_dir: Path, title: str, rows: Sequence[ResultRow],
                "layer_sparsity": {k: list(map(list, v)) for k, v in layer_sparsity.items()},
                **(dict(extra) if extra else {})}
     json_path = _write_atomic(out_dir / "results.json", json.dumps(payload, indent=2) + "\n")
-    md = [f"# {title}", "", rows_markdown(list(rows)), "", "## How these were measured", "",
+    md = [f"# {title}", "", rows_markdown(list(rows)), ""]
+    for block in sections:
+        md += [block.rstrip(), ""]
+    md += ["## How these were measured", "",
           *MEASUREMENT_NOTES, "",
           f"Environment: torch {env['torch']}, {env['threads']} threads, "
           f"Python {env['python']}, {env['machine']}, {env['cpus']} CPUs.", ""]
