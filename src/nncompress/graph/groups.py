@@ -80,9 +80,8 @@ def _check_types(model: nn.Module) -> None:
            if name and list(m.parameters(recurse=False))
            and not any(isinstance(m, t) for t in HANDLED)]
     for name, m in model.named_modules():
-        if isinstance(m, RNN) and (m.num_layers != 1 or m.bidirectional or m.proj_size > 0
-                                   if isinstance(m, nn.LSTM)
-                                   else m.num_layers != 1 or m.bidirectional):
+        if isinstance(m, RNN) and (m.num_layers != 1 or m.bidirectional
+                                   or getattr(m, "proj_size", 0) > 0):
             bad.append(f"{name} ({type(m).__name__} with num_layers>1/bidirectional/proj)")
     if bad:
         raise UnsupportedLayerError(f"structured pruning cannot handle: {', '.join(bad)}")
@@ -93,7 +92,7 @@ def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     order: list[str] = []
     hooks = []
     for name, m in model.named_modules():
-        if name and (isinstance(m, (*RNN, *CONV, nn.Linear)) or isinstance(m, RNN)):
+        if name and isinstance(m, (*RNN, *CONV, nn.Linear)):
             hooks.append(m.register_forward_hook(
                 lambda _m, _i, _o, n=name: order.append(n)))
     try:

@@ -13,9 +13,11 @@ repair the consumer (the maths is in :mod:`nncompress.prune.reconstruct`):
 Groups are pruned one at a time in model order, each from features sampled on the
 current (already partly pruned) model, with targets from the original model, as the
 papers do to stop errors from piling up. A group is eligible when its only consumer is a
-Linear or an ungrouped Conv1d/Conv2d; others (recurrent hidden units, attention heads, the
-residual stream) are named in the run's log and left to the L1 criterion or untouched,
-as ``fallback`` says.
+Linear or an ungrouped Conv1d/Conv2d -- channels, attention heads (the consumer is the
+output projection, each head a block of ``head_dim`` columns) and the last recurrent
+layer's hidden units (the consumer is the classifier). Others (a hidden layer feeding
+another RNN, the residual stream read by several layers) are named in the run's log and
+pruned by the L1 criterion or left untouched, as ``fallback`` says.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ from torch import nn
 from nncompress.data import example_input
 from nncompress.errors import ConstraintError
 from nncompress.graph import ChannelGroup, channel_groups
-from nncompress.measure import count_macs
 from nncompress.prune import reconstruct as rc
-from nncompress.prune.structured import l1_importance, prune_channels
+from nncompress.prune.structured import (
+    drop_stale_masks,
+    l1_importance,
+    plan_for_macs,
+    prune_channels,
+    select_by_ratio,
+)
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["ChannelSelectConfig", "channel_lasso", "thinet"]
@@ -98,40 +105,28 @@ def _selected(groups: Sequence[ChannelGroup], cfg: ChannelSelectConfig) -> list[
 
 def _consumer(model: nn.Module, group: ChannelGroup) -> nn.Module | None:
     """The group's single channel-mixing consumer, or None when it is not eligible."""
-    if group.kind != "channels" or len(group.consumers) != 1 or group.unit_width != 1:
+    if len(group.consumers) != 1:
         return None
     layer = model.get_submodule(group.consumers[0])
     if isinstance(layer, nn.Linear):
         return layer
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1 and (
+            group.unit_width == 1):
         return layer
     return None
 
 
-def _keep_count(size: int, fraction: float) -> int:
-    return max(1, round(size * (1.0 - fraction)))
-
-
-def _uniform_fraction(model: nn.Module, groups: Sequence[ChannelGroup], x: torch.Tensor,
-                      macs_reduction: float) -> float:
-    """Smallest uniform removal fraction over ``groups`` reaching the MAC target (by L1
-    pruning copies; which channels go does not change the count)."""
-    target = count_macs(model, x).total / macs_reduction
-
-    def macs_at(frac: float) -> int:
-        trial = copy.deepcopy(model)
-        keep = {g.name: _top_l1(trial, g, _keep_count(g.size, frac)) for g in groups}
-        return count_macs(prune_channels(trial, keep, x), x).total
-
-    if macs_at(0.97) > target:
-        best = count_macs(model, x).total / macs_at(0.97)
-        raise ConstraintError(f"macs_reduction {macs_reduction} is out of reach by pruning "
-                              f"these groups: at most {best:.2f}x")
-    lo, hi = 0.0, 0.97
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if macs_at(mid) <= target else (mid, hi)
-    return hi
+def _keep_counts(model: nn.Module, groups: Sequence[ChannelGroup], x: torch.Tensor,
+                 cfg: ChannelSelectConfig) -> dict[str, int]:
+    """How many units each group keeps: ``ratio`` per group, or the uniform fraction that
+    reaches ``macs_reduction`` (found by the shared planner on L1 scores; which units go
+    does not change the MAC count)."""
+    scores = {g.name: l1_importance(model, g) for g in groups}
+    if cfg.ratio is not None:
+        keep = select_by_ratio(scores, cfg.ratio, "layer")
+    else:
+        keep = plan_for_macs(model, x, groups, scores, cfg.macs_reduction or 1.0, "layer")
+    return {name: len(kept) for name, kept in keep.items()}
 
 
 def _top_l1(model: nn.Module, group: ChannelGroup, keep: int) -> list[int]:
@@ -154,13 +149,15 @@ def _prune_group(model: nn.Module, ref: nn.Module, group: ChannelGroup, keep: in
     """Choose ``keep`` channels of ``group`` from sampled consumer inputs, remove the rest
     and write the repaired consumer weights."""
     batches = _batches(ctx, cfg.batches)
+    uw = group.unit_width
     layer, ref_layer = model.get_submodule(group.consumers[0]), ref.get_submodule(
         group.consumers[0])
-    x = rc.sample_inputs(model, layer, batches, samples=cfg.samples, seed=ctx.seed)
-    x_ref = rc.sample_inputs(ref, ref_layer, batches, samples=cfg.samples, seed=ctx.seed)
-    w = rc.consumer_weight(layer)
-    y = rc.output_of(x_ref, rc.consumer_weight(ref_layer))
-    kept, new_w = chooser(x, w, y, keep)
+    x = rc.sample_inputs(model, layer, batches, samples=cfg.samples, seed=ctx.seed,
+                         unit_width=uw)
+    x_ref = rc.sample_inputs(ref, ref_layer, batches, samples=cfg.samples, seed=ctx.seed,
+                             unit_width=uw)
+    y = rc.output_of(x_ref, rc.consumer_weight(ref_layer, uw))
+    kept, new_w = chooser(x, rc.consumer_weight(layer, uw), y, keep)
     prune_channels(model, {group.name: kept}, x_example)
     rc.set_consumer_weight(model.get_submodule(group.consumers[0]), new_w)
 
@@ -179,21 +176,19 @@ def _run(method: str, chooser: Chooser, model: nn.Module, cfg: ChannelSelectConf
     if not chosen:
         raise ConstraintError(f"{method}: no prunable channel group matches layers="
                               f"{list(cfg.layers)} exclude={list(cfg.exclude)}")
-    frac = cfg.ratio if cfg.ratio is not None else _uniform_fraction(
-        model, chosen, x_example, cfg.macs_reduction or 1.0)
+    counts = _keep_counts(model, chosen, x_example, cfg)
     ref = copy.deepcopy(model).eval()
     for group in chosen:
         current = {g.name: g for g in channel_groups(model, x_example)}[group.name]
-        keep = _keep_count(current.size, frac)
-        if current in eligible or _consumer(model, current) is not None:
+        keep = counts[group.name]
+        if keep >= current.size:
+            continue
+        if _consumer(model, current) is not None:
             _prune_group(model, ref, current, keep, chooser, cfg, ctx, x_example)
         else:
             prune_channels(model, {current.name: _top_l1(model, current, keep)}, x_example)
-        ctx.note(f"{method}: {current.name} {current.size} -> {keep} units")
-    names = {n for n, _ in model.named_parameters()}
-    for stale in [k for k in ctx.masks if k not in names or
-                  ctx.masks[k].shape != model.get_parameter(k).shape]:
-        del ctx.masks[stale]
+        ctx.note(f"{method}: {current.name} {current.size} -> {keep} {current.kind}")
+    drop_stale_masks(model, ctx.masks)
     if cfg.epochs:
         ctx.fine_tune(model, epochs=cfg.epochs, lr=cfg.lr, desc=f"{method} fine-tune")
     return model

@@ -45,11 +45,13 @@ __all__ = [
 RIDGE = 1e-6  # relative Tikhonov damping keeping the least-squares systems well posed
 
 
-def consumer_weight(layer: nn.Module) -> torch.Tensor:
-    """The consumer's weight as ``[O, C, K]`` (a copy, float32)."""
+def consumer_weight(layer: nn.Module, unit_width: int = 1) -> torch.Tensor:
+    """The consumer's weight as ``[O, C, K]`` (a copy, float32). For a Linear, each input
+    unit spans ``unit_width`` consecutive columns (a flattened feature map's positions, an
+    attention head's dimensions), which become its K taps."""
     w = layer.weight.detach().float()
     if isinstance(layer, nn.Linear):
-        return w.unsqueeze(-1).clone()
+        return w.reshape(w.shape[0], -1, unit_width).clone()
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1:
         return w.reshape(w.shape[0], w.shape[1], -1).clone()
     raise UnsupportedLayerError(f"channel reconstruction supports Linear and ungrouped "
@@ -62,10 +64,11 @@ def set_consumer_weight(layer: nn.Module, w: torch.Tensor) -> None:
         layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
-def patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The consumer's input ``x`` as per-output-location patches ``[B * L, C, K]``."""
+def patches(layer: nn.Module, x: torch.Tensor, unit_width: int = 1) -> torch.Tensor:
+    """The consumer's input ``x`` as per-output-location patches ``[B * L, C, K]``
+    (``unit_width``: input columns per unit of a Linear, see :func:`consumer_weight`)."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1], 1)
+        return x.reshape(-1, x.shape[-1] // unit_width, unit_width)
     if isinstance(layer, nn.Conv1d) and layer.groups == 1 and layer.padding_mode == "zeros":
         (k,), (s,), (p,), (d,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
         if isinstance(layer.padding, str):
@@ -87,7 +90,7 @@ def patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[torch.Tensor], *,
-                  samples: int, seed: int) -> torch.Tensor:
+                  samples: int, seed: int, unit_width: int = 1) -> torch.Tensor:
     """Run ``model`` on ``batches`` and sample ``samples`` rows of ``layer``'s input patches.
 
     Returns ``X [N, C, K]`` with N <= samples, drawn uniformly over all output locations
@@ -97,7 +100,7 @@ def sample_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[torch.Te
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        captured.append(patches(layer, args[0].detach().float()))
+        captured.append(patches(layer, args[0].detach().float(), unit_width))
 
     handle = layer.register_forward_pre_hook(hook)
     was_training = model.training

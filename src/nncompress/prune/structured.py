@@ -25,6 +25,7 @@ __all__ = ["drop_stale_masks", "l1_importance", "plan_for_macs", "prune_channels
            "ratio_keep", "select_by_ratio"]
 
 Scope = Literal["layer", "global"]
+Selector = Callable[[Mapping[str, torch.Tensor], float], dict[str, list[int]]]
 
 
 def _rows(n_units: int, per_unit: int, keep: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _prune_rnn_out(m: nn.RNNBase, keep: torch.Tensor, size: int) -> None:
             _set(m, name, getattr(m, name).data[rows])
     _set(m, "weight_hh_l0", m.weight_hh_l0.data[rows][:, keep])
     m.hidden_size = len(keep)
-    m._flat_weights = [getattr(m, n) for n in m._flat_weights_names]  # noqa: SLF001
+    m._init_flat_weights()
 
 
 def _prune_conv_in(m: nn.Module, keep: torch.Tensor, size: int) -> None:
@@ -93,7 +94,7 @@ def _prune_linear_in(m: nn.Linear, keep: torch.Tensor, size: int) -> None:
 def _prune_rnn_in(m: nn.RNNBase, keep: torch.Tensor, size: int) -> None:
     _set(m, "weight_ih_l0", m.weight_ih_l0.data[:, keep])
     m.input_size = len(keep)
-    m._flat_weights = [getattr(m, n) for n in m._flat_weights_names]  # noqa: SLF001
+    m._init_flat_weights()
 
 
 def _prune_bn(m: nn.Module, keep: torch.Tensor, size: int) -> None:
@@ -135,21 +136,24 @@ def _apply(table: Mapping[type[nn.Module], Rule], modules: Mapping[str, nn.Modul
 
 
 def prune_channels(model: nn.Module, keep: Mapping[str, Sequence[int]],
-                   example_input: torch.Tensor) -> nn.Module:
+                   example_input: torch.Tensor, *,
+                   groups: Sequence[ChannelGroup] | None = None) -> nn.Module:
     """Remove, in place, every unit not in ``keep[group.name]`` from each named group.
 
     ``keep`` maps group names (from :func:`channel_groups`) to the unit indices to keep
     (any order; kept units stay in ascending order). Groups not in ``keep`` are untouched.
     Raises ModelError for an unknown group name, ConstraintError for an empty or
-    out-of-range keep list. Returns ``model``.
+    out-of-range keep list. Returns ``model``. ``groups``: this model's current groups
+    (from :func:`channel_groups`), to skip re-tracing the model.
     """
-    groups = {g.name: g for g in channel_groups(model, example_input)}
-    unknown = sorted(set(keep) - set(groups))
+    found = channel_groups(model, example_input) if groups is None else groups
+    by_name = {g.name: g for g in found}
+    unknown = sorted(set(keep) - set(by_name))
     if unknown:
-        raise ModelError(f"unknown channel group(s) {unknown}; known: {sorted(groups)}")
+        raise ModelError(f"unknown channel group(s) {unknown}; known: {sorted(by_name)}")
     modules = dict(model.named_modules())
     for name, indices in keep.items():
-        group = groups[name]
+        group = by_name[name]
         idx = torch.tensor(sorted(set(int(i) for i in indices)), dtype=torch.long)
         if idx.numel() == 0:
             raise ConstraintError(f"group {name!r}: at least one unit must be kept")
@@ -208,11 +212,13 @@ def select_by_ratio(scores: Mapping[str, torch.Tensor], ratio: float | Mapping[s
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(normed)])
     n_drop = round(float(ratio) * flat.numel())
     kept = torch.ones(flat.numel(), dtype=torch.bool)
+    left = [s.numel() for s in normed]
     for j in torch.argsort(flat, stable=True).tolist():
         if n_drop == 0:
             break
-        if int(kept[owner == owner[j]].sum()) > 1:
+        if left[int(owner[j])] > 1:
             kept[j] = False
+            left[int(owner[j])] -= 1
             n_drop -= 1
     parts = kept.split([s.numel() for s in normed])
     return {n: torch.nonzero(p).flatten().tolist() for n, p in zip(names, parts, strict=True)}
@@ -220,10 +226,12 @@ def select_by_ratio(scores: Mapping[str, torch.Tensor], ratio: float | Mapping[s
 
 def plan_for_macs(model: nn.Module, example_input: torch.Tensor,
                   groups: Sequence[ChannelGroup], scores: Mapping[str, torch.Tensor],
-                  macs_ratio: float, scope: Scope = "layer") -> dict[str, list[int]]:
+                  macs_ratio: float, scope: Scope = "layer", *,
+                  select: Selector | None = None) -> dict[str, list[int]]:
     """Keep dict for ``groups`` (scored by ``scores``) such that the pruned model has at
     most ``count_macs(model) / macs_ratio`` MACs per sample, found by bisection over one
-    ratio (uniform per group, or global). ConstraintError if unreachable."""
+    ratio (uniform per group, or global). ``select(scores, ratio) -> keep`` replaces
+    :func:`select_by_ratio` (e.g. a raw global threshold). ConstraintError if unreachable."""
     if macs_ratio < 1.0:
         raise ConstraintError(f"macs_reduction must be >= 1, got {macs_ratio!r}")
     one = example_input[:1]
@@ -231,8 +239,8 @@ def plan_for_macs(model: nn.Module, example_input: torch.Tensor,
     chosen = {g.name: scores[g.name] for g in groups}
 
     def macs(ratio: float) -> tuple[int, dict[str, list[int]]]:
-        keep = select_by_ratio(chosen, ratio, scope)
-        trial = prune_channels(copy.deepcopy(model), keep, one)
+        keep = select(chosen, ratio) if select else select_by_ratio(chosen, ratio, scope)
+        trial = prune_channels(copy.deepcopy(model), keep, one, groups=groups)
         return count_macs(trial, one).total, keep
 
     lo, hi = 0.0, 0.999

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from nncompress.report.rows import ResultRow
+
+if TYPE_CHECKING:
+    from nncompress.prune.sensitivity import SensitivityReport
 
 
 def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
@@ -74,3 +78,20 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_sensitivity(report: SensitivityReport, path: Path) -> Path:
+    """Test accuracy (%) against the pruned ratio, one line per channel group pruned alone
+    (Li et al., 2017, Fig. 2), with the unpruned baseline dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in report.curves.items():
+        ratios = [0.0, *(r for r, _ in points)]
+        accs = [100 * report.baseline, *(100 * a for _, a in points)]
+        ax.plot(ratios, accs, marker="o", label=f"{name} ({report.sizes[name]})")
+    ax.axhline(100 * report.baseline, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("fraction of the group's units removed (L1 norm, no fine-tuning)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Pruning sensitivity per channel group")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
