@@ -26,8 +26,20 @@ from peers import run_torch_pruning, try_peer
 
 SEED = 0
 LR = 3e-3
-FINE_TUNE_EPOCHS = 10
+FINE_TUNE_EPOCHS = 20
 BATCHES = (1, 256)
+
+
+STRUCTURED_INTRO = f"""## Structured pruning at equal MACs vs torch-pruning
+
+Every method starts from the same trained model, removes whole channels / hidden units /
+heads until the target is met, then gets the same {FINE_TUNE_EPOCHS} epochs of fine-tuning
+(Adam, lr {LR}). torch-pruning: `MagnitudePruner` with L1 `MagnitudeImportance`, the
+pruning ratio bisected until its MACs meet the same target, classifier outputs ignored
+(its documented quick start). Latency: CPU median of the model each user gets back
+(ours: `nc.load` of the `.nnc` file), batch 1 and 256; speed-up = unpruned / pruned.
+Recurrent rows: hidden-unit pruning removes units from every gate matrix and the next
+layer; torch-pruning has no GRU rule and fails on these LSTMs (its error is shown)."""
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,10 @@ def _run_stage(model: nn.Module, stage: Stage, index: int, ctx: Context) -> nn.M
     if stage.kind == "fine_tune":
         cfg = stage.config
         log = ctx.fine_tune(model, epochs=cfg.epochs, lr=cfg.lr,
-                            desc=f"stage {index} fine-tune")
+                            desc=f"stage {index} fine-tune", lr_schedule=cfg.schedule)
         if log.final_test_acc is not None:
-            ctx.note(f"stage {index} fine_tune: {log.epochs} epochs at lr {cfg.lr:g}, "
+            ctx.note(f"stage {index} fine_tune: {log.epochs} epochs at lr {cfg.lr:g} "
+                     f"({cfg.schedule}), "
                      f"test accuracy {100 * log.final_test_acc:.2f} %")
     return model
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -41,10 +41,12 @@ _STAGE_KINDS = ("technique", "fine_tune", "evaluate")
 
 
 class FineTuneConfig(TechniqueConfig):
-    """``fine_tune`` stage: ``epochs`` (>= 0) of masked fine-tuning at learning rate ``lr``."""
+    """``fine_tune`` stage: ``epochs`` (>= 0) of masked fine-tuning at learning rate ``lr``,
+    held ``constant`` or decayed to zero on a half ``cosine`` (``schedule``)."""
 
     epochs: int = Field(ge=0)
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 class EvaluateConfig(TechniqueConfig):
@@ -160,10 +162,13 @@ class Stage:
         return cls._technique(name, params, None)
 
     @classmethod
-    def fine_tune(cls, *, epochs: int, lr: float = 1e-4) -> Stage:
-        """Fine-tune for ``epochs`` at ``lr``, keeping pruned weights at zero."""
+    def fine_tune(cls, *, epochs: int, lr: float = 1e-4,
+                  schedule: str = "constant") -> Stage:
+        """Fine-tune for ``epochs`` at ``lr`` (``schedule``: constant or cosine), keeping
+        pruned weights at zero."""
         return cls("fine_tune", "fine_tune",
-                   _validate(FineTuneConfig, {"epochs": epochs, "lr": lr}, "fine_tune"))
+                   _validate(FineTuneConfig, {"epochs": epochs, "lr": lr,
+                                              "schedule": schedule}, "fine_tune"))
 
     @classmethod
     def evaluate(cls) -> Stage:

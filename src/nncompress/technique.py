@@ -47,7 +47,8 @@ CATEGORIES: tuple[str, ...] = (
 )
 
 #: Packages whose import registers techniques (one line per technique package).
-TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank")
+TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank",
+                                        "nncompress.quant")
 
 
 class TechniqueConfig(BaseModel):
@@ -82,7 +83,7 @@ class Context:
         self.log.append(" ".join(str(message).split()))
 
     def fine_tune(self, model: nn.Module, *, epochs: int, lr: float,
-                  desc: str = "fine-tune") -> TrainLog:
+                  desc: str = "fine-tune", lr_schedule: str = "constant") -> TrainLog:
         """Fine-tune ``model`` in place with ``train.fine_tune``, keeping every mask applied.
 
         The masks are applied once before training and again after every optimizer step.
@@ -99,7 +100,8 @@ class Context:
 
         return train.fine_tune(model, self.data, epochs=epochs, lr=lr, seed=self.seed,
                                progress=self.progress, desc=desc,
-                               after_step=after_step if masks else None)
+                               after_step=after_step if masks else None,
+                               lr_schedule=lr_schedule)
 
 
 Apply = Callable[[nn.Module, Any, Context], nn.Module]

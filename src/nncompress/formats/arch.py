@@ -118,6 +118,8 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
                                  "padding_idx": _optional(_int),
                                  "max_norm": _optional(check_float), "norm_type": check_float,
                                  "scale_grad_by_freq": check_bool, "sparse": check_bool}),
+    # a layer removed by surgery (e.g. a BatchNorm folded into its convolution)
+    "Identity": (nn.Identity, {}),
     "GRU": (nn.GRU, _RNN),
     "LSTM": (nn.LSTM, {**_RNN, "proj_size": _int}),
     "RNN": (nn.RNN, {**_RNN, "nonlinearity": _choice("tanh", "relu")}),
@@ -172,8 +174,9 @@ def _owns_tensors(module: nn.Module) -> bool:
 
 
 def _recorded(module: nn.Module) -> bool:
-    """Owns tensors, or is a table type holding some (a wrapper such as LowRankRNN)."""
-    if _owns_tensors(module):
+    """Owns tensors, is a table type holding some (a wrapper such as LowRankRNN), or is an
+    Identity (recorded so that a layer replaced by one stays replaced on load)."""
+    if _owns_tensors(module) or type(module) is nn.Identity:
         return True
     return type(module) in _TYPE_NAMES and next(module.parameters(), None) is not None
 

@@ -24,6 +24,7 @@ from nncompress.measure import count_macs
 from nncompress.prune.sensitivity import ratios_for_target, select_groups, sensitivity
 from nncompress.prune.structured import (
     drop_stale_masks,
+    group_l1_importance,
     l1_importance,
     plan_for_macs,
     prune_channels,
@@ -52,6 +53,9 @@ class L1FilterPruneConfig(TechniqueConfig):
     - ``ratios_from="sensitivity"``: per-group ratios from :func:`sensitivity` (at
       ``sensitivity_ratios``, each group pruned alone, no fine-tuning) reaching the target
       with the least sensitive groups pruned most; ``max_drop`` caps one group's drop.
+    - ``criterion``: ``"filter"`` (Li et al.: L1 norm of the unit's own filter) or
+      ``"group"`` (also the next layer's columns and the BatchNorm scale of the unit; see
+      :func:`~nncompress.prune.structured.group_l1_importance`).
     """
 
     ratio: float | dict[str, float] | None = None
@@ -67,6 +71,7 @@ class L1FilterPruneConfig(TechniqueConfig):
     sensitivity_ratios: Annotated[tuple[float, ...], Field(strict=False)] = (
         0.25, 0.5, 0.75)
     max_drop: float = Field(default=1.0, ge=0.0, le=1.0)
+    criterion: Literal["filter", "group"] = "filter"
 
     @model_validator(mode="after")
     def _one_target(self) -> L1FilterPruneConfig:
@@ -76,6 +81,11 @@ class L1FilterPruneConfig(TechniqueConfig):
         if any(r is not None and not 0.0 <= r < 1.0 for r in ratios):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
         return self
+
+
+#: ``criterion`` -> unit importance: ``filter`` is Li et al.'s L1 norm of each unit's
+#: producer weights; ``group`` adds the consumer columns and norm scales of the unit.
+CRITERIA = {"filter": l1_importance, "group": group_l1_importance}
 
 
 def pick_groups(model: nn.Module, example: torch.Tensor,
@@ -94,7 +104,8 @@ def _step_keep(model: nn.Module, x: torch.Tensor, config: L1FilterPruneConfig,
                groups: list[ChannelGroup],
                original: dict[str, int], fraction: float, base_macs: int,
                sens_ratios: dict[str, float] | None) -> dict[str, list[int]]:
-    scores = {g.name: l1_importance(model, g) for g in groups}
+    importance = CRITERIA[config.criterion]
+    scores = {g.name: importance(model, g) for g in groups}
     if config.macs_reduction is not None and sens_ratios is None:
         target = base_macs / config.macs_reduction ** fraction
         now = count_macs(model, x[:1]).total

@@ -21,8 +21,8 @@ from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
 
-__all__ = ["drop_stale_masks", "l1_importance", "plan_for_macs", "prune_channels",
-           "ratio_keep", "select_by_ratio"]
+__all__ = ["drop_stale_masks", "group_l1_importance", "l1_importance", "plan_for_macs",
+           "prune_channels", "ratio_keep", "select_by_ratio"]
 
 Scope = Literal["layer", "global"]
 Selector = Callable[[Mapping[str, torch.Tensor], float], dict[str, list[int]]]
@@ -182,6 +182,39 @@ def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
             w = m.weight.detach().abs().float().cpu()
             score += w.reshape(group.size, -1).sum(dim=1)
     return score
+
+
+def group_l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """``[group.size]``: the L1 evidence of every tensor the unit lives in -- producer rows,
+    consumer columns (``unit_width`` per unit) and norm scales |gamma| -- each divided by
+    its mean over the group, then averaged (the group-level magnitude criterion of
+    torch-pruning's ``MagnitudeImportance``, Fang et al. 2023). Unlike the filter norm
+    alone, it sees a BatchNorm that scales a channel down, and how much the next layer
+    relies on it."""
+    modules = dict(model.named_modules())
+    parts: list[torch.Tensor] = []
+
+    def add(score: torch.Tensor) -> None:
+        parts.append(score / score.mean().clamp_min(1e-12))
+
+    for name in group.producers:
+        m = modules[name]
+        if isinstance(m, nn.RNNBase):
+            for w in (m.weight_ih_l0, m.weight_hh_l0):
+                add(w.detach().abs().float().cpu().reshape(-1, group.size, w.shape[1]).sum(
+                    dim=(0, 2)))
+        else:
+            add(m.weight.detach().abs().float().cpu().reshape(group.size, -1).sum(dim=1))
+    for name in group.consumers:
+        m = modules[name]
+        w = m.weight_ih_l0 if isinstance(m, nn.RNNBase) else m.weight
+        cols = w.detach().abs().float().cpu().transpose(0, 1)  # [in, out, ...]
+        add(cols.reshape(group.size, -1).sum(dim=1))
+    for name in group.norms:
+        weight = getattr(modules[name], "weight", None)
+        if weight is not None:
+            add(weight.detach().abs().float().cpu())
+    return torch.stack(parts).mean(dim=0)
 
 
 def ratio_keep(score: torch.Tensor, ratio: float) -> list[int]:

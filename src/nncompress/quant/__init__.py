@@ -1,0 +1,10 @@
+"""Bits-precision and inference-graph techniques. Importing this package registers them.
+
+- ``fold_batchnorm``: fold each BatchNorm into the convolution / linear layer that feeds
+  it (Jacob et al., 2018, section 3.2), so the deployed model runs one layer fewer per
+  block.
+"""
+
+from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm, fold_pairs
+
+__all__ = ["FoldBatchNormConfig", "fold_batchnorm", "fold_pairs"]
