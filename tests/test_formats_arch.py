@@ -128,6 +128,7 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
     (LowRankConv1d(3, 4, 2, 3, stride=2, padding=1), LowRankConv1d(3, 4, 1, 1)),
     (LowRankConv2d(3, 4, 2, (3, 1), padding="same", bias=False), LowRankConv2d(1, 1, 1, 1)),
     (LowRankRNN("LSTM", 5, 2, 6, proj_size=3), LowRankRNN("GRU", 5, 2, 6)),
+    (nn.Identity(), nn.BatchNorm1d(3)),  # a folded / removed layer replaces the built one
 ]
 
 
