@@ -51,7 +51,7 @@ def tp_ratio_for_macs(model: nn.Module, data: Dataset, macs_reduction: float) ->
 
 def run_torch_pruning(model: nn.Module, data: Dataset, macs_reduction: float, *, steps: int,
                       epochs_per_step: int, final_epochs: int, lr: float,
-                      seed: int) -> nn.Module:
+                      seed: int, lr_schedule: str = "constant") -> nn.Module:
     """torch-pruning ``MagnitudePruner`` (L1) to equal MACs, iterative, same fine-tuning."""
     ratio = tp_ratio_for_macs(model, data, macs_reduction)
     m = copy.deepcopy(model)
@@ -59,7 +59,8 @@ def run_torch_pruning(model: nn.Module, data: Dataset, macs_reduction: float, *,
     for _ in range(steps):
         pruner.step()
         fine_tune(m, data, epochs=epochs_per_step, lr=lr, seed=seed, progress=False)
-    fine_tune(m, data, epochs=final_epochs, lr=lr, seed=seed, progress=False)
+    fine_tune(m, data, epochs=final_epochs, lr=lr, seed=seed, progress=False,
+              lr_schedule=lr_schedule)
     return m
 
 

@@ -34,3 +34,20 @@ def test_demo_rejects_unknown_model(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "vgg99" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_reports_sensitivity_and_refusals(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from nncompress.demo import run_demo
+
+    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    result = run_demo(out, models=["cnn1d", "mlp"], recipes=("network-slimming",),
+                      quick=True, progress=False, echo=lambda _msg: None)
+    text = (out / "report.md").read_text()
+    assert "## Pruning sensitivity (cnn1d)" in text
+    assert (out / "sensitivity_cnn1d.png").stat().st_size > 1000
+    assert "features.conv2" in text
+    # network slimming needs BatchNorm: the MLP refuses it, and the report says so
+    assert [(k.model, k.recipe) for k in result.skipped] == [("mlp", "network-slimming")]
+    assert "## Not applicable" in text and "BatchNorm" in text

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import nncompress as nc
 from nncompress import models
 from nncompress.data import Dataset
-from nncompress.errors import ConstraintError
 from nncompress.quant import fold_pairs
 from nncompress.recipe import Recipe, Stage
 
@@ -91,9 +90,12 @@ def test_a_shared_output_is_not_folded_and_is_reported() -> None:
         assert torch.allclose(result.model(x), model(x), atol=1e-5)
 
 
-def test_a_model_without_batchnorm_is_refused() -> None:
+def test_a_model_without_batchnorm_is_left_as_it_is_and_logged() -> None:
     data = tiny_data((1, 8, 8))
     torch.manual_seed(0)
-    with pytest.raises(ConstraintError, match="no BatchNorm"):
-        nc.compress(models.build("mlp", (1, 8, 8), 2, hidden=[8]), FOLD, data,
-                    progress=False, measure_latency=False)
+    model = models.build("mlp", (1, 8, 8), 2, hidden=[8])
+    result = nc.compress(model, FOLD, data, progress=False, measure_latency=False)
+    assert any("nothing to fold" in line for line in result.log)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), model.eval()(x))

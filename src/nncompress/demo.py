@@ -8,10 +8,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
+from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.report import ReportPaths, ResultRow, rows_text, write_report
 
-DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "sparse-vd", "low-rank", "layer-prune")
+DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "sparse-vd", "l1-filter-prune",
+                                 "low-rank", "layer-prune")
+#: the model whose per-group pruning sensitivity the report plots
+SENSITIVITY_MODEL = "cnn1d"
 QUICK_EPOCHS = 1
 
 
@@ -55,10 +61,14 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     model_dir = out_dir / "models"
     model_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[Skipped] = []
+    sections: list[str] = []
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: training or loading from cache")
         model, data = zoo.load(name, seed=seed, progress=progress,
                                epochs=QUICK_EPOCHS if quick else None)
+        if name == SENSITIVITY_MODEL:
+            echo(f"[{i}/{len(names)}] {name}: pruning sensitivity per channel group")
+            sections.append(_sensitivity_section(model, data, out_dir))
         for recipe in plans:
             echo(f"[{i}/{len(names)}] {name}: compressing with {recipe.name}")
             try:
@@ -83,7 +93,8 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     paths = write_report(out_dir, "nncompress demo", rows, sparsity,
                          extra={"seconds": seconds, "quick": quick, "seed": seed,
                                 "skipped": [vars(k) for k in skipped]},
-                         sections=[_skipped_section(skipped)] if skipped else [])
+                         sections=[*sections, *([_skipped_section(skipped)] if skipped
+                                                else [])])
     echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
     return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
                       seconds=seconds)
@@ -95,3 +106,24 @@ def _skipped_section(skipped: Sequence[Skipped]) -> str:
              "silently):", ""]
     lines += [f"- **{k.model}** / `{k.recipe}`: {k.reason}" for k in skipped]
     return "\n".join(lines)
+
+
+def _sensitivity_section(model: nn.Module, data: Dataset, out_dir: Path) -> str:
+    """Li et al. (2017)-style sensitivity: each channel group pruned alone (L1, no
+    fine-tuning) at several ratios; a plot and a table for the report."""
+    from nncompress.prune.sensitivity import sensitivity
+    from nncompress.report import fmt_pct, render_markdown
+    from nncompress.report.plots import plot_sensitivity
+
+    rep = sensitivity(model, data, ratios=(0.25, 0.5, 0.75))
+    plot = plot_sensitivity(rep, out_dir / f"sensitivity_{SENSITIVITY_MODEL}.png")
+    ratios = sorted({r for points in rep.curves.values() for r, _ in points})
+    rows = [[name, *(fmt_pct(dict(points).get(r)) for r in ratios)]
+            for name, points in rep.curves.items()]
+    table = render_markdown(["group", *(f"{r:.0%} removed" for r in ratios)], rows)
+    return "\n".join([
+        f"## Pruning sensitivity ({SENSITIVITY_MODEL})", "",
+        f"Test accuracy after removing a fraction of one channel group's units by L1 norm, "
+        f"that group alone, no fine-tuning (baseline {fmt_pct(rep.baseline)}). Flat curves "
+        "mark groups that can be pruned hard; `ratios_for_target` turns this into "
+        "per-group ratios for a global target.", "", table, "", f"![sensitivity]({plot.name})"])
