@@ -43,7 +43,7 @@ def plot_accuracy_vs_macs(rows: Sequence[ResultRow], path: Path) -> Path:
     for model in dict.fromkeys(r.model for r in rows):
         mine = sorted((r for r in rows if r.model == model), key=lambda r: r.macs)
         ax.plot([r.macs for r in mine], [100 * r.accuracy for r in mine], marker="o",
-                linestyle=":", label=model)
+                linestyle="none", label=model)
         for r in mine:
             ax.annotate(r.technique, (r.macs, 100 * r.accuracy), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")

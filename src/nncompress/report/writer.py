@@ -26,7 +26,9 @@ MEASUREMENT_NOTES = (
     "- **MACs**: multiply-accumulates per sample of weight layers and attention matmuls; "
     "**nz MACs** counts only MACs with non-zero weights (what a sparse kernel could skip).",
     "- **latency**: CPU wall time of the returned `nn.Module`, median of repeated runs after "
-    "warm-up, at batch 1 and batch N; **speed-up** = baseline latency / compressed latency.",
+    "warm-up, at batch 1 and batch N; **speed-up** = baseline latency / compressed latency. "
+    "On a shared machine timings drift between runs (up to ~1.3x here); `make bench` times "
+    "the models it compares interleaved, which is the figure to trust.",
     "- **accuracy**: top-1 on the dataset's held-out test split.",
 )
 
