@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from nncompress.data import Dataset
+from helpers import tiny_data
 from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
 from nncompress.prune import (
     MagnitudePruneConfig,
@@ -18,16 +17,6 @@ from nncompress.prune import (
     mask_sparsity,
 )
 from nncompress.technique import Context
-
-
-def tiny_data(n: int = 96, features: int = 12, classes: int = 3, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, features, generator=g)
-    y = (x[:, 0, :classes].argmax(dim=1)).long()
-    ds = TensorDataset(x, y)
-    train = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator())
-    test = DataLoader(ds, batch_size=32)
-    return Dataset("tiny", train, test, (1, features), classes)
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

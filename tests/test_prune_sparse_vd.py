@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress as nc
+from helpers import tiny_data
 from nncompress import models
 from nncompress.data import Dataset
 from nncompress.errors import UnsupportedLayerError
@@ -17,15 +18,6 @@ from nncompress.prune.masks import mask_sparsity
 from nncompress.prune.variational import SparseVDConfig, SVDLayer, kl_approx, sparse_vd
 from nncompress.recipe import Recipe
 from nncompress.technique import TECHNIQUES, Context
-
-
-def tiny_data(n: int = 96, features: int = 12, classes: int = 3) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, features, generator=g)
-    y = x[:, 0, :classes].argmax(dim=1)
-    ds = TensorDataset(x, y)
-    train = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator())
-    return Dataset("tiny", train, DataLoader(ds, batch_size=48), (1, features), classes)
 
 
 def test_registered() -> None:

@@ -34,8 +34,12 @@ from pydantic import Field
 from torch import nn
 
 from nncompress import train
-from nncompress.errors import ModelError, UnsupportedLayerError
-from nncompress.prune.masks import apply_masks, find_prunable, mask_sparsity, select
+from nncompress.prune.masks import (
+    apply_masks,
+    find_prunable,
+    mask_sparsity,
+    selected_weights,
+)
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["DynamicSurgeryConfig", "Surgery", "dynamic_surgery"]
@@ -136,15 +140,7 @@ class Surgery:
 
 
 def _selected(model: nn.Module, config: DynamicSurgeryConfig) -> dict[str, nn.Parameter]:
-    found = find_prunable(model)
-    if not found.names:
-        raise UnsupportedLayerError(f"model {type(model).__name__} has no prunable weights; "
-                                    f"parameters without a pruning rule: "
-                                    f"{', '.join(found.unsupported) or 'none'}")
-    names = select(found.names, config.layers, config.exclude)
-    if not names:
-        raise ModelError(f"layers={list(config.layers)} with exclude={list(config.exclude)} "
-                         f"leaves no weight to prune; prunable: {', '.join(found.names)}")
+    names = selected_weights(model, config.layers, config.exclude)
     params = dict(model.named_parameters())
     return {n: params[n] for n in names}
 

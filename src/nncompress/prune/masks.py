@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nncompress.errors import ModelError
+from nncompress.errors import ModelError, UnsupportedLayerError
 
 __all__ = [
     "PRUNABLE",
@@ -24,6 +24,7 @@ __all__ = [
     "find_prunable",
     "mask_sparsity",
     "select",
+    "selected_weights",
 ]
 
 #: Layer type -> fnmatch patterns naming its *own* prunable parameters (first isinstance
@@ -108,6 +109,25 @@ def select(names: Sequence[str], include: Sequence[str], exclude: Sequence[str])
     return tuple(n for n in names
                  if any(fnmatch.fnmatchcase(n, p) for p in include)
                  and not any(fnmatch.fnmatchcase(n, p) for p in exclude))
+
+
+def selected_weights(model: nn.Module, include: Sequence[str],
+                     exclude: Sequence[str]) -> tuple[str, ...]:
+    """Names of the prunable weights of ``model`` chosen by ``include``/``exclude``.
+
+    Raises ``UnsupportedLayerError`` when the model has no prunable weight at all (naming
+    the parameters no rule covers) and ``ModelError`` when the patterns leave none.
+    """
+    found = find_prunable(model)
+    if not found.names:
+        raise UnsupportedLayerError(f"model {type(model).__name__} has no prunable weights; "
+                                    f"parameters without a pruning rule: "
+                                    f"{', '.join(found.unsupported) or 'none'}")
+    names = select(found.names, include, exclude)
+    if not names:
+        raise ModelError(f"layers={list(include)} with exclude={list(exclude)} leaves no "
+                         f"weight to prune; prunable: {', '.join(found.names)}")
+    return names
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:

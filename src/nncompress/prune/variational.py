@@ -32,8 +32,13 @@ from pydantic import Field
 from torch import nn
 
 from nncompress import train
-from nncompress.errors import ModelError, UnsupportedLayerError
-from nncompress.prune.masks import apply_masks, find_prunable, mask_sparsity, select
+from nncompress.errors import UnsupportedLayerError
+from nncompress.prune.masks import (
+    apply_masks,
+    find_prunable,
+    mask_sparsity,
+    selected_weights,
+)
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["SVDLayer", "SparseVDConfig", "kl_approx", "sparse_vd"]
@@ -123,15 +128,7 @@ class SparseVDConfig(TechniqueConfig):
 
 def _targets(model: nn.Module, config: SparseVDConfig) -> dict[str, str]:
     """Selected weight name -> owning module path; raises for a layer SVD cannot wrap."""
-    found = find_prunable(model)
-    if not found.names:
-        raise UnsupportedLayerError(f"model {type(model).__name__} has no prunable weights; "
-                                    f"parameters without a pruning rule: "
-                                    f"{', '.join(found.unsupported) or 'none'}")
-    names = select(found.names, config.layers, config.exclude)
-    if not names:
-        raise ModelError(f"layers={list(config.layers)} with exclude={list(config.exclude)} "
-                         f"leaves no weight to prune; prunable: {', '.join(found.names)}")
+    names = selected_weights(model, config.layers, config.exclude)
     modules = dict(model.named_modules())
     out: dict[str, str] = {}
     for name in names:
