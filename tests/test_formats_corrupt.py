@@ -68,7 +68,7 @@ def saved(tmp_path: Path) -> Path:
     with torch.no_grad():
         model.fc1.weight[torch.rand_like(model.fc1.weight) < 0.9] = 0.0
     path = tmp_path / "m.nnc"
-    formats.save(model, path, meta={"note": "fixture"})
+    formats.save(model, path, meta={"note": "fixture"}, encodings={"fc1.weight": "sparse"})
     return path
 
 

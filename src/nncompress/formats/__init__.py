@@ -11,6 +11,7 @@ Layout and header schema: ``docs/FORMAT.md``. Adding an encoding: subclass
 :class:`Encoding` and register an instance in :data:`ENCODINGS`.
 """
 
+from nncompress.formats import huffman, packed  # noqa: F401  (register their encodings)
 from nncompress.formats.arch import MODULE_TYPES
 from nncompress.formats.container import (
     ContainerInfo,

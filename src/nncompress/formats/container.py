@@ -171,7 +171,8 @@ def save(model: nn.Module, path: PathLike, *, meta: Mapping[str, Any] | None = N
     """Write ``model`` to ``path`` as a ``.nnc`` file; return the bytes written.
 
     Each tensor is stored with ``encodings[name]`` when given (e.g. ``"fp16"``), else with
-    the smallest lossless encoding (``dense`` or ``sparse``). ``meta`` is any JSON-able dict.
+    the smallest lossless ``auto`` encoding (dense, sparse, codebook, relative-index, CSR,
+    Huffman-coded; see docs/FORMAT.md). ``meta`` is any JSON-able dict.
     The write is atomic: on any error no partial file remains and an existing file at
     ``path`` is left as it was.
     """
