@@ -14,7 +14,7 @@ from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.report import ReportPaths, ResultRow, rows_text, write_report
 
-DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "sparse-vd", "l1-filter-prune",
+DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "deep-compression", "l1-filter-prune",
                                  "low-rank", "layer-prune")
 #: the model whose per-group pruning sensitivity the report plots
 SENSITIVITY_MODEL = "cnn1d"

@@ -48,7 +48,7 @@ CATEGORIES: tuple[str, ...] = (
 
 #: Packages whose import registers techniques (one line per technique package).
 TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank",
-                                        "nncompress.quant")
+                                        "nncompress.quant", "nncompress.share")
 
 
 class TechniqueConfig(BaseModel):

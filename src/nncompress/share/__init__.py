@@ -1,0 +1,11 @@
+"""Weight sharing techniques. Importing this package registers them in ``TECHNIQUES``.
+
+- ``weight_sharing``: per-layer k-means weight sharing with centroid fine-tuning
+  (Han, Mao & Dally, 2015, "Deep compression").
+"""
+
+from nncompress.share.kmeans import kmeans_1d, optimal_kmeans_1d
+from nncompress.share.weight_sharing import WeightSharingConfig
+
+# The function ``weight_sharing`` is not re-exported: it would hide its module's name.
+__all__ = ["WeightSharingConfig", "kmeans_1d", "optimal_kmeans_1d"]

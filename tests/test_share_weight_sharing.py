@@ -1,0 +1,148 @@
+"""weight_sharing (Han, Mao & Dally 2015): shared weights are centroids, pruned zeros stay,
+each centroid's gradient is the sum of its members', the deep-compression recipe runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import nncompress as nc
+from helpers import tiny_data
+from nncompress import api, models
+from nncompress.errors import RecipeError
+from nncompress.prune.magnitude import magnitude_masks
+from nncompress.recipe import Recipe, Stage
+from nncompress.share import weight_sharing as ws_module
+from nncompress.share.weight_sharing import (
+    CentroidModel,
+    SharedWeight,
+    WeightSharingConfig,
+    cluster_weight,
+    weight_sharing,
+)
+from nncompress.technique import TECHNIQUES, Context
+
+
+def conv_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(80, 3))
+
+
+def pruned_ctx(model: nn.Module, sparsity: float = 0.5) -> Context:
+    ctx = Context(data=tiny_data(), seed=0, progress=False)
+    ctx.masks.update(magnitude_masks(model, sparsity))
+    return ctx
+
+
+def nonzero_values(w: torch.Tensor) -> set[float]:
+    return set(w[w != 0].tolist())
+
+
+def test_shared_weights_equal_their_centroids_and_zeros_stay() -> None:
+    model = conv_linear()
+    ctx = pruned_ctx(model)
+    masks = {n: m.clone() for n, m in ctx.masks.items()}
+    weight_sharing(model, WeightSharingConfig(conv_bits=3, linear_bits=2), ctx)
+    conv, lin = model[0].weight.detach(), model[3].weight.detach()
+    assert len(nonzero_values(conv)) <= 8 and len(nonzero_values(lin)) <= 4
+    assert len(nonzero_values(lin)) >= 2                       # really clustered, not collapsed
+    for name, w in (("0.weight", conv), ("3.weight", lin)):
+        assert torch.all(w[~masks[name]] == 0)                  # pruned stay pruned
+        assert torch.all(w[masks[name]] != 0)                   # zero is no cluster
+        assert torch.equal(ctx.masks[name], masks[name])
+    assert any("3.weight" in line and "distinct" in line for line in ctx.log)
+
+
+def test_cluster_weight_assigns_each_weight_its_nearest_centroid() -> None:
+    w = torch.tensor([[0.1, 0.12, 0.0], [-0.5, -0.52, 0.9]])
+    sw = cluster_weight(w, torch.ones(2, 3, dtype=torch.bool), 2)
+    assert sw.centroids.numel() == 4 and not bool(sw.keep[0, 2])
+    assert torch.equal(sw.weight(), torch.where(sw.keep, sw.centroids[sw.index], 0.0))
+    assert torch.allclose(sw.weight(), torch.tensor([[0.11, 0.11, 0.0], [-0.51, -0.51, 0.9]]))
+
+
+def test_centroid_gradient_is_the_sum_of_member_gradients() -> None:
+    lin = nn.Linear(3, 2, bias=False)
+    index = torch.tensor([[0, 1, 0], [1, 1, 2]])
+    keep = torch.tensor([[True, True, True], [True, True, False]])
+    sw = SharedWeight(torch.tensor([0.5, -1.0, 2.0]), index, keep)
+    wrapper = CentroidModel(lin, {"weight": sw})
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    wrapper(x).sum().backward()
+    # dL/dW_ij = x_j for both rows; C0 gets W00 + W02 = 1 + 3, C1 gets W01 + W10 + W11 =
+    # 2 + 1 + 2, C2's only member (W12) is pruned, so 0.
+    grad = wrapper.centroids[0].grad
+    assert grad is not None and grad.tolist() == [4.0, 5.0, 0.0]
+    assert lin.weight.grad is None                              # the weight itself is not trained
+
+
+def test_centroid_fine_tuning_moves_centroids_not_the_structure() -> None:
+    model = models.build("mlp", (1, 12), 3, hidden=(32,))
+    ctx = pruned_ctx(model, 0.6)
+    weight_sharing(model, WeightSharingConfig(bits=3), ctx)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weight_sharing(model, WeightSharingConfig(bits=3, epochs=2, lr=1e-2), ctx)
+    for name, p in model.named_parameters():
+        if name in ctx.masks:
+            w = p.detach()
+            assert not torch.equal(w, before[name])
+            assert torch.equal(w == 0, before[name] == 0)       # same zeros
+            assert len(nonzero_values(w)) <= 8
+            # Members move together: equal before -> equal after.
+            for v in nonzero_values(before[name]):
+                assert len(nonzero_values(w[before[name] == v])) == 1
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bits_per_layer_type_and_recurrent_layers() -> None:
+    model = models.build("gru", (1, 12), 3, hidden=8)
+    ctx = Context(data=tiny_data(), seed=0, progress=False)
+    x = torch.randn(4, 1, 12)
+    model.train(False)
+    with torch.no_grad():
+        ref = model(x)
+    weight_sharing(model, WeightSharingConfig(rnn_bits=4, linear_bits=1, epochs=1, lr=1e-3),
+                   ctx)
+    for name, p in model.named_parameters():
+        if name.endswith("weight") or "weight_" in name:
+            limit = 2 if isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                    nn.Linear) else 16
+            assert len(nonzero_values(p.detach())) <= limit, name
+    with torch.no_grad():
+        assert model(x).shape == ref.shape
+
+
+def test_optimal_method_and_config_validation(monkeypatch) -> None:
+    model = conv_linear()
+    ctx = pruned_ctx(model, 0.9)
+    weight_sharing(model, WeightSharingConfig(bits=2, method="optimal"), ctx)
+    assert len(nonzero_values(model[3].weight.detach())) == 4
+    assert not any("used Lloyd" in line for line in ctx.log)
+    monkeypatch.setattr(ws_module, "OPTIMAL_MAX_WORK", 10)   # too large: Lloyd, noted
+    weight_sharing(conv_linear(), WeightSharingConfig(bits=2, method="optimal"), ctx)
+    assert any("3.weight" in line and "used Lloyd" in line for line in ctx.log)
+    assert TECHNIQUES.get("weight_sharing").category == "sparse-representation"
+    with pytest.raises(RecipeError, match="bits"):
+        Recipe("bad", [Stage.technique("weight_sharing", bits=0)])
+    with pytest.raises(RecipeError, match="init"):
+        Recipe("bad", [Stage.technique("weight_sharing", init="kmeans++")])
+
+
+def test_deep_compression_recipe_end_to_end(tmp_path: Path) -> None:
+    recipe = Recipe.named("deep-compression")
+    assert [s.name for s in recipe.stages][-1] == "weight_sharing"
+    model = models.build("mlp", (1, 12), 3, hidden=(32,))
+    result = api.compress(model, recipe, tiny_data(), progress=False, measure_latency=False)
+    out = result.model
+    path = tmp_path / "m.nnc"
+    nc.save(out, path)
+    back = nc.load(path)
+    for (name, p), (_, q) in zip(out.named_parameters(), back.named_parameters(), strict=True):
+        assert torch.equal(p, q)
+        if p.dim() == 2:
+            assert len(nonzero_values(p.detach())) <= 32, name
+            assert float((p == 0).float().mean()) > 0.5, name
+    assert result.final.accuracy >= 0.6
