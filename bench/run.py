@@ -37,6 +37,7 @@ from nncompress.report import (
     render_markdown,
 )
 from nncompress.train import fine_tune
+from sharing import SHARING_INTRO, bench_sharing, sharing_markdown
 from structured import STRUCTURED_INTRO, bench_structured, structured_markdown
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         prune_rows = bench_pruning(Path(tmp), echo)
     echo("structured pruning: nncompress vs torch-pruning")
     struct_rows = bench_structured(echo)
+    echo("deep compression: bytes on disk vs peers")
+    size_rows = bench_sharing(run_torch_prune, echo)
     env = environment()
     text = "\n".join([
         "# Benchmarks",
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         STRUCTURED_INTRO,
         "",
         structured_markdown(struct_rows),
+        "",
+        SHARING_INTRO,
+        "",
+        sharing_markdown(size_rows),
         "",
     ])
     args.out.write_text(text)
