@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,43 +17,39 @@ if TYPE_CHECKING:
     from nncompress.prune.sensitivity import SensitivityReport
 
 
-def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
-    """Scatter of test accuracy (%) against artifact bytes (log scale), one colour per model."""
+def _accuracy_scatter(rows: Sequence[ResultRow], path: Path, x_of: Callable[[ResultRow], float],
+                      xlabel: str, title: str, linestyle: str) -> Path:
+    """Test accuracy (%) against ``x_of(row)`` (log scale), one colour per model, each
+    point labelled with its technique."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r.model for r in rows):
-        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.artifact_bytes)
-        ax.plot([r.artifact_bytes for r in mine], [100 * r.accuracy for r in mine],
-                marker="o", label=model)
+        mine = sorted((r for r in rows if r.model == model), key=x_of)
+        ax.plot([x_of(r) for r in mine], [100 * r.accuracy for r in mine], marker="o",
+                linestyle=linestyle, label=model)
         for r in mine:
-            ax.annotate(r.technique, (r.artifact_bytes, 100 * r.accuracy), fontsize=6,
+            ax.annotate(r.technique, (x_of(r), 100 * r.accuracy), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("bytes of the .nnc file on disk (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs. artifact size")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
+    """Scatter of test accuracy (%) against artifact bytes (log scale), one colour per model."""
+    return _accuracy_scatter(rows, path, lambda r: r.artifact_bytes,
+                             "bytes of the .nnc file on disk (log scale)",
+                             "Accuracy vs. artifact size", "-")
 
 
 def plot_accuracy_vs_macs(rows: Sequence[ResultRow], path: Path) -> Path:
-    """Test accuracy (%) against MACs per sample (log scale), one panel line per model:
-    where structured methods land (fewer MACs) next to unstructured ones (same MACs)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in dict.fromkeys(r.model for r in rows):
-        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.macs)
-        ax.plot([r.macs for r in mine], [100 * r.accuracy for r in mine], marker="o",
-                linestyle="none", label=model)
-        for r in mine:
-            ax.annotate(r.technique, (r.macs, 100 * r.accuracy), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("MACs per sample (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs. compute")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    """Test accuracy (%) against MACs per sample (log scale): where structured methods land
+    (fewer MACs) next to unstructured ones (same MACs)."""
+    return _accuracy_scatter(rows, path, lambda r: r.macs, "MACs per sample (log scale)",
+                             "Accuracy vs. compute", "none")
 
 
 def plot_layer_sparsity(layers: Mapping[str, Sequence[tuple[str, float]]], path: Path) -> Path:
