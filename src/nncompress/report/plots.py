@@ -18,14 +18,14 @@ if TYPE_CHECKING:
 
 
 def _accuracy_scatter(rows: Sequence[ResultRow], path: Path, x_of: Callable[[ResultRow], float],
-                      xlabel: str, title: str, linestyle: str) -> Path:
+                      xlabel: str, title: str) -> Path:
     """Test accuracy (%) against ``x_of(row)`` (log scale), one colour per model, each
     point labelled with its technique."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r.model for r in rows):
         mine = sorted((r for r in rows if r.model == model), key=x_of)
         ax.plot([x_of(r) for r in mine], [100 * r.accuracy for r in mine], marker="o",
-                linestyle=linestyle, label=model)
+                linestyle="none", label=model)
         for r in mine:
             ax.annotate(r.technique, (x_of(r), 100 * r.accuracy), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
@@ -42,14 +42,14 @@ def plot_accuracy_vs_bytes(rows: Sequence[ResultRow], path: Path) -> Path:
     """Scatter of test accuracy (%) against artifact bytes (log scale), one colour per model."""
     return _accuracy_scatter(rows, path, lambda r: r.artifact_bytes,
                              "bytes of the .nnc file on disk (log scale)",
-                             "Accuracy vs. artifact size", "-")
+                             "Accuracy vs. artifact size")
 
 
 def plot_accuracy_vs_macs(rows: Sequence[ResultRow], path: Path) -> Path:
     """Test accuracy (%) against MACs per sample (log scale): where structured methods land
     (fewer MACs) next to unstructured ones (same MACs)."""
     return _accuracy_scatter(rows, path, lambda r: r.macs, "MACs per sample (log scale)",
-                             "Accuracy vs. compute", "none")
+                             "Accuracy vs. compute")
 
 
 def plot_layer_sparsity(layers: Mapping[str, Sequence[tuple[str, float]]], path: Path) -> Path:
