@@ -37,7 +37,13 @@ from nncompress.report import (
     render_markdown,
 )
 from nncompress.train import fine_tune
-from sharing import SHARING_INTRO, bench_sharing, sharing_markdown
+from sharing import (
+    SHARING_INTRO,
+    bench_sharing,
+    breakdown_markdown,
+    sharing_markdown,
+    stage_breakdown,
+)
 from structured import STRUCTURED_INTRO, bench_structured, structured_markdown
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     struct_rows = bench_structured(echo)
     echo("deep compression: bytes on disk vs peers")
     size_rows = bench_sharing(run_torch_prune, echo)
+    breakdown = stage_breakdown(echo)
     env = environment()
     text = "\n".join([
         "# Benchmarks",
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         SHARING_INTRO,
         "",
         sharing_markdown(size_rows),
+        "",
+        breakdown_markdown(breakdown),
         "",
     ])
     args.out.write_text(text)
