@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import nncompress as nc
+from multiplex import bench_multiplex
 from nncompress import models as zoo
 from nncompress.data import Dataset
 from nncompress.measure import accuracy, latency, torch_save_bytes
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     echo("deep compression: bytes on disk vs peers")
     size_rows = bench_sharing(run_torch_prune, echo)
     breakdown = stage_breakdown(echo)
+    echo("multiplexing: confidence cascade")
+    multiplex = bench_multiplex(echo)
     env = environment()
     text = "\n".join([
         "# Benchmarks",
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         sharing_markdown(size_rows),
         "",
         breakdown_markdown(breakdown),
+        "",
+        multiplex,
         "",
     ])
     args.out.write_text(text)

@@ -88,7 +88,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return correct / total
 
 
-def _reseed_loader(loader: object, seed: int) -> None:
+def reseed_loader(loader: object, seed: int) -> None:
     """Make the loader's shuffle order a function of ``seed`` only."""
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
@@ -159,7 +159,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float = 1e-3,
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; known: "
                          f"{', '.join(sorted(LR_SCHEDULES))}")
     torch.manual_seed(seed)
-    _reseed_loader(data.train, seed)
+    reseed_loader(data.train, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return TrainLog((), (), (), ())

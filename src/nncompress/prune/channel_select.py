@@ -43,6 +43,7 @@ from nncompress.prune.structured import (
     select_by_ratio,
 )
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
+from nncompress.train import reseed_loader
 
 __all__ = ["ChannelSelectConfig", "channel_lasso", "thinet"]
 
@@ -135,6 +136,7 @@ def _top_l1(model: nn.Module, group: ChannelGroup, keep: int) -> list[int]:
 
 
 def _batches(ctx: Context, count: int) -> list[torch.Tensor]:
+    reseed_loader(ctx.data.train, ctx.seed)  # the same batches whatever ran before
     out: list[torch.Tensor] = []
     for x, _ in ctx.data.train:
         out.append(x)

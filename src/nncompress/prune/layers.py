@@ -33,6 +33,7 @@ from torch import nn
 
 from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
+from nncompress.train import reseed_loader
 
 __all__ = [
     "LayerPruneConfig",
@@ -203,9 +204,7 @@ def layer_scores(model: nn.Module, names: Sequence[str], batches: Sequence[Batch
 
 
 def _first_batches(ctx: Context, count: int) -> list[Batch]:
-    generator = getattr(ctx.data.train, "generator", None)
-    if isinstance(generator, torch.Generator):
-        generator.manual_seed(ctx.seed)
+    reseed_loader(ctx.data.train, ctx.seed)
     batches: list[Batch] = []
     for x, y in ctx.data.train:
         batches.append((x, y))
