@@ -45,6 +45,7 @@ from sharing import (
     sharing_markdown,
     stage_breakdown,
 )
+from sparse_engine import bench_sparse_engine, sparse_engine_markdown
 from structured import STRUCTURED_INTRO, bench_structured, structured_markdown
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     echo("deep compression: bytes on disk vs peers")
     size_rows = bench_sharing(run_torch_prune, echo)
     breakdown = stage_breakdown(echo)
+    echo("sparse inference engine")
+    engine_rows = bench_sparse_engine(echo)
     echo("multiplexing: confidence cascade")
     multiplex = bench_multiplex(echo)
     env = environment()
@@ -194,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         sharing_markdown(size_rows),
         "",
         breakdown_markdown(breakdown),
+        "",
+        "## Sparse inference engine (EIE idea, CSR kernels)",
+        "",
+        "`nncompress.kernels.sparsify(model, x)` times each pruned Linear dense and as CSR "
+        "(`torch.addmv` at batch 1, `torch.sparse.mm` above) on its real input shape and "
+        "keeps the faster one; outputs match the dense reference to float tolerance. "
+        "Layers 300x784 use random pruned weights (no MNIST here); the MLP row is the trained "
+        "digits MLP after `gradual-prune`. 1 thread.",
+        "",
+        sparse_engine_markdown(engine_rows),
         "",
         multiplex,
         "",
