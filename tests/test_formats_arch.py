@@ -14,6 +14,7 @@ from nncompress.errors import FormatError
 from nncompress.formats import MODULE_TYPES
 from nncompress.formats.arch import describe, module_spec
 from nncompress.lowrank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankRNN
+from nncompress.share.hashing import HashedLinear
 
 
 class TinyMLP(nn.Module):
@@ -129,6 +130,7 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
     (LowRankConv2d(3, 4, 2, (3, 1), padding="same", bias=False), LowRankConv2d(1, 1, 1, 1)),
     (LowRankRNN("LSTM", 5, 2, 6, proj_size=3), LowRankRNN("GRU", 5, 2, 6)),
     (nn.Identity(), nn.BatchNorm1d(3)),  # a folded / removed layer replaces the built one
+    (HashedLinear(6, 5, 7, seed=3, bias=False), nn.Linear(6, 5)),
 ]
 
 

@@ -187,3 +187,13 @@ def test_masks_survive_fine_tuning() -> None:
     for name, param in model.named_parameters():
         if name in ctx.masks:
             assert torch.all(param[~ctx.masks[name]] == 0)
+
+
+def test_a_linear_subclass_with_other_weight_names_is_reported_not_skipped() -> None:
+    from nncompress.prune.masks import find_prunable
+    from nncompress.share.hashing import HashedLinear
+
+    found = find_prunable(nn.Sequential(HashedLinear(6, 5, 7), nn.ReLU(), nn.Linear(5, 2),
+                                        nn.LayerNorm(2)))
+    assert found.names == ("2.weight",)
+    assert found.unsupported == ("0.hashed_weight (HashedLinear)", "0.bias (HashedLinear)")

@@ -50,6 +50,7 @@ from nncompress.lowrank.layers import (
     LowRankLinear,
     LowRankRNN,
 )
+from nncompress.share.hashing import HashedLinear
 
 __all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "describe", "module_spec", "parse_record"]
 
@@ -131,6 +132,9 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     "LowRankRNN": (LowRankRNN, {"mode": _choice(*RNN_MODES), "input_size": _int,
                                 "rank": _positive, "hidden_size": _int, "bias": check_bool,
                                 "batch_first": check_bool, "proj_size": _int}),
+    # hashed weight sharing (nncompress.share.hashing): index/sign buffers are rebuilt
+    "HashedLinear": (HashedLinear, {"in_features": _positive, "out_features": _positive,
+                                    "buckets": _positive, "seed": _int, "bias": check_bool}),
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
 

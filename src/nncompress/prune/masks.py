@@ -87,11 +87,15 @@ def find_prunable(model: nn.Module) -> Prunables:
         if not own:
             continue
         patterns = _rule(module)
+        # a subclass of a listed type whose own weights go by other names (e.g. the
+        # buckets of a HashedLinear) has no rule that fits: it is reported, not skipped
+        fits = patterns is not None and (not patterns or any(
+            fnmatch.fnmatchcase(pname, p) for pname, _ in own for p in patterns))
         for pname, _ in own:
             full = f"{prefix}.{pname}" if prefix else pname
-            if patterns is None:
+            if not fits:
                 unsupported.append(f"{full} ({type(module).__name__})")
-            elif any(fnmatch.fnmatchcase(pname, p) for p in patterns):
+            elif any(fnmatch.fnmatchcase(pname, p) for p in (patterns or ())):
                 names.append(full)
     return Prunables(tuple(names), tuple(unsupported))
 

@@ -2,10 +2,14 @@
 
 - ``weight_sharing``: per-layer k-means weight sharing with centroid fine-tuning
   (Han, Mao & Dally, 2015, "Deep compression").
+- ``hashed_net``: HashedNets, Linear weights read through a hash from shared buckets
+  (Chen, Wilson, Tyree, Weinberger & Chen, 2015).
 """
 
+from nncompress.share.hashing import HashedLinear, HashedNetConfig
 from nncompress.share.kmeans import kmeans_1d, optimal_kmeans_1d
 from nncompress.share.weight_sharing import WeightSharingConfig
 
 # The function ``weight_sharing`` is not re-exported: it would hide its module's name.
-__all__ = ["WeightSharingConfig", "kmeans_1d", "optimal_kmeans_1d"]
+__all__ = ["HashedLinear", "HashedNetConfig", "WeightSharingConfig", "kmeans_1d",
+           "optimal_kmeans_1d"]
