@@ -9,7 +9,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, ModelError
 from nncompress.models.mlp import MLP
-from nncompress.share.multiplex import Cascade, calibrate_cascade, cascade_curve
+from nncompress.share.multiplex import (
+    Cascade,
+    calibrate_cascade,
+    cascade_curve,
+    evaluate_thresholds,
+)
 from nncompress.train import fit
 
 
@@ -67,3 +72,19 @@ def test_calibration_respects_the_budget(setup) -> None:
         calibrate_cascade(models, data, budget_macs=1)
     with pytest.raises(ModelError, match="cheapest to most expensive"):
         calibrate_cascade(models[::-1], data, budget_macs=budget)
+
+
+def test_fixed_thresholds_match_the_cascade_module(setup) -> None:
+    models, data = setup
+    point = evaluate_thresholds(models, data, (0.9,))
+    cascade = Cascade(models, (0.9,))
+    correct = seen = 0
+    answered_small = 0
+    with torch.no_grad():
+        for x, y in data.test:
+            logits, who = cascade.route(x)
+            correct += int((logits.argmax(-1) == y).sum())
+            answered_small += int((who == 0).sum())
+            seen += len(y)
+    assert point.accuracy == pytest.approx(correct / seen)
+    assert point.share[0] == pytest.approx(answered_small / seen)

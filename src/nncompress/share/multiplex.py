@@ -26,7 +26,8 @@ from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, ModelError
 from nncompress.measure import count_macs
 
-__all__ = ["Cascade", "CascadePoint", "calibrate_cascade", "cascade_curve"]
+__all__ = ["Cascade", "CascadePoint", "calibrate_cascade", "cascade_curve",
+           "evaluate_thresholds"]
 
 #: candidate confidence thresholds tried per stage when calibrating
 GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 1.01)
@@ -117,6 +118,13 @@ def _evaluate(probs: Sequence[torch.Tensor], labels: torch.Tensor, costs: Sequen
 def _costs(models: Sequence[nn.Module], data: Dataset) -> list[int]:
     x = example_input(data, 1)
     return [count_macs(m, x).total for m in models]
+
+
+def evaluate_thresholds(models: Sequence[nn.Module], data: Dataset,
+                        thresholds: Sequence[float], *, split: str = "test") -> CascadePoint:
+    """Accuracy, average MACs and per-model share of one cascade setting on ``split``."""
+    probs, labels = _probabilities(models, data.test if split == "test" else data.train)
+    return _evaluate(probs, labels, _costs(models, data), thresholds)
 
 
 def cascade_curve(models: Sequence[nn.Module], data: Dataset, *,
