@@ -88,6 +88,13 @@ class _LowRankConvMixin:
     conv_cls: type[nn.Module]
     conv_fn: Any
 
+    def __init__(self, in_channels: int, out_channels: int, rank: int,
+                 kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: str | int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 bias: bool = True, padding_mode: str = "zeros", device: Device = None) -> None:
+        self._setup(in_channels, out_channels, rank, kernel_size, stride, padding, dilation,
+                    bias, padding_mode, device)
+
     def _setup(self, in_channels: int, out_channels: int, rank: int,
                kernel_size: int | Sequence[int], stride: int | Sequence[int],
                padding: str | int | Sequence[int], dilation: int | Sequence[int],
@@ -146,13 +153,6 @@ class LowRankConv1d(_LowRankConvMixin, nn.Conv1d):
     conv_cls = nn.Conv1d
     conv_fn = staticmethod(F.conv1d)
 
-    def __init__(self, in_channels: int, out_channels: int, rank: int,
-                 kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
-                 padding: str | int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
-                 bias: bool = True, padding_mode: str = "zeros", device: Device = None) -> None:
-        self._setup(in_channels, out_channels, rank, kernel_size, stride, padding, dilation,
-                    bias, padding_mode, device)
-
 
 class LowRankConv2d(_LowRankConvMixin, nn.Conv2d):
     """``[B, in, H, W] -> Conv2d(in -> r, k) -> pointwise (r -> out) + bias``.
@@ -163,13 +163,6 @@ class LowRankConv2d(_LowRankConvMixin, nn.Conv2d):
     dims = 2
     conv_cls = nn.Conv2d
     conv_fn = staticmethod(F.conv2d)
-
-    def __init__(self, in_channels: int, out_channels: int, rank: int,
-                 kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
-                 padding: str | int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
-                 bias: bool = True, padding_mode: str = "zeros", device: Device = None) -> None:
-        self._setup(in_channels, out_channels, rank, kernel_size, stride, padding, dilation,
-                    bias, padding_mode, device)
 
 
 class LowRankRNN(nn.Module):

@@ -42,6 +42,7 @@ from nncompress.lowrank.layers import (
     LowRankLinear,
     LowRankRNN,
 )
+from nncompress.prune.structured import drop_stale_masks
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["LowRankConfig", "factorise", "low_rank", "svd_rank", "truncated_svd"]
@@ -392,10 +393,7 @@ def low_rank(model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module
                              exclude=config.exclude, min_params=config.min_params)
     for line in lines:
         ctx.note(line)
-    params = dict(model.named_parameters())
-    stale = [n for n, m in ctx.masks.items() if n not in params or params[n].shape != m.shape]
-    for name in stale:
-        del ctx.masks[name]
+    stale = drop_stale_masks(model, ctx.masks)
     if stale:
         ctx.note(f"low_rank: dropped the pruning masks of factorised weights: {', '.join(stale)}")
     ctx.note(f"low_rank: {before} -> {_params(model)} params")
