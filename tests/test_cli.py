@@ -238,3 +238,19 @@ def test_compress_end_to_end_through_the_cli(work: Path) -> None:
     done = run("eval", "missing.nnc", "--data", "tinydata:load")
     assert done.returncode == 2
     assert done.stderr.strip().startswith("nncompress: error:")
+
+
+def test_eval_with_the_sparse_engine_reports_every_linear(work: Path, capsys) -> None:
+    model = api.load(work / "tiny.nnc")
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight[layer.weight.abs() < layer.weight.abs().quantile(0.95)] = 0
+    api.save(model, work / "sparse.nnc")
+    code, out, err = run_cli("eval", "sparse.nnc", "--data", "tinydata:load", "--no-latency",
+                             "--sparsify", "--json", capsys=capsys)
+    assert code == 0, err
+    engine = json.loads(out)["sparse_engine"]
+    assert [row["layer"] for row in engine] == ["layers.fc1", "layers.fc2"]
+    assert all(row["choice"] in ("dense", "sparse") for row in engine)
+    assert all(row["sparsity"] >= 0.94 for row in engine)

@@ -11,8 +11,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nncompress.errors import NNCError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from nncompress.data import Dataset
+    from nncompress.kernels import SparsifyReport
 
 EXIT_INTERNAL = 1
 
@@ -82,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--sparsify", action="store_true",
+                   help="swap sparse Linear layers for CSR kernels where they measure faster "
+                        "at batch 1 (nncompress.kernels.sparsify) and report each choice")
     _common(p)
     p.set_defaults(handler=_cmd_eval)
 
@@ -158,14 +168,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     model = api.load(args.path)
     data = load_dataset(args.data)
+    engine = _sparsify(model, data) if args.sparsify else None
     m = api.measure(model, data, with_latency=not args.no_latency)
     m_bytes = args.path.stat().st_size
     if args.json:
         lat = [] if m.latency is None else [
             {"batch": r.batch, "median_ms": r.median_ms} for r in m.latency.results]
-        print(json.dumps({"accuracy": m.accuracy, "file_bytes": m_bytes,
-                          "params": m.params.total, "nonzero_params": m.params.nonzero,
-                          "macs": m.macs.total, "latency": lat}, indent=2))
+        out = {"accuracy": m.accuracy, "file_bytes": m_bytes, "params": m.params.total,
+               "nonzero_params": m.params.nonzero, "macs": m.macs.total, "latency": lat}
+        if engine is not None:
+            out["sparse_engine"] = [{"layer": c.name, "sparsity": c.sparsity,
+                                     "dense_us": c.dense_us[0], "sparse_us": c.sparse_us[0],
+                                     "choice": c.choice} for c in engine.layers]
+        print(json.dumps(out, indent=2))
         return 0
     rows = [["test accuracy", fmt_pct(m.accuracy)], ["file size", fmt_bytes(m_bytes)],
             ["parameters (non-zero)",
@@ -175,7 +190,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         rows += [[f"latency batch {r.batch} (median, {m.latency.threads} threads)",
                   fmt_ms(r.median_ms)] for r in m.latency.results]
     print(render_text(["metric", "value"], rows))
+    if engine is not None:
+        print()
+        print(render_text(
+            ["layer", "sparsity", "dense b1", "CSR b1", "engine", "why"],
+            [[c.name, fmt_pct(c.sparsity), f"{c.dense_us[0]:.1f} us" if c.dense_us else "-",
+              f"{c.sparse_us[0]:.1f} us" if c.sparse_us else "-", c.choice, c.reason]
+             for c in engine.layers]))
     return 0
+
+
+def _sparsify(model: nn.Module, data: Dataset) -> SparsifyReport:
+    """Deploy-time sparse engine on the loaded model; returns its per-layer report."""
+    from nncompress.data import example_input
+    from nncompress.kernels import sparsify
+
+    return sparsify(model, example_input(data, 1), batch_sizes=(1,))[1]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
