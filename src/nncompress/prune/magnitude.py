@@ -26,8 +26,13 @@ from pydantic import Field
 from torch import nn
 
 from nncompress import train
-from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
-from nncompress.prune.masks import apply_masks, find_prunable, mask_sparsity, select
+from nncompress.errors import ConstraintError, ModelError
+from nncompress.prune.masks import (
+    apply_masks,
+    find_prunable,
+    mask_sparsity,
+    selected_weights,
+)
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["MagnitudePruneConfig", "gradual_sparsity", "magnitude_masks", "magnitude_prune"]
@@ -112,15 +117,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: Scope = "layer", *
         raise ConstraintError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if scope not in ("layer", "global"):
         raise ConstraintError(f"scope must be 'layer' or 'global', got {scope!r}")
-    found = find_prunable(model)
-    if not found.names:
-        raise UnsupportedLayerError(f"model {type(model).__name__} has no prunable weights; "
-                                    f"parameters without a pruning rule: "
-                                    f"{', '.join(found.unsupported) or 'none'}")
-    names = select(found.names, layers, exclude)
-    if not names:
-        raise ModelError(f"layers={list(layers)} with exclude={list(exclude)} leaves no "
-                         f"weight to prune; prunable: {', '.join(found.names)}")
+    names = selected_weights(model, layers, exclude)
     scores = _scores(model, names, existing or {})
     if scope == "layer":
         flat = {n: _keep_mask(s, sparsity) for n, s in scores.items()}
