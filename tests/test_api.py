@@ -139,3 +139,13 @@ def test_package_exports_the_verbs() -> None:
     assert hasattr(nc.models, "load") and hasattr(nc.data, "load_dataset")
     with pytest.raises(AttributeError):
         nc.nope  # noqa: B018
+
+
+def test_a_given_baseline_is_reused_not_remeasured() -> None:
+    model, data = tiny_mlp(), tiny_data()
+    baseline = api.measure(model, data, with_latency=False)
+    result = api.compress(model, RECIPE, data, progress=False, measure_latency=False,
+                          baseline=baseline)
+    assert result.baseline is baseline
+    assert result.comparison().accuracy_delta == pytest.approx(
+        result.final.accuracy - baseline.accuracy)

@@ -143,12 +143,15 @@ def _run_stage(model: nn.Module, stage: Stage, index: int, ctx: Context) -> nn.M
 
 def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, seed: int = 0,
              progress: bool = True, measure_latency: bool = True,
-             latency_batches: Sequence[int] = (1, 256)) -> CompressionResult:
+             latency_batches: Sequence[int] = (1, 256),
+             baseline: Measurement | None = None) -> CompressionResult:
     """Compress a copy of ``model`` with ``recipe`` (a Recipe, a packaged recipe's name or
     a YAML path), measuring it on ``data`` before the first stage and after every stage.
 
     The caller's ``model`` is never modified. ``seed`` seeds every random choice (the
     fine-tuning batch order among them); ``measure_latency=False`` skips the timing runs.
+    ``baseline``: an earlier ``measure(model, data)`` of this same model, reused instead of
+    measuring it again (so several recipes compare against one baseline).
     """
     plan = Recipe.resolve(recipe)
     _check_inputs(model, data)
@@ -163,7 +166,8 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
         return measure(m, data, latency_batches=tuple(latency_batches),
                        with_latency=measure_latency)
 
-    baseline = measure_now(work)
+    if baseline is None:
+        baseline = measure_now(work)
     ctx = Context(data=data, seed=seed, progress=progress)
     results: list[StageResult] = []
     for index, stage in enumerate(plan.stages, 1):

@@ -69,17 +69,17 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
         if name == SENSITIVITY_MODEL:
             echo(f"[{i}/{len(names)}] {name}: pruning sensitivity per channel group")
             sections.append(_sensitivity_section(model, data, out_dir))
+        baseline = api.measure(model, data)  # one baseline for every recipe's row
+        rows.append(ResultRow.build(name, data.name, "baseline (fp32)", baseline, baseline))
         for recipe in plans:
             echo(f"[{i}/{len(names)}] {name}: compressing with {recipe.name}")
             try:
-                result = api.compress(model, recipe, data, seed=seed, progress=progress)
+                result = api.compress(model, recipe, data, seed=seed, progress=progress,
+                                      baseline=baseline)
             except (UnsupportedLayerError, ConstraintError) as exc:
                 echo(f"[{i}/{len(names)}] {name}: {recipe.name} does not apply: {exc}")
                 skipped.append(Skipped(name, recipe.name, str(exc)))
                 continue
-            if all(r.model != name for r in rows):
-                rows.append(ResultRow.build(name, data.name, "baseline (fp32)",
-                                            result.baseline, result.baseline))
             rows.append(ResultRow.build(name, data.name, recipe.name, result.baseline,
                                         result.final))
             api.save(result, model_dir / f"{name}-{recipe.name}.nnc")
