@@ -244,3 +244,39 @@ def test_example_input_repeats_when_too_few(user_module: str) -> None:
     assert torch.equal(x[:10], x_test) and torch.equal(x[10:20], x_test)
     with pytest.raises(ValueError):
         example_input(data, 0)
+
+
+def test_class_subset_keeps_and_relabels_the_chosen_classes() -> None:
+    from nncompress.data import class_subset
+    data = load_dataset("digits")
+    upper = class_subset(data, [9, 5, 7])
+    assert upper.num_classes == 3 and upper.input_shape == data.input_shape
+    xs, ys = zip(*upper.test, strict=True)
+    y = torch.cat(ys)
+    assert set(y.tolist()) == {0, 1, 2}
+    full_x, full_y = zip(*data.test, strict=True)
+    full_x, full_y = torch.cat(full_x), torch.cat(full_y)
+    assert torch.equal(torch.cat(xs), full_x[(full_y == 9) | (full_y == 5) | (full_y == 7)])
+    assert torch.equal(y == 0, full_y[(full_y == 9) | (full_y == 5) | (full_y == 7)] == 9)
+    with pytest.raises(DataError, match=r"\[12\]"):
+        class_subset(data, [1, 12])
+    with pytest.raises(DataError, match="two distinct"):
+        class_subset(data, [3, 3])
+
+
+def test_holdout_splits_the_training_samples_disjointly_and_deterministically() -> None:
+    from nncompress.data import holdout
+    data = load_dataset("digits")
+    rest, held = holdout(data, 0.25, seed=3)
+    n_train = sum(len(y) for _, y in data.train)
+    n_rest = sum(len(y) for _, y in rest.train)
+    n_held = sum(len(y) for _, y in held)
+    assert n_rest + n_held == n_train and n_held == round(0.25 * n_train)
+    rows = {tuple(x.flatten().tolist()) for b, _ in held for x in b}
+    assert not rows & {tuple(x.flatten().tolist()) for b, _ in rest.train for x in b}
+    again = torch.cat([x for x, _ in holdout(data, 0.25, seed=3)[1]])
+    assert torch.equal(again, torch.cat([x for x, _ in held]))
+    assert rest.test is data.test
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(DataError, match="fraction"):
+            holdout(data, bad)

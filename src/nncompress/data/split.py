@@ -1,0 +1,81 @@
+"""Derived datasets: a class subset (one task of a multi-task pair) and a held-out split.
+
+Both materialise the loaders' samples as tensors (the bundled datasets are a few thousand
+samples) and rebuild loaders with the same batch size; the new train loader is shuffled by
+its own seeded generator, so results stay a function of ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nncompress.data.core import Dataset
+from nncompress.errors import DataError
+
+__all__ = ["class_subset", "holdout"]
+
+
+def _tensors(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples in dataset order (a shuffled loader's order would depend on how often
+    it was iterated before)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        loader = DataLoader(dataset, batch_size=loader.batch_size or 128, shuffle=False,
+                            collate_fn=loader.collate_fn, num_workers=0)
+    xs, ys = zip(*loader, strict=True) if len(loader) else ((), ())
+    if not xs:
+        raise DataError("the loader yields no samples")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, like: DataLoader, *, shuffle: bool,
+            seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=like.batch_size or 128,
+                      shuffle=shuffle, generator=generator, num_workers=0)
+
+
+def class_subset(data: Dataset, classes: Sequence[int], *, name: str | None = None,
+                 seed: int = 0) -> Dataset:
+    """Only the samples whose label is in ``classes``, relabelled ``0 .. len(classes)-1``
+    in the order given (e.g. digits 5-9 as a 5-class task)."""
+    wanted = [int(c) for c in classes]
+    if len(wanted) < 2 or len(set(wanted)) != len(wanted):
+        raise DataError(f"class_subset needs at least two distinct classes, got {list(classes)}")
+    bad = [c for c in wanted if not 0 <= c < data.num_classes]
+    if bad:
+        raise DataError(f"class_subset: classes {bad} are not in dataset {data.name!r} "
+                        f"(0..{data.num_classes - 1})")
+    lookup = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    lookup[torch.tensor(wanted)] = torch.arange(len(wanted))
+    parts = []
+    for split in (data.train, data.test):
+        x, y = _tensors(split)
+        keep = lookup[y] >= 0
+        parts.append((x[keep], lookup[y[keep]]))
+    (xt, yt), (xe, ye) = parts
+    label = name or f"{data.name}[{','.join(map(str, wanted))}]"
+    return Dataset(label, _loader(xt, yt, data.train, shuffle=True, seed=seed),
+                   _loader(xe, ye, data.test, shuffle=False, seed=seed), data.input_shape,
+                   len(wanted))
+
+
+def holdout(data: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, DataLoader]:
+    """Split ``fraction`` of the training samples off (a seeded random choice) as a held-out
+    loader -- for calibrating thresholds or training a router on inputs the models did not
+    see. Returns ``(data with the rest as its train split, held-out loader)``."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+    x, y = _tensors(data.train)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = round(len(y) * fraction)
+    if cut == 0 or cut == len(y):
+        raise DataError(f"holdout fraction {fraction} of {len(y)} training samples leaves "
+                        f"an empty split")
+    held, kept = order[:cut].sort().values, order[cut:].sort().values
+    rest = Dataset(data.name, _loader(x[kept], y[kept], data.train, shuffle=True, seed=seed),
+                   data.test, data.input_shape, data.num_classes)
+    return rest, _loader(x[held], y[held], data.train, shuffle=False, seed=seed)

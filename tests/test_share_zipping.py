@@ -1,0 +1,181 @@
+"""Multi-task zipping (MTZ, He, Zhou & Thiele 2018)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import tiny_data
+from nncompress.data import class_subset
+from nncompress.errors import RecipeError, UnsupportedLayerError
+from nncompress.models import MLP, CNN1d
+from nncompress.share.zipping import merge_cost, zip_models
+from nncompress.train import fit
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return m @ m.T + 0.5 * torch.eye(d, dtype=torch.float64)
+
+
+def test_merge_cost_is_the_minimum_of_both_quadratic_errors() -> None:
+    d = 5
+    h_a, h_b = _spd(d, 0), _spd(d, 1)
+    g = torch.Generator().manual_seed(2)
+    w_a = torch.randn(3, d, generator=g, dtype=torch.float64)
+    w_b = torch.randn(4, d, generator=g, dtype=torch.float64)
+    cost, s_inv = merge_cost(h_a, h_b, w_a, w_b)
+    assert cost.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            a, b = w_a[i], w_b[j]
+            # the minimiser of 1/2 (w-a)' H_A (w-a) + 1/2 (w-b)' H_B (w-b), solved directly
+            w = torch.linalg.solve(h_a + h_b, h_a @ a + h_b @ b)
+            value = 0.5 * (w - a) @ h_a @ (w - a) + 0.5 * (w - b) @ h_b @ (w - b)
+            assert cost[i, j] == pytest.approx(float(value), rel=1e-9, abs=1e-12)
+            assert torch.allclose(s_inv @ (h_a @ a + h_b @ b), w)
+            # and it is a minimum: any step away costs more
+            step = 1e-3 * torch.randn(d, generator=g, dtype=torch.float64)
+            moved = w + step
+            worse = 0.5 * (moved - a) @ h_a @ (moved - a) + 0.5 * (moved - b) @ h_b @ (
+                moved - b)
+            assert worse > value
+
+
+def test_identical_vectors_merge_for_free() -> None:
+    h_a, h_b = _spd(4, 3), _spd(4, 4)
+    w = torch.randn(2, 4, dtype=torch.float64)
+    cost, _ = merge_cost(h_a, h_b, w, w)
+    assert cost[0, 0] == pytest.approx(0.0, abs=1e-9)
+    assert cost[1, 1] == pytest.approx(0.0, abs=1e-9)
+    assert cost[0, 1] > 1e-6
+
+
+def _pair(seed: int = 0, hidden: tuple[int, ...] = (16, 8)):
+    data = tiny_data(n=192, features=12, classes=4, seed=seed)
+    data_a = class_subset(data, [0, 1], seed=seed)
+    data_b = class_subset(data, [2, 3], seed=seed)
+    torch.manual_seed(seed)
+    model_a = MLP((1, 12), 2, hidden=hidden)
+    model_b = MLP((1, 12), 2, hidden=hidden)
+    fit(model_a, data_a, epochs=15, lr=1e-2, progress=False)
+    fit(model_b, data_b, epochs=15, lr=1e-2, progress=False, seed=1)
+    return model_a, model_b, data_a, data_b
+
+
+def test_sharing_nothing_keeps_both_models_exactly() -> None:
+    model_a, model_b, data_a, data_b = _pair()
+    result = zip_models(model_a, model_b, data_a, data_b, share=0.0, retrain_epochs=0,
+                        final_epochs=0)
+    x = torch.randn(7, 1, 12)
+    with torch.no_grad():
+        assert torch.allclose(result.model.task(0)(x), model_a(x), atol=1e-6)
+        assert torch.allclose(result.model.task(1)(x), model_b(x), atol=1e-6)
+        ya, yb = result.model(x)
+        assert torch.allclose(ya, model_a(x), atol=1e-6)
+        assert torch.allclose(yb, model_b(x), atol=1e-6)
+    assert result.params_after == result.params_before
+    assert result.merge_error == (0.0, 0.0)
+    assert result.shared == ((0, 16, 16), (0, 8, 8))
+
+
+def test_a_model_zipped_with_itself_shares_everything_at_no_cost() -> None:
+    model_a, _, data_a, _ = _pair()
+    twin = copy.deepcopy(model_a)
+    result = zip_models(model_a, twin, data_a, data_a, share=1.0, retrain_epochs=0,
+                        final_epochs=0)
+    x = torch.randn(5, 1, 12)
+    with torch.no_grad():
+        assert torch.allclose(result.model.task(0)(x), model_a(x), atol=1e-4)
+        assert torch.allclose(result.model.task(1)(x), model_a(x), atol=1e-4)
+    # both hidden layers fully shared: one copy of them plus the two output layers
+    hidden = 12 * 16 + 16 + 16 * 8 + 8
+    head = 8 * 2 + 2
+    assert result.params_after == hidden + 2 * head
+    assert result.params_before == 2 * (hidden + head)
+    assert result.macs_after < result.macs_before
+    assert all(e == pytest.approx(0.0, abs=1e-6) for e in result.merge_error)
+
+
+def test_partial_zip_counts_and_retraining_recovers() -> None:
+    model_a, model_b, data_a, data_b = _pair()
+    result = zip_models(model_a, model_b, data_a, data_b, share=[0.5, 0.5],
+                        retrain_epochs=2, final_epochs=4, lr=1e-2)
+    assert result.shared == ((8, 16, 16), (4, 8, 8))
+    layer0, layer1 = result.model.layers
+    assert layer0.shared.weight.shape == (8, 12)  # reads the shared input only
+    assert layer0.only_a.weight.shape == (8, 12)
+    # layer 1: shared reads [s, a, b] = 8 + 8 + 8; A-only reads [s, a]
+    assert layer1.shared.weight.shape == (4, 24)
+    assert layer1.only_a.weight.shape == (4, 16)
+    assert layer1.only_b.weight.shape == (4, 16)
+    assert result.params_after == sum(p.numel() for p in result.model.parameters())
+    assert result.params_after < result.params_before
+    assert len(result.accuracy_merged) == 2
+    for before, after in zip(result.accuracy_before, result.accuracy_after, strict=True):
+        assert after >= before - 0.15
+    # the inputs were not touched
+    assert all(isinstance(m, nn.Linear) for m in model_a.layers if list(m.parameters()))
+
+
+def test_zipping_is_deterministic() -> None:
+    model_a, model_b, data_a, data_b = _pair()
+    runs = [zip_models(model_a, model_b, data_a, data_b, share=0.75, retrain_epochs=1,
+                       final_epochs=1) for _ in range(2)]
+    x = torch.randn(4, 1, 12)
+    with torch.no_grad():
+        assert torch.equal(runs[0].model(x)[0], runs[1].model(x)[0])
+    assert runs[0].accuracy_after == runs[1].accuracy_after
+
+
+def test_hessian_merge_raises_the_layer_error_less_than_averaging() -> None:
+    """MTZ minimises the increase of both tasks' layer-wise errors; pairing by Euclidean
+    distance and averaging (the ablation) raises it more, measured with the same data."""
+    model_a, model_b, data_a, data_b = _pair(hidden=(16,))
+    kw = dict(share=1.0, retrain_epochs=0, final_epochs=0)
+    hess = zip_models(model_a, model_b, data_a, data_b, **kw)
+    eucl = zip_models(model_a, model_b, data_a, data_b, criterion="euclidean", **kw)
+    assert 0 < hess.merge_error[0] < eucl.merge_error[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(share=1.5), "share"),
+    (dict(share=[0.5, 0.5, 0.5]), "hidden layer"),
+    (dict(share=[]), "share"),
+    (dict(share=0.5, criterion="cosine"), "criterion"),
+    (dict(share=0.5, final_epochs=-1), "final_epochs"),
+    (dict(share=0.5, damping=0.0), "damping"),
+])
+def test_bad_settings_are_refused(kwargs, match) -> None:
+    model_a, model_b, data_a, data_b = _pair()
+    with pytest.raises(RecipeError, match=match):
+        zip_models(model_a, model_b, data_a, data_b, **kwargs)
+
+
+def test_models_that_are_not_linear_chains_are_refused() -> None:
+    data = tiny_data(n=64, features=12, classes=2)
+    conv = CNN1d((1, 12), 2)
+    mlp = MLP((1, 12), 2)
+    with pytest.raises(UnsupportedLayerError, match="model A has Conv1d"):
+        zip_models(conv, mlp, data, data, share=0.5)
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.flatten(1))) * 2)
+
+    with pytest.raises(UnsupportedLayerError, match="chain"):
+        zip_models(Skip(), mlp, data, data, share=0.5)
+
+
+def test_tasks_must_share_an_input() -> None:
+    small, other = tiny_data(features=12), tiny_data(features=10)
+    with pytest.raises(RecipeError, match="share an input"):
+        zip_models(MLP((1, 12), 3), MLP((1, 10), 3), small, other, share=0.5)
