@@ -76,6 +76,7 @@ def holdout(data: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, 
         raise DataError(f"holdout fraction {fraction} of {len(y)} training samples leaves "
                         f"an empty split")
     held, kept = order[:cut].sort().values, order[cut:].sort().values
-    rest = Dataset(data.name, _loader(x[kept], y[kept], data.train, shuffle=True, seed=seed),
+    name = f"{data.name}[without holdout {fraction:g} seed {seed}]"  # never the cached name
+    rest = Dataset(name, _loader(x[kept], y[kept], data.train, shuffle=True, seed=seed),
                    data.test, data.input_shape, data.num_classes)
     return rest, _loader(x[held], y[held], data.train, shuffle=False, seed=seed)

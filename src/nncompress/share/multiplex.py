@@ -6,8 +6,11 @@ instance a model and its compressed versions), and send each input to the cheape
 expected to be right. This module implements the cascade form: each input goes to the
 smallest model first; if that model's top softmax probability is below the model's
 threshold, the input moves on to the next larger model, and the largest model answers
-whatever is left. Thresholds are chosen on held-out training data so the average cost
-per input stays within a user budget while accuracy is as high as possible.
+whatever is left. Thresholds are chosen on calibration data -- a held-out split the
+models were not trained on (:func:`nncompress.data.holdout`); models that fit their
+training data look sure of every training input -- so that the average cost per input
+stays within a user budget while accuracy is as high as possible. The learned-router
+form is in :mod:`nncompress.share.router`.
 
 Shapes: every model maps ``[B, *input_shape]`` to logits ``[B, classes]``; costs are MACs
 per sample (:func:`nncompress.measure.count_macs`).
@@ -16,7 +19,7 @@ per sample (:func:`nncompress.measure.count_macs`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +101,15 @@ def _probabilities(models: Sequence[nn.Module], loader) -> tuple[list[torch.Tens
     return [torch.cat(p) for p in probs], torch.cat(labels)
 
 
+def _split(data: Dataset, split: str | Iterable) -> Iterable:
+    """``"test"``, ``"train"`` or a loader of ``(x, y)`` batches."""
+    if isinstance(split, str):
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test', 'train' or a loader, got {split!r}")
+        return data.test if split == "test" else data.train
+    return split
+
+
 def _evaluate(probs: Sequence[torch.Tensor], labels: torch.Tensor, costs: Sequence[int],
               thresholds: Sequence[float]) -> CascadePoint:
     n = len(labels)
@@ -121,17 +133,19 @@ def _costs(models: Sequence[nn.Module], data: Dataset) -> list[int]:
 
 
 def evaluate_thresholds(models: Sequence[nn.Module], data: Dataset,
-                        thresholds: Sequence[float], *, split: str = "test") -> CascadePoint:
-    """Accuracy, average MACs and per-model share of one cascade setting on ``split``."""
-    probs, labels = _probabilities(models, data.test if split == "test" else data.train)
+                        thresholds: Sequence[float], *,
+                        split: str | Iterable = "test") -> CascadePoint:
+    """Accuracy, average MACs and per-model share of one cascade setting on ``split``
+    (``"test"``, ``"train"`` or a loader)."""
+    probs, labels = _probabilities(models, _split(data, split))
     return _evaluate(probs, labels, _costs(models, data), thresholds)
 
 
 def cascade_curve(models: Sequence[nn.Module], data: Dataset, *,
-                  split: str = "test") -> list[CascadePoint]:
+                  split: str | Iterable = "test") -> list[CascadePoint]:
     """Every threshold combination of :data:`GRID` evaluated on ``data``'s ``split``,
     reduced to the Pareto front (no other point is both cheaper and more accurate)."""
-    probs, labels = _probabilities(models, data.test if split == "test" else data.train)
+    probs, labels = _probabilities(models, _split(data, split))
     costs = _costs(models, data)
     points = [_evaluate(probs, labels, costs, t)
               for t in itertools.product(GRID, repeat=len(models) - 1)]
@@ -143,9 +157,10 @@ def cascade_curve(models: Sequence[nn.Module], data: Dataset, *,
     return front
 
 
-def calibrate_cascade(models: Sequence[nn.Module], data: Dataset, *,
-                      budget_macs: float) -> Cascade:
-    """The most accurate cascade on the *training* split whose average MACs per sample is
+def calibrate_cascade(models: Sequence[nn.Module], data: Dataset, *, budget_macs: float,
+                      calibration: Iterable | None = None) -> Cascade:
+    """The most accurate cascade on ``calibration`` (a held-out loader; ``None`` uses the
+    training split, which over-trusts the small models) whose average MACs per sample is
     within ``budget_macs`` (models must be ordered from cheapest to most expensive)."""
     costs = _costs(models, data)
     if costs != sorted(costs):
@@ -154,7 +169,8 @@ def calibrate_cascade(models: Sequence[nn.Module], data: Dataset, *,
     if budget_macs < costs[0]:
         raise ConstraintError(f"budget of {budget_macs:.0f} MACs per sample is below the "
                               f"cheapest model's {costs[0]}")
-    within = [p for p in cascade_curve(models, data, split="train")
+    on = "train" if calibration is None else calibration
+    within = [p for p in cascade_curve(models, data, split=on)
               if p.avg_macs <= budget_macs]
     best = max(within, key=lambda p: (p.accuracy, -p.avg_macs))
     return Cascade(models, best.thresholds)
