@@ -38,15 +38,10 @@ from nncompress.report import (
     render_markdown,
 )
 from nncompress.train import fine_tune
-from sharing import (
-    SHARING_INTRO,
-    bench_sharing,
-    breakdown_markdown,
-    sharing_markdown,
-    stage_breakdown,
-)
+from sharing import SHARING_INTRO, bench_sharing, sharing_markdown
 from sparse_engine import bench_sparse_engine, sparse_engine_markdown
 from structured import STRUCTURED_INTRO, bench_structured, structured_markdown
+from tasks import bench_tasks
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 MODELS = (("mlp", "digits"), ("cnn1d", "mnist1d"))
@@ -156,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     echo("structured pruning: nncompress vs torch-pruning")
     struct_rows = bench_structured(echo)
     echo("deep compression: bytes on disk vs peers")
-    size_rows = bench_sharing(run_torch_prune, echo)
-    breakdown = stage_breakdown(echo)
+    size_rows, breakdowns = bench_sharing(run_torch_prune, echo)
     echo("sparse inference engine")
     engine_rows = bench_sparse_engine(echo)
-    echo("multiplexing: confidence cascade")
+    echo("sharing across tasks: multi-task zipping, shared backbone")
+    tasks = bench_tasks(echo)
+    echo("multiplexing: confidence cascade, learned router")
     multiplex = bench_multiplex(echo)
     env = environment()
     text = "\n".join([
@@ -196,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         sharing_markdown(size_rows),
         "",
-        breakdown_markdown(breakdown),
+        "Per-stage bytes (Han et al. 2015, Table 1 style) of the two deep-compression "
+        "runs above: each weight tensor in its best plain lossless encoding after every "
+        "stage (`CompressionResult.bytes_table()`), then with Huffman coding allowed.",
+        "",
+        "\n\n".join(breakdowns),
         "",
         "## Sparse inference engine (EIE idea, CSR kernels)",
         "",
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "digits MLP after `gradual-prune`. 1 thread.",
         "",
         sparse_engine_markdown(engine_rows),
+        "",
+        tasks,
         "",
         multiplex,
         "",

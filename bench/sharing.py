@@ -50,9 +50,11 @@ def _bytes_of_state(model: nn.Module) -> int:
     return len(buf.getvalue())
 
 
-def _ours(model: nn.Module, data: Dataset, tmp: Path) -> tuple[float, int, str]:
+def _ours(model: nn.Module, data: Dataset, tmp: Path,
+          tables: list[str]) -> tuple[float, int, str]:
     result = nc.compress(model, "deep-compression", data, seed=SEED, progress=False,
                          measure_latency=False)
+    tables.append(result.bytes_table(markdown=True))
     path = tmp / "dc.nnc"
     size = nc.save(result.model, path)
     loaded = nc.load(path)
@@ -100,9 +102,11 @@ def _ort_int8(model: nn.Module, data: Dataset, tmp: Path) -> tuple[float, int, s
 
 
 def bench_sharing(run_torch_prune: Callable[[nn.Module, Dataset, float], tuple[nn.Module, int]],
-                  echo: Callable[[str], None]) -> list[SizeRow]:
+                  echo: Callable[[str], None]) -> tuple[list[SizeRow], list[str]]:
+    """Rows of the size table, and the per-stage bytes table of each of our runs."""
     warnings.filterwarnings("ignore")
     rows: list[SizeRow] = []
+    tables: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for name, dataset in MODELS:
@@ -115,7 +119,10 @@ def bench_sharing(run_torch_prune: Callable[[nn.Module, Dataset, float], tuple[n
                 pruned, size = run_torch_prune(m, d, 0.9)
                 return accuracy(pruned, d.test), size, "90 % global L1, masks removed"
 
-            tools = (("nncompress deep-compression (.nnc)", _ours),
+            def ours(m: nn.Module, d: Dataset, t: Path) -> tuple[float, int, str]:
+                return _ours(m, d, t, tables)
+
+            tools = (("nncompress deep-compression (.nnc)", ours),
                      ("torch.nn.utils.prune + torch.save", prune90),
                      ("PyTorch dynamic int8 + torch.save", _torch_dynamic_int8),
                      ("ONNX Runtime dynamic int8 (.onnx)", _ort_int8))
@@ -128,7 +135,7 @@ def bench_sharing(run_torch_prune: Callable[[nn.Module, Dataset, float], tuple[n
                 acc, size, note = got
                 rows.append(SizeRow(name, tool, acc, acc - base_acc, size, base_bytes / size,
                                     note))
-    return rows
+    return rows, tables
 
 
 SHARING_INTRO = """## Deep Compression vs peers: bytes on disk
@@ -146,71 +153,3 @@ def sharing_markdown(rows: list[SizeRow]) -> str:
     cells = [[r.model, r.tool, fmt_pct(r.accuracy), fmt_pct(r.accuracy_delta, signed=True),
               fmt_bytes(r.file_bytes), fmt_ratio(r.ratio), r.note] for r in rows]
     return render_markdown(headers, cells)
-
-
-# --------------------------------------------------------------------------- breakdown
-
-PLAIN = ("dense", "sparse", "sparse_rel", "csr", "codebook")  # lossless, no entropy coding
-HUFFMAN = ("codebook_huffman", "sparse_rel_huffman")
-
-
-@dataclass(frozen=True)
-class LayerBytes:
-    """Han et al. (2015) Table-style bytes of one weight tensor after each stage."""
-
-    layer: str
-    numel: int
-    density: float
-    dense: int       # fp32
-    pruned: int      # after pruning: best plain lossless encoding of the pruned fp32 tensor
-    quantized: int   # after weight sharing: best plain encoding (codebook indices, no Huffman)
-    huffman: int     # after Huffman coding of the shared tensor's streams
-
-
-def _best(tensor: torch.Tensor, names: tuple[str, ...]) -> int:
-    from nncompress.formats import ENCODINGS
-
-    return min(len(ENCODINGS.get(n).encode(tensor)[0]) for n in names)
-
-
-def stage_breakdown(echo: Callable[[str], None]) -> list[LayerBytes]:
-    """Run the deep-compression recipe on the digits MLP stage by stage and encode each
-    weight matrix after pruning, after sharing and with Huffman coding."""
-    from nncompress.recipe import Recipe
-
-    recipe = Recipe.named("deep-compression")
-    model, data = zoo.load("mlp", "digits", seed=SEED, progress=False)
-    echo("  mlp deep-compression stage breakdown")
-    share_at = next(i for i, s in enumerate(recipe.stages) if s.name == "weight_sharing")
-    pruned = nc.compress(model, Recipe("prune", recipe.stages[:share_at]), data, seed=SEED,
-                         progress=False, measure_latency=False).model
-    shared = nc.compress(pruned, Recipe("share", recipe.stages[share_at:]), data, seed=SEED,
-                         progress=False, measure_latency=False).model
-    rows = []
-    after = dict(shared.named_parameters())
-    for name, p in pruned.named_parameters():
-        if p.dim() < 2:
-            continue
-        w, q = p.detach(), after[name].detach()
-        rows.append(LayerBytes(name, w.numel(), float((w != 0).float().mean()),
-                               w.numel() * 4, _best(w, PLAIN), _best(q, PLAIN),
-                               _best(q, PLAIN + HUFFMAN)))
-    return rows
-
-
-def breakdown_markdown(rows: list[LayerBytes]) -> str:
-    headers = ["layer", "weights", "non-zero", "fp32", "after pruning", "after sharing",
-               "after Huffman", "ratio"]
-    total = LayerBytes("total", sum(r.numel for r in rows),
-                       sum(r.density * r.numel for r in rows) / sum(r.numel for r in rows),
-                       *(sum(getattr(r, k) for r in rows)
-                         for k in ("dense", "pruned", "quantized", "huffman")))
-    cells = [[r.layer, str(r.numel), fmt_pct(r.density), fmt_bytes(r.dense),
-              fmt_bytes(r.pruned), fmt_bytes(r.quantized), fmt_bytes(r.huffman),
-              fmt_ratio(r.dense / r.huffman)] for r in [*rows, total]]
-    intro = ("Per-stage bytes of each weight matrix of the digits MLP (Han et al. 2015, "
-             "Table 1 style; weights only, each stage in its best lossless encoding: "
-             "pruning = sparse / relative-index fp32, sharing = codebook indices, Huffman "
-             "= Huffman-coded codebook / relative-index streams; biases and the header "
-             "add the rest of the file above).")
-    return intro + "\n\n" + render_markdown(headers, cells)

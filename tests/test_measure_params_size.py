@@ -56,3 +56,21 @@ def test_artifact_bytes_is_the_saved_file_and_shrinks_when_sparse(tmp_path) -> N
     save(dense, tmp_path / "dense.nnc")
     assert size == (tmp_path / "dense.nnc").stat().st_size
     assert artifact_bytes(sparse) < size
+
+
+def test_weight_bytes_per_tensor_plain_and_entropy_coded() -> None:
+    from nncompress.formats import ENCODINGS
+    from nncompress.measure import weight_bytes
+
+    layer = torch.nn.Linear(200, 50)
+    with torch.no_grad():
+        layer.weight.zero_()
+        picked = layer.weight[::7, ::3]  # 8 x 67 of the 50 x 200 weights, two values
+        layer.weight[::7, ::3] = torch.where(
+            torch.arange(picked.numel()).reshape(picked.shape) % 2 == 0, 0.5, -0.25)
+    (row,) = weight_bytes(torch.nn.Sequential(layer))  # the bias is not a weight tensor
+    assert row.name == "0.weight" and row.numel == 10_000
+    assert row.nonzero == int(torch.count_nonzero(layer.weight))
+    assert row.plain < 10_000 * 4 and not ENCODINGS.get(row.plain_encoding).entropy_coded
+    assert row.coded <= row.plain
+    assert row.coded == len(ENCODINGS.get(row.coded_encoding).encode(layer.weight.detach())[0])

@@ -15,6 +15,7 @@ from nncompress import api, models
 from nncompress.errors import RecipeError
 from nncompress.prune.magnitude import magnitude_masks
 from nncompress.recipe import Recipe, Stage
+from nncompress.report import breakdown_cells
 from nncompress.share import weight_sharing as ws_module
 from nncompress.share.weight_sharing import (
     CentroidModel,
@@ -146,3 +147,20 @@ def test_deep_compression_recipe_end_to_end(tmp_path: Path) -> None:
             assert len(nonzero_values(p.detach())) <= 32, name
             assert float((p == 0).float().mean()) > 0.5, name
     assert result.final.accuracy >= 0.6
+    # the per-stage bytes table: one row per weight tensor and a total, every stage column
+    headers, rows = breakdown_cells(result)
+    assert headers[3] == "baseline" and headers[-2] == "+ Huffman"
+    assert [h for h in headers if h.startswith("after ")] == [
+        f"after {s.name}" for s in recipe.stages if s.kind == "technique"]
+    weights = [n for n, p in out.named_parameters() if p.dim() >= 2]
+    assert [r[0] for r in rows] == [*weights, "total"]
+    final = {t.name: t for t in result.final.weights}
+    base = {t.name: t for t in result.baseline.weights}
+    for name in weights:
+        t = final[name]
+        assert t.coded <= t.plain  # Huffman allowed can only help
+        assert t.nonzero == int((dict(out.named_parameters())[name] != 0).sum())
+        assert base[name].plain == base[name].numel * 4  # the dense baseline is stored dense
+    assert sum(t.plain for t in result.baseline.weights) > 10 * sum(
+        t.coded for t in result.final.weights)
+    assert "total" in result.bytes_table()

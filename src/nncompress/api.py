@@ -110,6 +110,15 @@ class CompressionResult:
         return title + "\n" + render_text(headers, cells)
 
 
+    def bytes_table(self, *, markdown: bool = False) -> str:
+        """Han et al. (2015) Table-1 style: each weight tensor's bytes at the baseline,
+        after every technique stage (best plain lossless encoding) and with Huffman coding
+        after the last one, per layer and total."""
+        from nncompress.report import bytes_breakdown
+
+        return bytes_breakdown(self, markdown=markdown)
+
+
 def _model_name(model: nn.Module) -> str:
     return str(getattr(type(model), "arch_name", type(model).__name__))
 

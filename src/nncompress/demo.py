@@ -19,6 +19,8 @@ DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "deep-compression", "l1-filt
 #: the model whose per-group pruning sensitivity the report plots
 SENSITIVITY_MODEL = "cnn1d"
 QUICK_EPOCHS = 1
+#: the recipe whose per-stage bytes table (Han et al. 2015, Table 1 style) the report shows
+BREAKDOWN_RECIPE = "deep-compression"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     model_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[Skipped] = []
     sections: list[str] = []
+    stage_bytes: list[str] = []
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: training or loading from cache")
         model, data = zoo.load(name, seed=seed, progress=progress,
@@ -83,6 +86,8 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
             rows.append(ResultRow.build(name, data.name, recipe.name, result.baseline,
                                         result.final))
             api.save(result, model_dir / f"{name}-{recipe.name}.nnc")
+            if recipe.name == BREAKDOWN_RECIPE:
+                stage_bytes.append(result.bytes_table(markdown=True))
             layers = [(layer.name, 1 - layer.nonzero_params / layer.params)
                       for layer in result.final.macs.layers if layer.params]
             if any(zeros > 0.01 for _, zeros in layers):
@@ -93,11 +98,22 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     paths = write_report(out_dir, "nncompress demo", rows, sparsity,
                          extra={"seconds": seconds, "quick": quick, "seed": seed,
                                 "skipped": [vars(k) for k in skipped]},
-                         sections=[*sections, *([_skipped_section(skipped)] if skipped
-                                                else [])])
+                         sections=[*sections, *_breakdown_section(stage_bytes),
+                                   *([_skipped_section(skipped)] if skipped else [])])
     echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
     return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
                       seconds=seconds)
+
+
+def _breakdown_section(tables: Sequence[str]) -> list[str]:
+    if not tables:
+        return []
+    return ["\n\n".join([
+        f"## {BREAKDOWN_RECIPE}: bytes per stage", "",
+        "Han et al. (2015), Table 1 style: each weight tensor's bytes at the baseline and "
+        "after every technique stage in its best plain lossless encoding (sparse / "
+        "relative-index / codebook indices), then with Huffman-coded encodings allowed "
+        "(what the .nnc file stores).", *tables])]
 
 
 def _skipped_section(skipped: Sequence[Skipped]) -> str:

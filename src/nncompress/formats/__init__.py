@@ -16,6 +16,7 @@ from nncompress.formats.arch import MODULE_TYPES
 from nncompress.formats.container import (
     ContainerInfo,
     TensorInfo,
+    encoded_sizes,
     inspect,
     load,
     read_header,
@@ -33,6 +34,7 @@ __all__ = [
     "ContainerInfo",
     "Encoding",
     "TensorInfo",
+    "encoded_sizes",
     "inspect",
     "load",
     "read_header",

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ from nncompress.formats.header import (
 )
 from nncompress.registry import Registry
 
-__all__ = ["ContainerInfo", "TensorInfo", "inspect", "load", "read_header", "save"]
+__all__ = ["ContainerInfo", "TensorInfo", "encoded_sizes", "inspect", "load", "read_header",
+           "save"]
 
 PathLike = str | os.PathLike[str]
 
@@ -139,18 +140,28 @@ def _check_choices(encodings: Mapping[str, str] | None,
     return choices
 
 
+def _candidates(tensor: torch.Tensor) -> Iterator[tuple[str, bytes, dict]]:
+    """``(name, data, params)`` under every lossless encoding the automatic choice uses."""
+    for name in ENCODINGS.names():
+        codec = ENCODINGS.get(name)
+        if codec.lossless and codec.auto and codec.supports(tensor.dtype):
+            yield (name, *codec.encode(tensor))
+
+
+def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
+    """Data bytes of ``tensor`` under every lossless encoding ``save`` may pick."""
+    return {name: len(data) for name, data, _ in _candidates(tensor)}
+
+
 def _encode(tensor: torch.Tensor, forced: Encoding | None) -> tuple[str, bytes, dict]:
     """Encode with ``forced``, else with the smallest lossless auto encoding (dense on ties)."""
     if forced is not None:
         return (forced.name, *forced.encode(tensor))
     best: tuple[tuple[int, bool, str], bytes, dict] | None = None
-    for name in ENCODINGS.names():
-        codec = ENCODINGS.get(name)
-        if codec.lossless and codec.auto and codec.supports(tensor.dtype):
-            data, params = codec.encode(tensor)
-            key = (len(data), name != "dense", name)
-            if best is None or key < best[0]:
-                best = (key, data, params)
+    for name, data, params in _candidates(tensor):
+        key = (len(data), name != "dense", name)
+        if best is None or key < best[0]:
+            best = (key, data, params)
     assert best is not None  # dense stores every allowlisted dtype
     return best[0][2], best[1], best[2]
 

@@ -136,6 +136,8 @@ class Encoding(ABC):
     dtypes: ClassVar[frozenset[str]] = frozenset(DTYPES)
     #: Considered by the default (smallest lossless) choice; expensive ones may opt out.
     auto: ClassVar[bool] = True
+    #: Entropy-codes its streams (Huffman): the last Deep Compression stage.
+    entropy_coded: ClassVar[bool] = False
 
     def supports(self, dtype: torch.dtype) -> bool:
         """Whether tensors of ``dtype`` can be stored with this encoding."""

@@ -262,6 +262,7 @@ class CodebookHuffman(Encoding):
 
     name = "codebook_huffman"
     lossless = True
+    entropy_coded = True
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
         codebook, indices = build_codebook(element_words(tensor))
@@ -328,6 +329,7 @@ class SparseRelHuffman(Encoding):
 
     name = "sparse_rel_huffman"
     lossless = True
+    entropy_coded = True
     KEYS = ("entries", "index_bits", "codes", "index_bytes", "crc32")
 
     def encode(self, tensor: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MAC_RULES, LayerMacs, MacCount, MacRule, count_macs
 from nncompress.measure.params import ParamCount, count_params
-from nncompress.measure.size import artifact_bytes, torch_save_bytes
+from nncompress.measure.size import TensorBytes, artifact_bytes, torch_save_bytes, weight_bytes
 from nncompress.measure.summary import Comparison, Measurement, compare, measure
 from nncompress.measure.timing import BatchLatency, LatencyReport, latency
 
@@ -24,6 +24,7 @@ __all__ = [
     "MacRule",
     "Measurement",
     "ParamCount",
+    "TensorBytes",
     "accuracy",
     "artifact_bytes",
     "compare",
@@ -32,4 +33,5 @@ __all__ = [
     "latency",
     "measure",
     "torch_save_bytes",
+    "weight_bytes",
 ]

@@ -5,12 +5,32 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["artifact_bytes", "torch_save_bytes"]
+__all__ = ["TensorBytes", "artifact_bytes", "torch_save_bytes", "weight_bytes"]
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """One weight tensor (a parameter with >= 2 dimensions) in the .nnc file's encodings.
+
+    ``plain``: data bytes of its smallest lossless encoding *without* entropy coding
+    (dense, sparse bitmap, relative-index sparse, CSR, codebook indices); ``coded``: the
+    smallest with Huffman-coded encodings allowed too (what ``save`` picks; never more
+    than ``plain``). Headers and code tables of the file are not included.
+    """
+
+    name: str
+    numel: int
+    nonzero: int
+    plain: int
+    plain_encoding: str
+    coded: int
+    coded_encoding: str
 
 
 def artifact_bytes(model: nn.Module, *, encodings: Mapping[str, str] | None = None) -> int:
@@ -34,3 +54,21 @@ def torch_save_bytes(model: nn.Module) -> int:
         path = Path(tmp) / "state_dict.pt"
         torch.save(model.state_dict(), path)
         return path.stat().st_size
+
+
+def weight_bytes(model: nn.Module) -> tuple[TensorBytes, ...]:
+    """Per weight tensor: bytes under the best plain and the best entropy-coded lossless
+    encoding -- the stages of Han et al.'s (2015) Deep Compression table."""
+    from nncompress.formats import ENCODINGS, encoded_sizes
+
+    rows = []
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        sizes = encoded_sizes(p.detach())
+        plain = min((n for n in sizes if not ENCODINGS.get(n).entropy_coded),
+                    key=lambda n: (sizes[n], n != "dense", n))
+        coded = min(sizes, key=lambda n: (sizes[n], n != "dense", n))
+        rows.append(TensorBytes(name, p.numel(), int(torch.count_nonzero(p.detach())),
+                                sizes[plain], plain, sizes[coded], coded))
+    return tuple(rows)

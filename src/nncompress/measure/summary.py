@@ -12,7 +12,7 @@ from nncompress.data import Dataset, example_input
 from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MacCount, count_macs
 from nncompress.measure.params import ParamCount, count_params
-from nncompress.measure.size import artifact_bytes, torch_save_bytes
+from nncompress.measure.size import TensorBytes, artifact_bytes, torch_save_bytes, weight_bytes
 from nncompress.measure.timing import LatencyReport, latency
 
 __all__ = ["Comparison", "Measurement", "compare", "measure"]
@@ -25,6 +25,7 @@ class Measurement:
     ``accuracy``: top-1 on the test split, fraction in [0, 1]. ``params``: element counts.
     ``macs``: per sample. ``artifact_bytes``: the .nnc file; ``torch_save_bytes``:
     ``torch.save(state_dict)``. ``latency``: ms per batch call, or None when skipped.
+    ``weights``: each weight tensor's bytes, plain and entropy-coded (:func:`weight_bytes`).
     """
 
     accuracy: float
@@ -33,6 +34,7 @@ class Measurement:
     artifact_bytes: int
     torch_save_bytes: int
     latency: LatencyReport | None
+    weights: tuple[TensorBytes, ...] = ()
 
 
 def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] = (1, 256),
@@ -52,6 +54,7 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
         artifact_bytes=artifact_bytes(model),
         torch_save_bytes=torch_save_bytes(model),
         latency=report,
+        weights=weight_bytes(model),
     )
 
 
