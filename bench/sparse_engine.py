@@ -2,9 +2,11 @@
 
 Two parts, both 1 CPU thread, fp32:
 
-* single Linear layers of LeNet-300-100 on 28x28 input (300x784, 100x300) with random
-  weights pruned at random to 90 / 95 / 99 %: dense ``nn.Linear`` vs the CSR
-  ``SparseLinear`` (median of 300 calls each, as timed by ``kernels.sparsify``);
+* single Linear layers of LeNet-300-100 on 28x28 input (300x784, 100x300), and cnn1d's
+  largest convolution (64->128 channels, kernel 5, on its 10-sample feature map), with
+  random weights pruned at random to 90 / 95 / 99 %: the dense layer vs the CSR
+  ``SparseLinear`` / im2col+CSR ``SparseConv`` (median of 300 calls each, as timed by
+  ``kernels.sparsify``);
 * the whole trained LeNet-300-100 on digits (``models.load("mlp", "digits")``, 8x8 input
   so fc1 is 300x64) pruned with the ``gradual-prune`` recipe (92 %), saved and re-loaded
   with ``nc.save`` / ``nc.load`` (the deployment flow), then ``kernels.sparsify`` run for
@@ -51,26 +53,35 @@ class SparseEngineRow:
         return self.dense_ms / self.sparse_ms
 
 
-def _random_pruned(out_f: int, in_f: int, sparsity: float) -> nn.Sequential:
-    torch.manual_seed(SEED)
-    lin = nn.Linear(in_f, out_f)
+def _random_pruned(layer: nn.Module, sparsity: float) -> nn.Sequential:
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        lin.weight[torch.rand(lin.weight.shape, generator=g) < sparsity] = 0.0
-    return nn.Sequential(lin).eval()
+        layer.weight[torch.rand(layer.weight.shape, generator=g) < sparsity] = 0.0
+    return nn.Sequential(layer).eval()
+
+
+def _layers() -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
+    """(label, fresh layer, input shape of one sample): LeNet-300-100's Linear layers on
+    28x28 input, and cnn1d's largest convolution on its mnist1d feature map."""
+    rows: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+        (f"Linear {o}x{i}", lambda o=o, i=i: nn.Linear(i, o), (i,)) for o, i in LAYERS]
+    rows.append(("Conv1d 64->128, k5 (cnn1d conv3)",
+                 lambda: nn.Conv1d(64, 128, 5, padding=2), (64, 10)))
+    return rows
 
 
 def _layer_rows() -> list[SparseEngineRow]:
     rows = []
-    for out_f, in_f in LAYERS:
+    for label, make, shape in _layers():
         for sparsity in SPARSITIES:
             for b in BATCHES:
-                _, rep = sparsify(_random_pruned(out_f, in_f, sparsity), torch.randn(1, in_f),
-                                  batch_sizes=(b,), repeats=300, seed=SEED)
+                torch.manual_seed(SEED)
+                model = _random_pruned(make(), sparsity)
+                _, rep = sparsify(model, torch.randn(1, *shape), batch_sizes=(b,),
+                                  repeats=300, seed=SEED)
                 r = rep.layers[0]
-                rows.append(SparseEngineRow(f"Linear {out_f}x{in_f}", r.sparsity, b,
-                                            r.dense_us[0] / 1e3, r.sparse_us[0] / 1e3,
-                                            r.choice))
+                rows.append(SparseEngineRow(label, r.sparsity, b, r.dense_us[0] / 1e3,
+                                            r.sparse_us[0] / 1e3, r.choice))
     return rows
 
 

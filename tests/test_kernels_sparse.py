@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 import nncompress as nc
 from nncompress import models
 from nncompress.errors import UnsupportedLayerError
-from nncompress.kernels import SparseLinear, densify, sparsify
+from nncompress.kernels import SparseConv, SparseLinear, densify, sparsify
 
 
 def _pruned_linear(out_f: int, in_f: int, sparsity: float, bias: bool = True,
@@ -138,3 +140,96 @@ def test_densify_then_save_round_trips(tmp_path) -> None:
     assert isinstance(loaded.layers.fc1, nn.Linear)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ convolutions
+
+
+def _pruned(conv: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        conv.weight[torch.rand(conv.weight.shape, generator=g) < sparsity] = 0.0
+    return conv.eval()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=3),
+    dict(kernel_size=5, stride=2, padding=2),
+    dict(kernel_size=3, dilation=2, padding=1, bias=False),
+])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+def test_sparse_conv1d_matches_reference_and_dense(kwargs, batch, sparsity) -> None:
+    torch.manual_seed(0)
+    conv = _pruned(nn.Conv1d(4, 6, **kwargs), sparsity)
+    sp = SparseConv(conv)
+    x = torch.randn(batch, 4, 17, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, ref, dense = sp(x), sp.reference(x), conv(x)
+    assert got.shape == dense.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    assert sp.nnz == int(torch.count_nonzero(conv.weight))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sparse_conv2d_matches_reference_and_dense(kwargs, batch) -> None:
+    torch.manual_seed(0)
+    conv = _pruned(nn.Conv2d(3, 5, **kwargs), 0.9)
+    sp = SparseConv(conv)
+    x = torch.randn(batch, 3, 9, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, dense = sp(x), conv(x)
+    assert got.shape == dense.shape
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sp.reference(x), dense, rtol=1e-5, atol=1e-5)
+    back = sp.to_dense()
+    assert type(back) is nn.Conv2d and torch.equal(back.weight, conv.weight)
+    torch.testing.assert_close(back(x), dense)
+
+
+def test_convolutions_without_a_sparse_path_are_refused_and_reported() -> None:
+    grouped = nn.Conv1d(4, 4, 3, groups=2)
+    with pytest.raises(UnsupportedLayerError, match="groups=2"):
+        SparseConv(grouped)
+    with pytest.raises(UnsupportedLayerError, match="padding 'same'"):
+        SparseConv(nn.Conv1d(4, 4, 3, padding="same"))
+    with pytest.raises(UnsupportedLayerError, match="circular"):
+        SparseConv(nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"))
+    model = nn.Sequential(_pruned(nn.Conv1d(4, 4, 3, groups=2), 0.95), nn.Flatten(),
+                          _pruned(nn.Linear(4 * 10, 3), 0.95))
+    _, report = sparsify(model, torch.randn(1, 4, 12), repeats=5)
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["0"].choice == "dense" and "groups=2" in by_name["0"].reason
+    assert by_name["0"].shape == (4, 2, 3)
+    assert "2" in by_name
+
+
+def test_sparsify_times_conv_layers_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    model = models.build("cnn1d", (1, 40), 10)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                m.weight[torch.rand(m.weight.shape, generator=g) < 0.95] = 0.0
+    model.eval()
+    x = torch.randn(4, 1, 40)
+    with torch.inference_mode():
+        expected = model(x)
+    out, report = sparsify(copy.deepcopy(model), x[:1], batch_sizes=(1, 4), repeats=5,
+                           min_sparsity=0.0)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d)]
+    assert set(convs) <= {r.name for r in report.layers}
+    for r in report.layers:
+        assert r.choice in ("dense", "sparse") and len(r.dense_us) == 2
+        swapped = out.get_submodule(r.name)
+        assert isinstance(swapped, (SparseConv, SparseLinear)) == (r.choice == "sparse")
+    with torch.inference_mode():
+        torch.testing.assert_close(out(x), expected, rtol=1e-4, atol=1e-5)
+    densify(out)
+    assert not any(isinstance(m, (SparseConv, SparseLinear)) for m in out.modules())

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from nncompress.kernels.sparse import (
+    SPARSE_PATHS,
     LayerChoice,
     SparseLinear,
+    SparsePath,
     SparsifyReport,
     densify,
     sparsify,
 )
+from nncompress.kernels.sparse_conv import SparseConv
 
-__all__ = ["LayerChoice", "SparseLinear", "SparsifyReport", "densify", "sparsify"]
+__all__ = ["SPARSE_PATHS", "LayerChoice", "SparseConv", "SparseLinear", "SparsePath",
+           "SparsifyReport",
+           "densify", "sparsify"]

@@ -1,33 +1,31 @@
-"""Sparse inference engine: run a pruned Linear layer straight from its CSR form.
+"""Sparse inference engine: run pruned Linear and Conv layers straight from CSR.
 
 The idea of EIE (Han, Liu, Mao, Pu, Pedram, Horowitz & Dally, 2016, "EIE: Efficient
 Inference Engine on Compressed Deep Neural Network") in software: after pruning (Han et
 al., 2015) a layer's weight ``[out, in]`` is stored as compressed sparse rows (row
 pointers ``[out + 1]``, column indices ``[nnz]``, values ``[nnz]``) and the forward pass
 only touches the non-zeros. :meth:`SparseLinear.reference` computes the same with the
-dense masked weight in plain torch; the tests compare the two.
+dense masked weight in plain torch; the tests compare the two. Convolutions get the same
+treatment through their matrix form (:class:`nncompress.kernels.sparse_conv.SparseConv`:
+im2col + CSR product).
 
 Which path is faster depends on the layer, its sparsity and the batch size, so
-:func:`sparsify` *measures* it: each Linear whose weight sparsity reaches
-``min_sparsity`` is timed dense and sparse on its real input shape (captured with a
-forward hook) at each requested batch size, and swapped for a :class:`SparseLinear` only
+:func:`sparsify` *measures* it: each Linear / Conv1d / Conv2d whose weight sparsity
+reaches ``min_sparsity`` is timed dense and sparse on its real input shape (captured
+with a forward hook) at each requested batch size, and swapped for its sparse module only
 where the sparse path is faster at all of them. The returned :class:`SparsifyReport`
-lists every Linear with both timings and the choice.
-
-Convolutions stay dense: an im2col (unfold) + sparse-mm path materialises the unfolded
-input ``[B, C*k*k, L]``, which costs more than the dense conv saves at these sizes, so no
-sparse conv module is offered (conv layers are not listed in the report).
+lists every such layer with both timings and the choice (or why it has no sparse path).
 
 Deployment, not storage: a sparsified model is for inference. Save the dense (pruned)
 model with ``nc.save`` and sparsify after loading: ``kernels.sparsify(nc.load(path), x)``.
 :meth:`SparseLinear.to_dense` and :func:`densify` convert back; call :func:`densify`
-before ``nc.save`` (a file saved with SparseLinear modules in it does not load: ``nc.load``
-raises FormatError, the recorded module type differs from the architecture's Linear).
+before ``nc.save`` (a file saved with sparse modules in it does not load: ``nc.load``
+raises FormatError, the recorded module type differs from the architecture's).
 
 Measured (1 thread, ``bench/sparse_engine.py``): at batch 1 the CSR path beats dense only
-on the larger layer (300x784: 1.05x at 90 %, 1.3x at 95 %, 1.9x at 99 %); on 100x300 or
-smaller the per-call overhead of the sparse kernel (~10 us) exceeds the dense gemv (~7 us)
-and ``sparsify`` keeps it dense. At batch 256 the CSR path wins at >= 95 % (1.1-3x).
+on the larger layer (300x784: ~1.1x at 90 %, 1.3x at 95 %, 1.7x at 99 %); on 100x300 or
+smaller the per-call overhead of the sparse kernel (~5-10 us) exceeds the dense gemv
+(~4-7 us) and ``sparsify`` keeps it dense. At batch 256 the CSR path wins at >= 95 %.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +41,7 @@ import torch
 from torch import nn
 
 from nncompress.errors import UnsupportedLayerError
+from nncompress.kernels.sparse_conv import SparseConv, conv_unsupported
 
 __all__ = ["LayerChoice", "SparseLinear", "SparsifyReport", "densify", "sparsify"]
 
@@ -83,6 +82,9 @@ class SparseLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def _build(self) -> torch.Tensor:
+        # plain attributes (not module lookups) for the batch-1 path: the bias, or zeros
+        self._shift = (self.bias.detach() if self.bias is not None
+                       else self.values.new_zeros(self.out_features))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
@@ -90,7 +92,7 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:  # type: ignore[override]
         super()._apply(fn, recurse)
-        self._csr = self._build()  # keep the cached CSR view on the moved/cast buffers
+        self._csr = self._build()  # keep the cached views on the moved/cast tensors
         return self
 
     @property
@@ -106,8 +108,8 @@ class SparseLinear(nn.Module):
         return self._csr.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] == 1 and self.bias is not None:  # fast batch-1 path
-            return torch.addmv(self.bias, self._csr, x[0]).unsqueeze(0)
+        if x.dim() == 2 and x.shape[0] == 1:  # batch 1: one sparse mat-vec, minimal Python
+            return torch.addmv(self._shift, self._csr, x.reshape(-1)).view(1, -1)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 1:
@@ -143,12 +145,12 @@ class SparseLinear(nn.Module):
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """One Linear layer: weight sparsity, median microseconds per call dense and sparse
-    at each batch size (same order as ``batch_sizes``), and ``choice`` ``"sparse"`` or
-    ``"dense"`` with the reason."""
+    """One Linear/Conv layer: weight ``shape``, weight sparsity, median microseconds per
+    call dense and sparse at each batch size (same order as ``batch_sizes``), and
+    ``choice`` ``"sparse"`` or ``"dense"`` with the reason."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     sparsity: float
     batch_sizes: tuple[int, ...]
     dense_us: tuple[float, ...]
@@ -159,7 +161,8 @@ class LayerChoice:
 
 @dataclass(frozen=True)
 class SparsifyReport:
-    """Every Linear of the model, in module order, measured with ``threads`` threads."""
+    """Every Linear/Conv layer of the model, in module order, measured with ``threads``
+    threads."""
 
     layers: tuple[LayerChoice, ...]
     threads: int
@@ -167,6 +170,28 @@ class SparsifyReport:
     @property
     def sparse_layers(self) -> tuple[str, ...]:
         return tuple(r.name for r in self.layers if r.choice == "sparse")
+
+
+@dataclass(frozen=True)
+class SparsePath:
+    """How a layer type runs sparse: ``build(layer)`` gives the sparse module;
+    ``unsupported(layer)`` says why this particular layer cannot (or ``None``)."""
+
+    build: Callable[[nn.Module], nn.Module]
+    unsupported: Callable[[nn.Module], str | None]
+
+
+def _always(_layer: nn.Module) -> None:
+    return None
+
+
+#: layer type -> its sparse path (one table: sparsify, the report and densify read it)
+SPARSE_PATHS: dict[type[nn.Module], SparsePath] = {
+    nn.Linear: SparsePath(SparseLinear.from_linear, _always),
+    nn.Conv1d: SparsePath(SparseConv, conv_unsupported),
+    nn.Conv2d: SparsePath(SparseConv, conv_unsupported),
+}
+_SPARSE_MODULES = (SparseLinear, SparseConv)
 
 
 def _median_us(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -181,15 +206,18 @@ def _median_us(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return float(statistics.median(times))
 
 
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_PATHS]
+
+
 def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Size]:
-    """Per-call input shape of every Linear (the first call if a layer runs twice)."""
+    """Per-call input shape of every candidate layer (the first call if one runs twice)."""
     shapes: dict[str, torch.Size] = {}
     hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            def hook(_m: nn.Module, args: tuple[Any, ...], _n: str = name) -> None:
-                shapes.setdefault(_n, args[0].shape)
-            hooks.append(m.register_forward_pre_hook(hook))
+    for name, m in _candidates(model):
+        def hook(_m: nn.Module, args: tuple[Any, ...], _n: str = name) -> None:
+            shapes.setdefault(_n, args[0].shape)
+        hooks.append(m.register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
             model(example_input)
@@ -204,25 +232,32 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _decide(name: str, linear: nn.Linear, in_shape: torch.Size | None,
+def _decide(name: str, layer: nn.Module, in_shape: torch.Size | None,
             batch_sizes: tuple[int, ...], min_sparsity: float, repeats: int,
-            seed: int) -> tuple[LayerChoice, SparseLinear | None]:
-    w = linear.weight
+            seed: int) -> tuple[LayerChoice, nn.Module | None]:
+    w = layer.weight
     sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
-    row = dict(name=name, shape=(int(w.shape[0]), int(w.shape[1])), sparsity=sparsity,
+    row = dict(name=name, shape=tuple(int(d) for d in w.shape), sparsity=sparsity,
                batch_sizes=batch_sizes)
+
+    def dense(reason: str) -> tuple[LayerChoice, None]:
+        return LayerChoice(**row, dense_us=(), sparse_us=(), choice="dense",
+                           reason=reason), None
+
     if in_shape is None:
-        return LayerChoice(**row, dense_us=(), sparse_us=(), choice="dense",
-                           reason="not called by the example input"), None
+        return dense("not called by the example input")
     if sparsity < min_sparsity:
-        return LayerChoice(**row, dense_us=(), sparse_us=(), choice="dense",
-                           reason=f"sparsity {sparsity:.4f} < min_sparsity {min_sparsity}"), None
-    sparse = SparseLinear.from_linear(linear)
+        return dense(f"sparsity {sparsity:.4f} < min_sparsity {min_sparsity}")
+    path = SPARSE_PATHS[type(layer)]
+    why = path.unsupported(layer)
+    if why is not None:
+        return dense(f"no sparse path: {why}")
+    sparse = path.build(layer)
     gen = torch.Generator().manual_seed(seed)
     dense_us, sparse_us = [], []
     for b in batch_sizes:
         x = torch.randn((b, *in_shape[1:]), generator=gen, dtype=w.dtype).to(w.device)
-        dense_us.append(_median_us(linear, x, repeats))
+        dense_us.append(_median_us(layer, x, repeats))
         sparse_us.append(_median_us(sparse, x, repeats))
     faster = all(s < d for s, d in zip(sparse_us, dense_us, strict=True))
     reason = ("sparse faster at every batch size" if faster
@@ -236,8 +271,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
              batch_sizes: Sequence[int] = (1,), min_sparsity: float = 0.8,
              repeats: int = 200, threads: int | None = 1,
              seed: int = 0) -> tuple[nn.Module, SparsifyReport]:
-    """Swap each sufficiently sparse ``nn.Linear`` for a :class:`SparseLinear` where the
-    measured sparse path is faster (in place; the model is also returned).
+    """Swap each sufficiently sparse ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` for its
+    sparse module where the measured sparse path is faster (in place; also returned).
 
     ``example_input`` ``[B, *sample_shape]`` is run once to capture each layer's input
     shape; each candidate is then timed (median of ``repeats`` calls, ``threads`` intra-op
@@ -259,9 +294,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
         model.eval()
         shapes = _capture_inputs(model, example_input)
         rows = []
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for name, linear in linears:
-            row, sparse = _decide(name, linear, shapes.get(name), batches, min_sparsity,
+        for name, layer in _candidates(model):
+            row, sparse = _decide(name, layer, shapes.get(name), batches, min_sparsity,
                                   repeats, seed)
             rows.append(row)
             if sparse is not None:
@@ -274,8 +308,9 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every :class:`SparseLinear` by the equivalent ``nn.Linear`` (in place)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    """Replace every sparse module (:class:`SparseLinear`, :class:`SparseConv`) by the
+    equivalent dense layer (in place)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, _SPARSE_MODULES)]
     for name in names:
         _set_module(model, name, model.get_submodule(name).to_dense())
     return model
