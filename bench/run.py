@@ -200,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Sparse inference engine (EIE idea, CSR kernels)",
         "",
-        "`nncompress.kernels.sparsify(model, x)` times each pruned Linear dense and as CSR "
-        "(`torch.addmv` at batch 1, `torch.sparse.mm` above) on its real input shape and "
-        "keeps the faster one; outputs match the dense reference to float tolerance. "
-        "Layers 300x784 use random pruned weights (no MNIST here); the MLP row is the trained "
-        "digits MLP after `gradual-prune`. 1 thread.",
+        "`nncompress.kernels.sparsify(model, x)` times each pruned Linear / Conv dense and "
+        "as CSR (Linear: `torch.addmv` at batch 1, `torch.sparse.mm` above; Conv: im2col "
+        "then `torch.sparse.mm`) on its real input shape and keeps the faster one; outputs "
+        "match the dense reference to float tolerance. Single layers use random weights "
+        "pruned at random (no 28x28 MNIST here); the MLP rows are the trained digits MLP "
+        "after `gradual-prune`. 1 thread.",
         "",
         sparse_engine_markdown(engine_rows),
         "",

@@ -71,12 +71,15 @@ def _worst_huffman_excess(model: nn.Module) -> str:
             continue
         for s in entropy_report(p.detach()).streams:
             if s.name in ("indices", "values") and s.entropy_bits >= 1.0:
-                excess.append((s.excess, f"{name}/{s.name}"))
+                extra = (s.huffman_bits - s.entropy_bits) * s.symbols / 8
+                excess.append((s.excess, f"{name}/{s.name}", extra, s.symbols))
     if not excess:
         return ""
+    within = sum(e <= 0.02 for e, *_ in excess)
     worst = max(excess)
-    return (f"Huffman streams within {100 * worst[0]:.2f} % of their entropy "
-            f"(worst: {worst[1]}, {len(excess)} streams)")
+    return (f"Huffman streams within {100 * worst[0]:.2f} % of their entropy; "
+            f"{within} of {len(excess)} within 2 % (worst: {worst[1]}, {worst[3]} symbols, "
+            f"{worst[2]:.0f} B above its entropy)")
 
 
 def _torch_dynamic_int8(model: nn.Module, data: Dataset, _tmp: Path) -> tuple[float, int, str]:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from helpers import tiny_data
+from nncompress import models
 from nncompress.data import class_subset
 from nncompress.errors import RecipeError, UnsupportedLayerError
-from nncompress.models import MLP, CNN1d
+from nncompress.models import MLP
 from nncompress.share.zipping import merge_cost, zip_models
 from nncompress.train import fit
 
@@ -156,12 +157,16 @@ def test_bad_settings_are_refused(kwargs, match) -> None:
         zip_models(model_a, model_b, data_a, data_b, **kwargs)
 
 
-def test_models_that_are_not_linear_chains_are_refused() -> None:
+def test_models_that_are_not_plain_chains_are_refused() -> None:
     data = tiny_data(n=64, features=12, classes=2)
-    conv = CNN1d((1, 12), 2)
     mlp = MLP((1, 12), 2)
-    with pytest.raises(UnsupportedLayerError, match="model A has Conv1d"):
-        zip_models(conv, mlp, data, data, share=0.5)
+    grouped = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Conv1d(4, 4, 3, groups=2),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8, 2))
+    with pytest.raises(UnsupportedLayerError, match="model A has grouped convolution"):
+        zip_models(grouped, mlp, data, data, share=0.5)
+    gru = models.build("gru", (1, 12), 2)
+    with pytest.raises(UnsupportedLayerError, match="GRU"):
+        zip_models(mlp, gru, data, data, share=0.5)
 
     class Skip(nn.Module):
         def __init__(self) -> None:
@@ -173,6 +178,70 @@ def test_models_that_are_not_linear_chains_are_refused() -> None:
 
     with pytest.raises(UnsupportedLayerError, match="chain"):
         zip_models(Skip(), mlp, data, data, share=0.5)
+    k3 = models.build("cnn1d", (1, 12), 2, channels=[4, 8], kernel_size=3)
+    k5 = models.build("cnn1d", (1, 12), 2, channels=[4, 8], kernel_size=5)
+    with pytest.raises(UnsupportedLayerError, match="layer 1 differs"):
+        zip_models(k3, k5, data, data, share=0.5)
+    with pytest.raises(UnsupportedLayerError, match="prepare their input differently"):
+        zip_models(k3, MLP((1, 12), 2, hidden=(8, 8)), data, data, share=0.5)
+
+
+def _conv_pair(seed: int = 0):
+    data = tiny_data(n=192, features=16, classes=4, seed=seed)
+    data_a = class_subset(data, [0, 1], seed=seed)
+    data_b = class_subset(data, [2, 3], seed=seed)
+    torch.manual_seed(seed)
+    model_a = models.build("cnn1d", (1, 16), 2, channels=[6, 8], kernel_size=3)
+    model_b = models.build("cnn1d", (1, 16), 2, channels=[6, 8], kernel_size=3)
+    fit(model_a, data_a, epochs=8, lr=1e-2, progress=False)
+    fit(model_b, data_b, epochs=8, lr=1e-2, progress=False, seed=1)
+    return model_a.eval(), model_b.eval(), data_a, data_b
+
+
+def test_conv_models_zip_with_batchnorm_folded_and_nothing_shared_is_exact() -> None:
+    model_a, model_b, data_a, data_b = _conv_pair()
+    result = zip_models(model_a, model_b, data_a, data_b, share=0.0, retrain_epochs=0,
+                        final_epochs=0)
+    x = torch.randn(5, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.task(0)(x), model_a(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.model.task(1)(x), model_b(x), atol=1e-5, rtol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
+    assert result.shared == ((0, 6, 6), (0, 8, 8))
+
+
+def test_conv_twin_zips_for_free_even_when_partly_shared() -> None:
+    """Sharing half the filters reorders the next layer's input channels (and the
+    classifier's blocks after pooling); a model zipped with itself must keep its
+    outputs exactly, which checks every reordering."""
+    model_a, _, data_a, _ = _conv_pair()
+    twin = copy.deepcopy(model_a)
+    result = zip_models(model_a, twin, data_a, data_a, share=[0.5, 0.5], retrain_epochs=0,
+                        final_epochs=0)
+    x = torch.randn(5, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.task(0)(x), model_a(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(result.model.task(1)(x), model_a(x), atol=1e-4, rtol=1e-4)
+    assert result.shared == ((3, 6, 6), (4, 8, 8))
+    # layer 1 reads the shared input: identical filters merge at zero cost; layer 2's twins
+    # read copies of the same signal in different places ([s, a] vs [s, b]), so the cost
+    # left is only what the damping term sees
+    assert result.merge_error[0] == pytest.approx(0.0, abs=1e-9)
+    assert result.merge_error[1] < 1e-2
+    assert result.params_after < result.params_before
+
+
+def test_flattened_conv_feeding_a_linear_is_reordered_in_blocks() -> None:
+    torch.manual_seed(0)
+    data = tiny_data(n=96, features=10, classes=2)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 10, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    result = zip_models(model, copy.deepcopy(model), data, data, share=[0.5, 0.5],
+                        retrain_epochs=0, final_epochs=0)
+    x = torch.randn(3, 1, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.task(0)(x), model(x), atol=1e-4, rtol=1e-4)
+    assert result.model.layers[1].shared.weight.shape == (3, 60)  # [s, a, b]: 6 x 10
 
 
 def test_tasks_must_share_an_input() -> None:

@@ -1,4 +1,4 @@
-"""Multi-task zipping: merge two fully connected models that share an input.
+"""Multi-task zipping: merge two models that share an input, neuron by neuron.
 
 He, Zhou & Thiele (2018), "Multi-Task Zipping via Layer-wise Neuron Sharing" (MTZ). Two
 models ``A`` and ``B`` trained on different tasks over the same input are zipped bottom-up,
@@ -22,9 +22,17 @@ task's next layer keeps its own outgoing weights of the merged neurons, with its
 reordered to ``[s, a]`` / ``[s, b]``. (The paper states the method for a shared input;
 this is how we extend it to layers below that were only partly shared.)
 
-Scope: models that run as a chain ``[Flatten] -> Linear -> activations -> ... -> Linear``
-(e.g. :class:`nncompress.models.MLP`); anything else raises UnsupportedLayerError rather
-than being zipped in part.
+Convolutions zip the same way with a filter as the neuron: its weight row is the
+flattened kernel ``[in_channels * kernel]``, and ``H`` is the second moment of the input
+patches it is applied to (all positions). BatchNorms are folded into the layer feeding
+them first (Jacob et al. 2018). A Linear after a flattened feature map reads each channel
+as a block of columns, and is reordered block-wise.
+
+Scope: models that run as a chain ``layer -> operations -> ... -> Linear`` with layers
+``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``) and parameter-free operations
+between them (activations, pooling, Flatten), e.g. :class:`nncompress.models.MLP` and
+:class:`nncompress.models.CNN1d`; anything else raises UnsupportedLayerError rather than
+being zipped in part.
 """
 
 from __future__ import annotations
@@ -41,6 +49,17 @@ from torch import nn
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ModelError, RecipeError, UnsupportedLayerError
 from nncompress.measure import accuracy, count_macs, count_params
+from nncompress.share._zip_layers import (
+    ZIPPABLE,
+    flat_weight,
+    geometry,
+    in_units,
+    make_like,
+    patches,
+    unsupported,
+    with_input_order,
+)
+from nncompress.technique import Context
 from nncompress.train import reseed_loader
 
 __all__ = ["ZipLayer", "ZipResult", "ZippedPair", "merge_cost", "zip_models"]
@@ -48,24 +67,25 @@ __all__ = ["ZipLayer", "ZipResult", "ZippedPair", "merge_cost", "zip_models"]
 
 class ZipLayer(nn.Module):
     """One zipped layer: ``shared`` reads ``[s, a, b]``, ``only_a`` reads ``[s, a]``,
-    ``only_b`` reads ``[s, b]`` (each ``[B, width]``; an absent part is ``None``); the same
-    elementwise ``activation`` follows all three."""
+    ``only_b`` reads ``[s, b]`` (concatenated along dim 1: features or channels; an absent
+    part is ``None``); the same per-unit ``activation`` (ReLU, pooling, Flatten, ...)
+    follows all three."""
 
-    def __init__(self, shared: nn.Linear | None, only_a: nn.Linear | None,
-                 only_b: nn.Linear | None, activation: nn.Module) -> None:
+    def __init__(self, shared: nn.Module | None, only_a: nn.Module | None,
+                 only_b: nn.Module | None, activation: nn.Module) -> None:
         super().__init__()
         self.shared, self.only_a, self.only_b = shared, only_a, only_b
         self.activation = activation
 
-    def _run(self, layer: nn.Linear | None, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        if layer is None:
-            return parts[0].new_zeros(len(parts[0]), 0)
-        return self.activation(layer(torch.cat(list(parts), dim=1)))
-
     def forward(self, s: torch.Tensor, a: torch.Tensor,
                 b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self._run(self.shared, (s, a, b)), self._run(self.only_a, (s, a)),
-                self._run(self.only_b, (s, b)))
+        inputs = {"shared": (s, a, b), "only_a": (s, a), "only_b": (s, b)}
+        outs = {name: self.activation(layer(torch.cat(inputs[name], dim=1)))
+                for name, layer in (("shared", self.shared), ("only_a", self.only_a),
+                                    ("only_b", self.only_b)) if layer is not None}
+        empty = next(iter(outs.values()))[:, :0]  # an absent part: no units, same shape
+        return (outs.get("shared", empty), outs.get("only_a", empty),
+                outs.get("only_b", empty))
 
 
 class ZippedPair(nn.Module):
@@ -85,7 +105,7 @@ class ZippedPair(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(s, a, b)`` after the zipped layers (before any zipping: ``(x, [], [])``)."""
         s = self.pre(x)
-        a = b = s.new_zeros(len(s), 0)
+        a = b = s[:, :0]
         for layer in self.layers:
             s, a, b = layer(s, a, b)
         return s, a, b
@@ -163,13 +183,13 @@ def _greedy_pairs(cost: torch.Tensor, k: int) -> list[tuple[int, int]]:
 
 
 def _chain(model: nn.Module, which: str) -> tuple[list[nn.Module], list[nn.Module]]:
-    """``(pre, body)``: leading parameter-free modules, then the Linear/activation chain."""
+    """``(pre, body)``: leading parameter-free modules, then the layer/activation chain."""
     flat: list[nn.Module] = []
 
     def walk(m: nn.Module) -> None:
         kids = list(m.children())
         if isinstance(m, nn.Sequential) or (kids and not list(m.parameters(recurse=False))
-                                            and not isinstance(m, nn.Linear)
+                                            and not isinstance(m, ZIPPABLE)
                                             and all(isinstance(k, nn.Sequential) or
                                                     not list(k.children()) for k in kids)):
             for k in kids:
@@ -179,13 +199,14 @@ def _chain(model: nn.Module, which: str) -> tuple[list[nn.Module], list[nn.Modul
 
     walk(model)
     for m in flat:
-        if not isinstance(m, nn.Linear) and list(m.parameters()):
-            raise UnsupportedLayerError(f"multi-task zipping handles Linear layers with "
-                                        f"parameter-free activations; model {which} has "
-                                        f"{type(m).__name__}")
-    first = next((i for i, m in enumerate(flat) if isinstance(m, nn.Linear)), None)
+        why = unsupported(m) if list(m.parameters()) else None
+        if why is not None:
+            raise UnsupportedLayerError(f"multi-task zipping handles Linear/Conv layers with "
+                                        f"parameter-free operations between them; model "
+                                        f"{which} has {why}")
+    first = next((i for i, m in enumerate(flat) if isinstance(m, ZIPPABLE)), None)
     if first is None:
-        raise UnsupportedLayerError(f"model {which} has no Linear layer to zip")
+        raise UnsupportedLayerError(f"model {which} has no Linear/Conv layer to zip")
     return flat[:first], flat[first:]
 
 
@@ -202,27 +223,23 @@ def _check_chain(model: nn.Module, pre: list[nn.Module], body: list[nn.Module],
             and torch.allclose(direct, chained, atol=1e-5, rtol=1e-4)):
         raise UnsupportedLayerError(f"model {which} does not run as a plain chain of its "
                                     f"layers (custom forward); multi-task zipping needs "
-                                    f"Flatten -> Linear -> activation -> ... -> Linear")
+                                    f"layer -> activation -> ... -> Linear")
 
 
-def _split_first(tail: list[nn.Module]) -> tuple[nn.Linear, list[nn.Module], list[nn.Module]]:
-    """``(first Linear, its activations, the rest starting at the next Linear)``."""
-    linear = tail[0]
-    assert isinstance(linear, nn.Linear)
-    nxt = next((i for i in range(1, len(tail)) if isinstance(tail[i], nn.Linear)), len(tail))
-    return linear, tail[1:nxt], tail[nxt:]
+def _split_first(tail: list[nn.Module]) -> tuple[nn.Module, list[nn.Module], list[nn.Module]]:
+    """``(first layer, the operations after it, the rest starting at the next layer)``."""
+    nxt = next((i for i in range(1, len(tail)) if isinstance(tail[i], ZIPPABLE)), len(tail))
+    return tail[0], tail[1:nxt], tail[nxt:]
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-    return layer
+def _fold_norms(model: nn.Module, data: Dataset) -> nn.Module:
+    """Fold BatchNorms into the layers feeding them (Jacob et al. 2018), so the chain holds
+    only zippable layers; a BatchNorm that cannot fold makes the chain unsupported."""
+    from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
 
-
-def _with_columns(layer: nn.Linear, order: torch.Tensor) -> nn.Linear:
-    return _linear(layer.weight.detach()[:, order], layer.bias.detach())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        fold_batchnorm(model, FoldBatchNormConfig(), Context(data=data, progress=False))
+    return model
 
 
 # --------------------------------------------------------------------------- the procedure
@@ -254,14 +271,15 @@ class ZipResult:
     merge_error: tuple[float, ...]
 
 
-def _hessian(pair: ZippedPair, loader, damping: float) -> torch.Tensor:
-    """``E[u u^T]`` of ``u = [s, a, b, 1]`` over ``loader`` (float64), damped."""
+def _hessian(pair: ZippedPair, layer: nn.Module, loader, damping: float) -> torch.Tensor:
+    """``E[u u^T]`` of ``u = [patch of (s, a, b), 1]`` over ``loader`` and every position
+    ``layer`` applies at (float64), damped by ``damping`` x its mean diagonal."""
     total: torch.Tensor | None = None
     count = 0
     with torch.no_grad():
         for x, _ in loader:
-            s, a, b = pair.features(x)
-            u = torch.cat([s, a, b, torch.ones(len(s), 1)], 1).double()
+            u = patches(layer, torch.cat(pair.features(x), 1)).double()
+            u = torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype)], 1)
             total = u.T @ u if total is None else total + u.T @ u
             count += len(u)
     assert total is not None
@@ -269,17 +287,26 @@ def _hessian(pair: ZippedPair, loader, damping: float) -> torch.Tensor:
     return h + damping * float(h.diagonal().mean()) * torch.eye(len(h), dtype=h.dtype)
 
 
-def _union_weights(layer: nn.Linear, widths: tuple[int, int, int], own: int) -> torch.Tensor:
-    """Rows ``[n, |s|+|a|+|b|+1]``: the layer reads ``[s, own part]``; zeros elsewhere."""
+def _union_weights(layer: nn.Module, widths: tuple[int, int, int], own: int) -> torch.Tensor:
+    """Rows ``[units, (|s|+|a|+|b|) * kernel + 1]``: the layer reads ``[s, own part]``;
+    zeros on the other task's part."""
     ws, wa, wb = widths
     w = layer.weight.detach().double()
-    out = torch.zeros(w.shape[0], ws + wa + wb + 1, dtype=torch.float64)
-    out[:, :ws] = w[:, :ws]
-    start = ws if own == 0 else ws + wa
-    width = wa if own == 0 else wb
-    out[:, start:start + width] = w[:, ws:ws + width]
-    out[:, -1] = layer.bias.detach().double()
-    return out
+    union = w.new_zeros(w.shape[0], ws + wa + wb, *w.shape[2:])
+    union[:, :ws] = w[:, :ws]
+    start, width = (ws, wa) if own == 0 else (ws + wa, wb)
+    union[:, start:start + width] = w[:, ws:ws + width]
+    return torch.cat([union.reshape(w.shape[0], -1), flat_weight(layer)[:, -1:]], 1)
+
+
+def _check_pair(layer_a: nn.Module, layer_b: nn.Module, act_a: list[nn.Module],
+                act_b: list[nn.Module], depth: int) -> None:
+    if geometry(layer_a) != geometry(layer_b):
+        raise UnsupportedLayerError(f"zip: layer {depth + 1} differs between the models: "
+                                    f"{geometry(layer_a)} vs {geometry(layer_b)}")
+    if [type(m) for m in act_a] != [type(m) for m in act_b]:
+        raise UnsupportedLayerError(f"zip: the two models apply different operations after "
+                                    f"layer {depth + 1}")
 
 
 def _zip_layer(pair: ZippedPair, data_a: Dataset, data_b: Dataset, share: float,
@@ -287,37 +314,36 @@ def _zip_layer(pair: ZippedPair, data_a: Dataset, data_b: Dataset, share: float,
                criterion: str) -> tuple[ZippedPair, tuple[int, int, int], float]:
     lin_a, act_a, rest_a = _split_first(list(pair.tail_a))
     lin_b, act_b, rest_b = _split_first(list(pair.tail_b))
-    if [type(m) for m in act_a] != [type(m) for m in act_b]:
-        raise UnsupportedLayerError(f"zip: the two models use different activations after "
-                                    f"{len(pair.layers) + 1} Linear layer(s)")
+    _check_pair(lin_a, lin_b, act_a, act_b, len(pair.layers))
     s, a, b = pair.features(example_input(data_a, 1))
     widths = (s.shape[1], a.shape[1], b.shape[1])
-    h_a = _hessian(pair, data_a.train, damping)
-    h_b = _hessian(pair, data_b.train, damping)
+    h_a = _hessian(pair, lin_a, data_a.train, damping)
+    h_b = _hessian(pair, lin_a, data_b.train, damping)
     # the ablation ("euclidean"): pairs by distance, merged weights = the average
-    g_a, g_b = (h_a, h_b) if criterion == "hessian" else (torch.eye(len(h_a)),) * 2
-    g_a, g_b = g_a.double(), g_b.double()
+    g_a, g_b = (h_a, h_b) if criterion == "hessian" else (torch.eye(len(h_a)).double(),) * 2
     w_a, w_b = _union_weights(lin_a, widths, 0), _union_weights(lin_b, widths, 1)
     k = round(share * min(len(w_a), len(w_b)))
     cost, s_inv = merge_cost(g_a, g_b, w_a, w_b)
     pairs = _greedy_pairs(cost, k)
     ia = torch.tensor([i for i, _ in pairs], dtype=torch.long)
     jb = torch.tensor([j for _, j in pairs], dtype=torch.long)
-    ra = torch.tensor([i for i in range(len(w_a)) if i not in set(ia.tolist())], dtype=torch.long)
-    rb = torch.tensor([j for j in range(len(w_b)) if j not in set(jb.tolist())], dtype=torch.long)
+    taken_a, taken_b = set(ia.tolist()), set(jb.tolist())
+    ra = torch.tensor([i for i in range(len(w_a)) if i not in taken_a], dtype=torch.long)
+    rb = torch.tensor([j for j in range(len(w_b)) if j not in taken_b], dtype=torch.long)
     shared, error = None, 0.0
     if k:
         merged = _merged(g_a, g_b, s_inv, w_a[ia], w_b[jb])
         da, db = merged - w_a[ia], merged - w_b[jb]
         error = 0.5 * float(((da @ h_a) * da).sum() + ((db @ h_b) * db).sum())
-        merged = merged.float()
-        shared = _linear(merged[:, :-1], merged[:, -1])
-    only_a = _linear(lin_a.weight.detach()[ra], lin_a.bias.detach()[ra]) if len(ra) else None
-    only_b = _linear(lin_b.weight.detach()[rb], lin_b.bias.detach()[rb]) if len(rb) else None
-    activation = nn.Sequential(*copy.deepcopy(act_a))
-    layer = ZipLayer(shared, only_a, only_b, activation)
-    tail_a = nn.Sequential(_with_columns(rest_a[0], torch.cat([ia, ra])), *rest_a[1:])
-    tail_b = nn.Sequential(_with_columns(rest_b[0], torch.cat([jb, rb])), *rest_b[1:])
+        shared = make_like(lin_a, merged, sum(widths))
+    own_a, own_b = flat_weight(lin_a), flat_weight(lin_b)
+    only_a = make_like(lin_a, own_a[ra], in_units(lin_a)) if len(ra) else None
+    only_b = make_like(lin_b, own_b[rb], in_units(lin_b)) if len(rb) else None
+    layer = ZipLayer(shared, only_a, only_b, nn.Sequential(*copy.deepcopy(act_a)))
+    tail_a = nn.Sequential(with_input_order(rest_a[0], torch.cat([ia, ra]), len(w_a)),
+                           *rest_a[1:])
+    tail_b = nn.Sequential(with_input_order(rest_b[0], torch.cat([jb, rb]), len(w_b)),
+                           *rest_b[1:])
     return (ZippedPair(pair.pre, [*pair.layers, layer], tail_a, tail_b),
             (k, len(w_a), len(w_b)), error)
 
@@ -353,7 +379,8 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
                share: float | Sequence[float], damping: float = 1e-3,
                retrain_epochs: int = 2, final_epochs: int = 5, lr: float = 1e-3,
                criterion: str = "hessian", seed: int = 0) -> ZipResult:
-    """Zip two chain models that take the same input (MTZ, He, Zhou & Thiele 2018).
+    """Zip two chain models (Linear / Conv layers) that take the same input (MTZ, He,
+    Zhou & Thiele 2018).
 
     ``share``: fraction of ``min(n_a, n_b)`` neurons merged in each hidden layer, one
     number for all or one per layer from the input side (later layers stay unzipped).
@@ -378,14 +405,14 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
         raise RecipeError(f"zip: damping must be > 0, got {damping!r}")
     x = example_input(data_a, 2)
     parts = []
-    for model, which in ((model_a, "A"), (model_b, "B")):
-        model = copy.deepcopy(model).eval()
+    for model, data, which in ((model_a, data_a, "A"), (model_b, data_b, "B")):
+        model = _fold_norms(copy.deepcopy(model).eval(), data)
         pre, body = _chain(model, which)
         _check_chain(model, pre, body, x, which)
         parts.append((pre, body))
     if [type(m) for m in parts[0][0]] != [type(m) for m in parts[1][0]]:
         raise UnsupportedLayerError("zip: the two models prepare their input differently")
-    hidden = min(sum(isinstance(m, nn.Linear) for m in body) - 1 for _, body in parts)
+    hidden = min(sum(isinstance(m, ZIPPABLE) for m in body) - 1 for _, body in parts)
     if isinstance(share, (int, float)):
         fractions = fractions * hidden
     if not 1 <= len(fractions) <= hidden:
