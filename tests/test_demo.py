@@ -25,6 +25,10 @@ def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert pruned["nonzero_params"] < 0.2 * pruned["params"]
     assert pruned["artifact_bytes"] < rows["baseline (fp32)"]["artifact_bytes"] / 3
     assert (out / "report.md").is_file()
+    report = (out / "report.md").read_text()
+    # the quick demo runs every demo recipe, deep-compression among them: its stage table
+    assert "## deep-compression: bytes per stage" in report
+    assert "| layers.fc1.weight |" in report and "after weight_sharing" in report
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert (out / "layer_sparsity.png").stat().st_size > 1000
 

@@ -109,7 +109,7 @@ def _breakdown_section(tables: Sequence[str]) -> list[str]:
     if not tables:
         return []
     return ["\n\n".join([
-        f"## {BREAKDOWN_RECIPE}: bytes per stage", "",
+        f"## {BREAKDOWN_RECIPE}: bytes per stage",
         "Han et al. (2015), Table 1 style: each weight tensor's bytes at the baseline and "
         "after every technique stage in its best plain lossless encoding (sparse / "
         "relative-index / codebook indices), then with Huffman-coded encodings allowed "

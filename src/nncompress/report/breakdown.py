@@ -60,5 +60,6 @@ def bytes_breakdown(result: CompressionResult, *, markdown: bool = False) -> str
     headers, rows = breakdown_cells(result)
     title = (f"{result.model_name or 'model'}, recipe {result.recipe.name}: bytes of each "
              "weight tensor (data only; biases, code tables and the file header are extra)")
-    table = render_markdown(headers, rows) if markdown else render_text(headers, rows)
-    return title + "\n" + table
+    if markdown:
+        return f"**{title}**\n\n" + render_markdown(headers, rows)
+    return title + "\n" + render_text(headers, rows)
