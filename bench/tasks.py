@@ -12,8 +12,8 @@ from torch import nn
 
 from nncompress import models as zoo
 from nncompress.data import Dataset, class_subset, example_input, load_dataset
-from nncompress.measure import accuracy, count_macs, count_params
-from nncompress.report import fmt_count, fmt_pct, render_markdown
+from nncompress.measure import accuracy, artifact_bytes, count_macs, count_params
+from nncompress.report import fmt_bytes, fmt_count, fmt_pct, render_markdown
 from nncompress.share.branches import train_heads
 from nncompress.share.zipping import zip_models
 from nncompress.train import fit
@@ -28,9 +28,9 @@ PAIRS = (
 )
 
 
-def _row(label: str, params: int, macs: int, acc: tuple[float, float],
+def _row(label: str, params: int, size: int, macs: int, acc: tuple[float, float],
          merged: tuple[float, float] | None, base: tuple[float, float]) -> list[str]:
-    return [label, fmt_count(params), fmt_count(macs),
+    return [label, fmt_count(params), fmt_bytes(size), fmt_count(macs),
             "-" if merged is None else f"{fmt_pct(merged[0])} / {fmt_pct(merged[1])}",
             f"{fmt_pct(acc[0])} / {fmt_pct(acc[1])}",
             f"{(acc[0] - base[0]) * 100:+.2f} / {(acc[1] - base[1]) * 100:+.2f} pt"]
@@ -59,6 +59,7 @@ def _pair_rows(name: str, dataset: str, epochs: int, lr: float,
     x1 = example_input(data, 1)
     base = (accuracy(models[0], tasks[0].test), accuracy(models[1], tasks[1].test))
     rows = [_row(f"{name}: two separate models", sum(count_params(m).total for m in models),
+                 sum(artifact_bytes(m) for m in models),
                  sum(count_macs(m, x1).total for m in models), base, None, base)]
     settings = [(s, "hessian") for s in shares] + [(shares[0], "euclidean")]
     for share, criterion in settings:
@@ -68,8 +69,8 @@ def _pair_rows(name: str, dataset: str, epochs: int, lr: float,
                        seed=SEED)
         label = (f"{name}: MTZ share {'/'.join(f'{f:g}' for f in share)}"
                  + (" (Euclidean + average: ablation)" if criterion == "euclidean" else ""))
-        rows.append(_row(label, r.params_after, r.macs_after, r.accuracy_after,
-                         r.accuracy_merged[-1], base))
+        rows.append(_row(label, r.params_after, artifact_bytes(r.model), r.macs_after,
+                         r.accuracy_after, r.accuracy_merged[-1], base))
     return rows
 
 
@@ -90,8 +91,9 @@ def _backbone_rows(echo: Callable[[str], None]) -> list[list[str]]:
         acc = (accuracy(branched.branch(0), tasks[0].test),
                accuracy(branched.branch(1), tasks[1].test))
         rows.append(_row(f"mlp: shared frozen {label} (from A) + head per task",
-                         count_params(branched).total, count_macs(branched, x1).total, acc,
-                         None, base))
+                         count_params(branched).total, artifact_bytes(branched),
+                         count_macs(branched, x1).total,
+                         acc, None, base))
     return rows
 
 
@@ -109,9 +111,11 @@ def bench_tasks(echo: Callable[[str], None]) -> str:
         "end. The ablation pairs neurons by Euclidean distance and averages them. The "
         "shared-backbone rows freeze task A's first hidden layer(s), keep A's remaining "
         "layers as its head and train only a new output layer (Linear) for task B on the "
-        "frozen features. Parameters and MACs per input answer both tasks; accuracy "
+        "frozen features. Parameters, bytes of the .nnc file(s) (fp32, dense; the zipped "
+        "model saves and loads as one file) and MACs per input answer both tasks; accuracy "
         "A / B on each task's test split (digits: 180 samples per task, one sample = "
         "0.56 pt; mnist1d: ~500).", "",
-        render_markdown(["model", "parameters", "MACs / input (both tasks)",
+        render_markdown(["model", "parameters", "bytes on disk (.nnc)",
+                         "MACs / input (both tasks)",
                          "acc. after last merge, before re-training", "test accuracy A / B",
                          "change vs separate"], rows)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 from nncompress import formats
 from nncompress.errors import FormatError
 from nncompress.formats import MODULE_TYPES
-from nncompress.formats.arch import describe, module_spec
+from nncompress.formats.arch import build_module, describe, module_spec
 from nncompress.lowrank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankRNN
 from nncompress.share.hashing import HashedLinear
 
@@ -134,8 +135,28 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
 ]
 
 
+#: parameter-free operations: never recorded in a file's modules (they own no tensors),
+#: rebuilt by builders that record their own structure (share.zipping.ZippedPair)
+OPERATION_CASES: list[nn.Module] = [
+    nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2),
+    nn.Flatten(1, -1), nn.Dropout(0.3), nn.AdaptiveAvgPool1d(2), nn.MaxPool1d(3, 2, 1),
+    nn.AvgPool1d(2, 1, 1),
+]
+
+
 def test_table_cases_cover_every_module_type() -> None:
-    assert {type(m).__name__ for m, _ in TABLE_CASES} == set(MODULE_TYPES)
+    covered = {type(m).__name__ for m, _ in TABLE_CASES}
+    covered |= {type(m).__name__ for m in OPERATION_CASES}
+    assert covered == set(MODULE_TYPES)
+
+
+@pytest.mark.parametrize("op", OPERATION_CASES, ids=lambda m: type(m).__name__)
+def test_operations_rebuild_from_their_spec(op: nn.Module) -> None:
+    spec = module_spec(op)
+    rebuilt = build_module(json.loads(json.dumps(spec)), "op")
+    assert type(rebuilt) is type(op) and module_spec(rebuilt) == spec
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(rebuilt.eval()(x), op.eval()(x))
 
 
 @pytest.mark.parametrize(("module", "other"), TABLE_CASES,
@@ -187,3 +208,13 @@ def test_table_module_shape_mismatch_names_tensor(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"tensor 'fc.extra' has shape \[3\] in the file "
                                           r"but \[5\] in the model"):
         formats.load(tmp_path / "o.nnc", skeleton=Odd(5))
+
+
+def test_rebuilding_from_a_spec_validates_every_field() -> None:
+    assert isinstance(build_module({"type": "ReLU", "args": {}}, "op"), nn.ReLU)
+    with pytest.raises(FormatError, match=r"type 'os\.system' cannot be constructed"):
+        build_module({"type": "os.system", "args": {}}, "op")
+    with pytest.raises(FormatError, match="unexpected key"):
+        build_module({"type": "ReLU", "args": {"inplace": True}}, "op")
+    with pytest.raises(FormatError, match="p must be between 0 and 1"):
+        build_module({"type": "Dropout", "args": {"p": 3}}, "op")

@@ -248,3 +248,27 @@ def test_tasks_must_share_an_input() -> None:
     small, other = tiny_data(features=12), tiny_data(features=10)
     with pytest.raises(RecipeError, match="share an input"):
         zip_models(MLP((1, 12), 3), MLP((1, 10), 3), small, other, share=0.5)
+
+
+@pytest.mark.parametrize("make", [_pair, _conv_pair])
+def test_zipped_models_save_and_load_without_a_skeleton(make, tmp_path) -> None:
+    import nncompress as nc
+
+    model_a, model_b, data_a, data_b = make()
+    result = zip_models(model_a, model_b, data_a, data_b, share=0.5, retrain_epochs=0,
+                        final_epochs=1)
+    path = tmp_path / "zipped.nnc"
+    nc.save(result.model, path)
+    back = nc.load(path)  # no skeleton: the architecture record rebuilds the pair
+    x = next(iter(data_a.test))[0]
+    with torch.no_grad():
+        for got, want in zip(back(x), result.model(x), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_operations_without_a_file_record_are_refused_before_zipping() -> None:
+    data = tiny_data(n=64, features=12, classes=2)
+    odd = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Softplus(), nn.Linear(8, 2))
+    with pytest.raises(UnsupportedLayerError, match="Softplus has no file record"):
+        zip_models(odd, copy.deepcopy(odd), data, data, share=0.5)
+

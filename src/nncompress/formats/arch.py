@@ -22,6 +22,7 @@ Nothing from a file is ever imported, evaluated or unpickled: only classes named
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ from nncompress.lowrank.layers import (
 )
 from nncompress.share.hashing import HashedLinear
 
-__all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "describe", "module_spec", "parse_record"]
+__all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "build_module", "describe", "module_spec",
+           "parse_record"]
 
 Validator = Callable[[Any, str], Any]
 _MAX_WIDTH = 2**31
@@ -60,6 +62,10 @@ _MAX_WIDTH = 2**31
 
 def _int(value: Any, what: str) -> int:
     return check_int(value, what, hi=_MAX_WIDTH)
+
+
+def _signed(value: Any, what: str) -> int:
+    return check_int(value, what, lo=-64, hi=64)
 
 
 def _positive(value: Any, what: str) -> int:
@@ -135,8 +141,23 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     # hashed weight sharing (nncompress.share.hashing): index/sign buffers are rebuilt
     "HashedLinear": (HashedLinear, {"in_features": _positive, "out_features": _positive,
                                     "buckets": _positive, "seed": _int, "bias": check_bool}),
+    # parameter-free operations, for builders that record their own structure (they own no
+    # tensors, so files never record them in "modules")
+    "ReLU": (nn.ReLU, {}),
+    "Tanh": (nn.Tanh, {}),
+    "Sigmoid": (nn.Sigmoid, {}),
+    "GELU": (nn.GELU, {"approximate": _choice("none", "tanh")}),
+    "LeakyReLU": (nn.LeakyReLU, {"negative_slope": check_float}),
+    "Flatten": (nn.Flatten, {"start_dim": _signed, "end_dim": _signed}),
+    "Dropout": (nn.Dropout, {"p": _fraction}),
+    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, {"output_size": _positive}),
+    "MaxPool1d": (nn.MaxPool1d, {"kernel_size": _positive, "stride": _positive,
+                                 "padding": _int}),
+    "AvgPool1d": (nn.AvgPool1d, {"kernel_size": _ints, "stride": _ints, "padding": _ints}),
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
+#: modules that register architectures outside ``nncompress.models`` (imported on demand)
+ARCH_PROVIDERS = ("nncompress.share.zipping",)
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,20 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
             value = value is not None
         args[key] = _json_value(value)
     return {"type": name, "args": args}
+
+
+def build_module(spec: Any, what: str) -> nn.Module:
+    """A module of :data:`MODULE_TYPES` from ``{"type", "args"}`` (as :func:`module_spec`
+    writes it), every arg validated; anything else raises FormatError naming ``what``."""
+    entry = check_keys(spec, what, ("type", "args"))
+    type_name = check_str(entry["type"], f"{what} type")
+    if type_name not in MODULE_TYPES:
+        fail(f"{what}: type {short(type_name)} cannot be constructed from a file (known: "
+             f"{', '.join(MODULE_TYPES)})")
+    cls, checks = MODULE_TYPES[type_name]
+    args = check_keys(entry["args"], f"{what} args", checks)
+    kwargs = {k: checks[k](args[k], f"{what} {k}") for k in checks}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
 
 
 def _owns_tensors(module: nn.Module) -> bool:
@@ -273,6 +308,10 @@ def _factory(name: str, builders: Mapping[str, Callable[..., nn.Module]] | None
     except ImportError:
         known: tuple[str, ...] = ()
     else:
+        for provider in ARCH_PROVIDERS:  # modules whose import registers architectures
+            if name in ARCHITECTURES:
+                break
+            importlib.import_module(provider)
         if name in ARCHITECTURES:
             return ARCHITECTURES.get(name)
         known = ARCHITECTURES.names()

@@ -41,6 +41,7 @@ import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ from torch import nn
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ModelError, RecipeError, UnsupportedLayerError
 from nncompress.measure import accuracy, count_macs, count_params
+from nncompress.models.base import ARCHITECTURES, ArchModule
 from nncompress.share._zip_layers import (
     ZIPPABLE,
     flat_weight,
@@ -88,19 +90,71 @@ class ZipLayer(nn.Module):
                 outs.get("only_b", empty))
 
 
-class ZippedPair(nn.Module):
+Spec = dict[str, Any]
+
+
+def _spec(module: nn.Module) -> Spec:
+    from nncompress.formats.arch import module_spec
+
+    spec = module_spec(module)
+    if spec["args"] is None:
+        raise UnsupportedLayerError(f"multi-task zipping: {type(module).__name__} has no "
+                                    f"file record (see formats.MODULE_TYPES)")
+    return spec
+
+
+def _built(spec: Spec | nn.Module | None, what: str) -> nn.Module | None:
+    from nncompress.formats.arch import build_module
+
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    return build_module(spec, what)
+
+
+def _sequence(items: nn.Module | Sequence[Spec], what: str) -> nn.Sequential:
+    if isinstance(items, nn.Sequential):
+        return items
+    if isinstance(items, nn.Module):
+        return nn.Sequential(items)
+    return nn.Sequential(*(_built(spec, f"{what}[{i}]") for i, spec in enumerate(items)))
+
+
+class ZippedPair(ArchModule):
     """Two task models zipped: ``forward(x)`` returns ``(logits_a, logits_b)``.
 
     ``pre`` (e.g. Flatten) runs once on the shared input ``x``; ``layers`` are the zipped
     :class:`ZipLayer` s; ``tail_a`` / ``tail_b`` are each task's remaining layers, reading
-    ``[s, a]`` / ``[s, b]``. :meth:`task` gives one task's single-output view.
+    ``[s, a]`` / ``[s, b]``. :meth:`task` gives one task's single-output view. Each part
+    may also be given as the JSON spec :meth:`arch_config` writes, which is how ``nc.load``
+    rebuilds a saved zipped model.
     """
 
-    def __init__(self, pre: nn.Module, layers: Sequence[ZipLayer], tail_a: nn.Sequential,
-                 tail_b: nn.Sequential) -> None:
+    arch_name = "zipped_pair"
+
+    def __init__(self, pre: nn.Module | Sequence[Spec], layers: Sequence[ZipLayer | Spec],
+                 tail_a: nn.Module | Sequence[Spec],
+                 tail_b: nn.Module | Sequence[Spec]) -> None:
         super().__init__()
-        self.pre, self.layers = pre, nn.ModuleList(layers)
-        self.tail_a, self.tail_b = tail_a, tail_b
+        self.pre = _sequence(pre, "pre")
+        self.layers = nn.ModuleList(
+            layer if isinstance(layer, ZipLayer) else ZipLayer(
+                *(_built(layer[part], f"layers[{i}].{part}")
+                  for part in ("shared", "only_a", "only_b")),
+                _sequence(layer["activation"], f"layers[{i}].activation"))
+            for i, layer in enumerate(layers))
+        self.tail_a, self.tail_b = _sequence(tail_a, "tail_a"), _sequence(tail_b, "tail_b")
+
+    def arch_config(self) -> dict[str, Any]:
+        return {
+            "pre": [_spec(m) for m in self.pre],
+            "layers": [{part: None if getattr(layer, part) is None
+                        else _spec(getattr(layer, part))
+                        for part in ("shared", "only_a", "only_b")}
+                       | {"activation": [_spec(m) for m in layer.activation]}
+                       for layer in self.layers],
+            "tail_a": [_spec(m) for m in self.tail_a],
+            "tail_b": [_spec(m) for m in self.tail_b],
+        }
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(s, a, b)`` after the zipped layers (before any zipping: ``(x, [], [])``)."""
@@ -409,6 +463,8 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
         model = _fold_norms(copy.deepcopy(model).eval(), data)
         pre, body = _chain(model, which)
         _check_chain(model, pre, body, x, which)
+        for op in (m for m in (*pre, *body) if not isinstance(m, ZIPPABLE)):
+            _spec(op)  # the zipped model must be savable: every operation has a record
         parts.append((pre, body))
     if [type(m) for m in parts[0][0]] != [type(m) for m in parts[1][0]]:
         raise UnsupportedLayerError("zip: the two models prepare their input differently")
@@ -440,3 +496,6 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
     return ZipResult(pair, tuple(shared), params_before, count_params(pair).total,
                      macs_before, count_macs(pair, x[:1]).total, before, tuple(merged_acc),
                      _accuracies(pair, data_a, data_b), tuple(errors))
+
+
+ARCHITECTURES.register(ZippedPair.arch_name, ZippedPair)
