@@ -254,3 +254,26 @@ def test_eval_with_the_sparse_engine_reports_every_linear(work: Path, capsys) ->
     assert [row["layer"] for row in engine] == ["layers.fc1", "layers.fc2"]
     assert all(row["choice"] in ("dense", "sparse") for row in engine)
     assert all(row["sparsity"] >= 0.94 for row in engine)
+
+
+def test_inspect_entropy_compares_each_huffman_stream(work: Path, capsys) -> None:
+    code, out, _ = run_cli("inspect", "tiny.nnc", "--entropy", capsys=capsys)
+    assert code == 0 and "no Huffman-coded tensors in this file" in out
+    # a shared, heavily pruned weight: 2 centroids, skewed -> Huffman-coded streams
+    torch.manual_seed(0)
+    model = MLP((1, 16), 3, hidden=(256,))
+    with torch.no_grad():
+        w = model.layers.fc1.weight
+        w.copy_(torch.where(torch.rand(w.shape) < 0.7, 0.0,
+                            torch.where(torch.rand(w.shape) < 0.8, 0.5, -0.25)))
+    api.save(model, work / "shared.nnc")
+    code, out, _ = run_cli("inspect", "shared.nnc", "--entropy", capsys=capsys)
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("layers.fc1.weight ")]
+    coded = [ln for ln in lines if "huffman" in ln]
+    assert coded, out  # the table row shows a Huffman encoding
+    stream_rows = [ln for ln in lines if " %" in ln and ("weights" in ln or "values" in ln)]
+    assert stream_rows, out
+    for row in stream_rows:
+        entropy, huffman = (float(v) for v in row.split()[3:5])
+        assert huffman >= entropy  # no prefix code beats the entropy

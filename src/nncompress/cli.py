@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-tensor encodings, bytes and sparsity of a .nnc file")
     p.add_argument("path", type=Path, help=".nnc file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--entropy", action="store_true",
+                   help="also compare each Huffman-coded stream with its entropy")
     _common(p)
     p.set_defaults(handler=_cmd_inspect)
 
@@ -224,7 +226,35 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     raw = sum(t.raw_bytes for t in info.tensors)
     print(f"\nformat version {info.format_version}; file {fmt_bytes(info.total_bytes)}; "
           f"tensors {fmt_bytes(stored)} stored vs {fmt_bytes(raw)} raw")
+    if args.entropy:
+        print("\n" + _entropy_table(args.path))
     return 0
+
+
+#: the streams each entropy-coded encoding stores (formats.huffman)
+_CODED_STREAMS = {"codebook_huffman": ("weights",),
+                  "sparse_rel_huffman": ("indices", "values")}
+
+
+def _entropy_table(path: Path) -> str:
+    """Huffman-coded streams of the file vs their empirical entropy (bits per symbol)."""
+    from nncompress import formats
+    from nncompress.formats.huffman import entropy_report
+    from nncompress.report import fmt_bytes, render_text
+
+    rows = []
+    for name, (encoding, tensor) in formats.read_tensors(path).items():
+        for stream in _CODED_STREAMS.get(encoding, ()):
+            s = entropy_report(tensor).stream(stream)
+            rows.append([name, stream, str(s.symbols), f"{s.entropy_bits:.3f}",
+                         f"{s.huffman_bits:.3f}", f"{100 * s.excess:+.2f} %",
+                         fmt_bytes(s.table_bytes)])
+    if not rows:
+        return "no Huffman-coded tensors in this file"
+    return ("Huffman streams (bits per symbol; excess = Huffman / entropy - 1; table = "
+            "stored code lengths)\n" + render_text(
+                ["tensor", "stream", "symbols", "entropy", "Huffman", "excess", "table"],
+                rows))
 
 
 def _cmd_techniques(args: argparse.Namespace) -> int:

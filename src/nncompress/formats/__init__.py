@@ -20,6 +20,7 @@ from nncompress.formats.container import (
     inspect,
     load,
     read_header,
+    read_tensors,
     save,
 )
 from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
@@ -38,5 +39,6 @@ __all__ = [
     "inspect",
     "load",
     "read_header",
+    "read_tensors",
     "save",
 ]

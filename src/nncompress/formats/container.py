@@ -38,7 +38,7 @@ from nncompress.formats.header import (
 from nncompress.registry import Registry
 
 __all__ = ["ContainerInfo", "TensorInfo", "encoded_sizes", "inspect", "load", "read_header",
-           "save"]
+           "read_tensors", "save"]
 
 PathLike = str | os.PathLike[str]
 
@@ -291,6 +291,14 @@ def load(path: PathLike, *, skeleton: nn.Module | None = None,
     model = arch.assemble(record, tensors, skeleton=skeleton, builders=builders,
                           source=str(target))
     return model.eval()
+
+
+def read_tensors(path: PathLike) -> dict[str, tuple[str, torch.Tensor]]:
+    """Every tensor of the file, decoded, with the encoding it was stored in:
+    ``{name: (encoding, tensor)}`` (no model is built)."""
+    header, payload, _, _ = _read(_path(path))
+    arch.parse_record(header.arch)
+    return {e.name: (e.encoding, _decode(e, payload)) for e in header.tensors}
 
 
 def read_header(path: PathLike) -> dict[str, Any]:
