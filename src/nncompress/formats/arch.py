@@ -157,7 +157,7 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
 #: modules that register architectures outside ``nncompress.models`` (imported on demand)
-ARCH_PROVIDERS = ("nncompress.share.zipping",)
+ARCH_PROVIDERS = ("nncompress.share.zipped",)
 
 
 @dataclass(frozen=True)

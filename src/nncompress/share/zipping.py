@@ -41,16 +41,14 @@ import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nncompress.data import Dataset, example_input
-from nncompress.errors import ModelError, RecipeError, UnsupportedLayerError
+from nncompress.errors import RecipeError, UnsupportedLayerError
 from nncompress.measure import accuracy, count_macs, count_params
-from nncompress.models.base import ARCHITECTURES, ArchModule
 from nncompress.share._zip_layers import (
     ZIPPABLE,
     flat_weight,
@@ -61,130 +59,11 @@ from nncompress.share._zip_layers import (
     unsupported,
     with_input_order,
 )
+from nncompress.share.zipped import ZipLayer, ZippedPair, spec_of
 from nncompress.technique import Context
 from nncompress.train import reseed_loader
 
 __all__ = ["ZipLayer", "ZipResult", "ZippedPair", "merge_cost", "zip_models"]
-
-
-class ZipLayer(nn.Module):
-    """One zipped layer: ``shared`` reads ``[s, a, b]``, ``only_a`` reads ``[s, a]``,
-    ``only_b`` reads ``[s, b]`` (concatenated along dim 1: features or channels; an absent
-    part is ``None``); the same per-unit ``activation`` (ReLU, pooling, Flatten, ...)
-    follows all three."""
-
-    def __init__(self, shared: nn.Module | None, only_a: nn.Module | None,
-                 only_b: nn.Module | None, activation: nn.Module) -> None:
-        super().__init__()
-        self.shared, self.only_a, self.only_b = shared, only_a, only_b
-        self.activation = activation
-
-    def forward(self, s: torch.Tensor, a: torch.Tensor,
-                b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        inputs = {"shared": (s, a, b), "only_a": (s, a), "only_b": (s, b)}
-        outs = {name: self.activation(layer(torch.cat(inputs[name], dim=1)))
-                for name, layer in (("shared", self.shared), ("only_a", self.only_a),
-                                    ("only_b", self.only_b)) if layer is not None}
-        empty = next(iter(outs.values()))[:, :0]  # an absent part: no units, same shape
-        return (outs.get("shared", empty), outs.get("only_a", empty),
-                outs.get("only_b", empty))
-
-
-Spec = dict[str, Any]
-
-
-def _spec(module: nn.Module) -> Spec:
-    from nncompress.formats.arch import module_spec
-
-    spec = module_spec(module)
-    if spec["args"] is None:
-        raise UnsupportedLayerError(f"multi-task zipping: {type(module).__name__} has no "
-                                    f"file record (see formats.MODULE_TYPES)")
-    return spec
-
-
-def _built(spec: Spec | nn.Module | None, what: str) -> nn.Module | None:
-    from nncompress.formats.arch import build_module
-
-    if spec is None or isinstance(spec, nn.Module):
-        return spec
-    return build_module(spec, what)
-
-
-def _sequence(items: nn.Module | Sequence[Spec], what: str) -> nn.Sequential:
-    if isinstance(items, nn.Sequential):
-        return items
-    if isinstance(items, nn.Module):
-        return nn.Sequential(items)
-    return nn.Sequential(*(_built(spec, f"{what}[{i}]") for i, spec in enumerate(items)))
-
-
-class ZippedPair(ArchModule):
-    """Two task models zipped: ``forward(x)`` returns ``(logits_a, logits_b)``.
-
-    ``pre`` (e.g. Flatten) runs once on the shared input ``x``; ``layers`` are the zipped
-    :class:`ZipLayer` s; ``tail_a`` / ``tail_b`` are each task's remaining layers, reading
-    ``[s, a]`` / ``[s, b]``. :meth:`task` gives one task's single-output view. Each part
-    may also be given as the JSON spec :meth:`arch_config` writes, which is how ``nc.load``
-    rebuilds a saved zipped model.
-    """
-
-    arch_name = "zipped_pair"
-
-    def __init__(self, pre: nn.Module | Sequence[Spec], layers: Sequence[ZipLayer | Spec],
-                 tail_a: nn.Module | Sequence[Spec],
-                 tail_b: nn.Module | Sequence[Spec]) -> None:
-        super().__init__()
-        self.pre = _sequence(pre, "pre")
-        self.layers = nn.ModuleList(
-            layer if isinstance(layer, ZipLayer) else ZipLayer(
-                *(_built(layer[part], f"layers[{i}].{part}")
-                  for part in ("shared", "only_a", "only_b")),
-                _sequence(layer["activation"], f"layers[{i}].activation"))
-            for i, layer in enumerate(layers))
-        self.tail_a, self.tail_b = _sequence(tail_a, "tail_a"), _sequence(tail_b, "tail_b")
-
-    def arch_config(self) -> dict[str, Any]:
-        return {
-            "pre": [_spec(m) for m in self.pre],
-            "layers": [{part: None if getattr(layer, part) is None
-                        else _spec(getattr(layer, part))
-                        for part in ("shared", "only_a", "only_b")}
-                       | {"activation": [_spec(m) for m in layer.activation]}
-                       for layer in self.layers],
-            "tail_a": [_spec(m) for m in self.tail_a],
-            "tail_b": [_spec(m) for m in self.tail_b],
-        }
-
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(s, a, b)`` after the zipped layers (before any zipping: ``(x, [], [])``)."""
-        s = self.pre(x)
-        a = b = s[:, :0]
-        for layer in self.layers:
-            s, a, b = layer(s, a, b)
-        return s, a, b
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, a, b = self.features(x)
-        return self.tail_a(torch.cat([s, a], 1)), self.tail_b(torch.cat([s, b], 1))
-
-    def task(self, index: int) -> nn.Module:
-        """Task ``index`` (0 = A, 1 = B) as a module returning that task's logits only."""
-        if index not in (0, 1):
-            raise ModelError(f"a zipped pair has tasks 0 and 1, got {index!r}")
-        return _TaskView(self, index)
-
-
-class _TaskView(nn.Module):
-    def __init__(self, pair: ZippedPair, index: int) -> None:
-        super().__init__()
-        self.pair, self.index = pair, index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, a, b = self.pair.features(x)
-        if self.index == 0:
-            return self.pair.tail_a(torch.cat([s, a], 1))
-        return self.pair.tail_b(torch.cat([s, b], 1))
 
 
 # --------------------------------------------------------------------------- the maths
@@ -429,20 +308,9 @@ def _accuracies(pair: ZippedPair, data_a: Dataset, data_b: Dataset) -> tuple[flo
     return accuracy(pair.task(0), data_a.test), accuracy(pair.task(1), data_b.test)
 
 
-def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: Dataset, *,
-               share: float | Sequence[float], damping: float = 1e-3,
-               retrain_epochs: int = 2, final_epochs: int = 5, lr: float = 1e-3,
-               criterion: str = "hessian", seed: int = 0) -> ZipResult:
-    """Zip two chain models (Linear / Conv layers) that take the same input (MTZ, He,
-    Zhou & Thiele 2018).
-
-    ``share``: fraction of ``min(n_a, n_b)`` neurons merged in each hidden layer, one
-    number for all or one per layer from the input side (later layers stay unzipped).
-    After each layer both tasks re-train ``retrain_epochs`` epochs, and ``final_epochs``
-    at the end. ``criterion="euclidean"`` replaces both Hessians by the identity (pairs
-    by Euclidean distance, merged weights averaged): an ablation, to see what the Hessian
-    buys. The input models are not modified.
-    """
+def _check_settings(share: float | Sequence[float], data_a: Dataset, data_b: Dataset,
+                    retrain_epochs: int, final_epochs: int, damping: float,
+                    criterion: str) -> None:
     if criterion not in ("hessian", "euclidean"):
         raise RecipeError(f"zip: unknown criterion {criterion!r}; known: euclidean, hessian")
     fractions = [share] if isinstance(share, (int, float)) else list(share)
@@ -457,25 +325,52 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
             raise RecipeError(f"zip: {what} must be a non-negative integer, got {value!r}")
     if not damping > 0:
         raise RecipeError(f"zip: damping must be > 0, got {damping!r}")
-    x = example_input(data_a, 2)
-    parts = []
-    for model, data, which in ((model_a, data_a, "A"), (model_b, data_b, "B")):
-        model = _fold_norms(copy.deepcopy(model).eval(), data)
-        pre, body = _chain(model, which)
-        _check_chain(model, pre, body, x, which)
-        for op in (m for m in (*pre, *body) if not isinstance(m, ZIPPABLE)):
-            _spec(op)  # the zipped model must be savable: every operation has a record
-        parts.append((pre, body))
-    if [type(m) for m in parts[0][0]] != [type(m) for m in parts[1][0]]:
-        raise UnsupportedLayerError("zip: the two models prepare their input differently")
-    hidden = min(sum(isinstance(m, ZIPPABLE) for m in body) - 1 for _, body in parts)
-    if isinstance(share, (int, float)):
-        fractions = fractions * hidden
+
+
+def _fractions(share: float | Sequence[float], hidden: int) -> list[float]:
+    """One fraction per zipped layer (a single number applies to every hidden layer)."""
+    fractions = [share] * hidden if isinstance(share, (int, float)) else list(share)
     if not 1 <= len(fractions) <= hidden:
         raise RecipeError(f"zip: share gives {len(fractions)} fraction(s) but the models have "
                           f"{hidden} hidden layer(s) in common to zip (output layers stay "
                           f"task-specific)")
-    fractions = [float(f) for f in fractions]
+    return [float(f) for f in fractions]
+
+
+def _unzipped_chain(model: nn.Module, data: Dataset, x: torch.Tensor,
+                    which: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A copy of ``model`` as ``(pre, body)``, BatchNorms folded, checked to be a chain of
+    savable parts."""
+    model = _fold_norms(copy.deepcopy(model).eval(), data)
+    pre, body = _chain(model, which)
+    _check_chain(model, pre, body, x, which)
+    for op in (m for m in (*pre, *body) if not isinstance(m, ZIPPABLE)):
+        spec_of(op)  # the zipped model must be savable: every operation has a record
+    return pre, body
+
+
+def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: Dataset, *,
+               share: float | Sequence[float], damping: float = 1e-3,
+               retrain_epochs: int = 2, final_epochs: int = 5, lr: float = 1e-3,
+               criterion: str = "hessian", seed: int = 0) -> ZipResult:
+    """Zip two chain models (Linear / Conv layers) that take the same input (MTZ, He,
+    Zhou & Thiele 2018).
+
+    ``share``: fraction of ``min(n_a, n_b)`` neurons merged in each hidden layer, one
+    number for all or one per layer from the input side (later layers stay unzipped).
+    After each layer both tasks re-train ``retrain_epochs`` epochs, and ``final_epochs``
+    at the end. ``criterion="euclidean"`` replaces both Hessians by the identity (pairs
+    by Euclidean distance, merged weights averaged): an ablation, to see what the Hessian
+    buys. The input models are not modified.
+    """
+    _check_settings(share, data_a, data_b, retrain_epochs, final_epochs, damping, criterion)
+    x = example_input(data_a, 2)
+    parts = [_unzipped_chain(model, data, x, which)
+             for model, data, which in ((model_a, data_a, "A"), (model_b, data_b, "B"))]
+    if [type(m) for m in parts[0][0]] != [type(m) for m in parts[1][0]]:
+        raise UnsupportedLayerError("zip: the two models prepare their input differently")
+    fractions = _fractions(share, min(sum(isinstance(m, ZIPPABLE) for m in body) - 1
+                                      for _, body in parts))
     pair = ZippedPair(nn.Sequential(*parts[0][0]), [], nn.Sequential(*parts[0][1]),
                       nn.Sequential(*parts[1][1])).eval()
     before = _accuracies(pair, data_a, data_b)
@@ -497,5 +392,3 @@ def zip_models(model_a: nn.Module, model_b: nn.Module, data_a: Dataset, data_b: 
                      macs_before, count_macs(pair, x[:1]).total, before, tuple(merged_acc),
                      _accuracies(pair, data_a, data_b), tuple(errors))
 
-
-ARCHITECTURES.register(ZippedPair.arch_name, ZippedPair)
