@@ -272,3 +272,28 @@ def test_operations_without_a_file_record_are_refused_before_zipping() -> None:
     with pytest.raises(UnsupportedLayerError, match="Softplus has no file record"):
         zip_models(odd, copy.deepcopy(odd), data, data, share=0.5)
 
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c["layers"][0].__setitem__("shared", {"type": "os.system", "args": {}}),
+    lambda c: c["layers"][0]["activation"].append({"type": "Dropout", "args": {"p": 9}}),
+    lambda c: c.__setitem__("layers", "not a list"),
+    lambda c: c.__setitem__("extra", 1),
+    lambda c: c["tail_a"][0]["args"].__setitem__("out_features", 10**9),
+], ids=["unknown type", "bad arg", "bad structure", "unexpected key", "oversized layer"])
+def test_a_hostile_zipped_config_gives_one_line_format_error(mutate, tmp_path) -> None:
+    from nncompress import formats
+    from nncompress.errors import FormatError
+    from test_formats_corrupt import resign, split
+
+    model_a, model_b, data_a, data_b = _pair()
+    result = zip_models(model_a, model_b, data_a, data_b, share=0.5, retrain_epochs=0,
+                        final_epochs=0)
+    path = tmp_path / "z.nnc"
+    formats.save(result.model, path)
+    _, header, payload = split(path.read_bytes())
+    mutate(header["arch"]["builder"]["config"])
+    resign(path, payload, header=header)  # a valid checksum: only the config is hostile
+    with pytest.raises(FormatError, match=r"zipped_pair|tail_a") as info:
+        formats.load(path)
+    assert "\n" not in str(info.value)
