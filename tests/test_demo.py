@@ -29,6 +29,9 @@ def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # the quick demo runs every demo recipe, deep-compression among them: its stage table
     assert "## deep-compression: bytes per stage" in report
     assert "| layers.fc1.weight |" in report and "after weight_sharing" in report
+    # several models at once: mlp's zipping pair (multiplexing needs cnn1d, not run here)
+    assert "## Sharing across tasks: multi-task zipping (MTZ)" in report
+    assert "| mlp: MTZ share 1 |" in report and "Multiplexing" not in report
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert (out / "layer_sparsity.png").stat().st_size > 1000
 
@@ -55,3 +58,6 @@ def test_demo_reports_sensitivity_and_refusals(tmp_path: Path,
     # network slimming needs BatchNorm: the MLP refuses it, and the report says so
     assert [(k.model, k.recipe) for k in result.skipped] == [("mlp", "network-slimming")]
     assert "## Not applicable" in text and "BatchNorm" in text
+    # with cnn1d in the run: zipping of both pairs and both multiplexers
+    assert "| cnn1d: MTZ share 1 |" in text and "| mlp: MTZ share 1 |" in text
+    assert "| cascade, budget 35% |" in text and "| learned router, budget 50% |" in text

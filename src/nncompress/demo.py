@@ -92,6 +92,10 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
                       for layer in result.final.macs.layers if layer.params]
             if any(zeros > 0.01 for _, zeros in layers):
                 sparsity[f"{name} / {recipe.name}"] = layers
+    from nncompress.demo_multi import demo_sections
+
+    echo("several models at once: zipping and multiplexing")
+    sections += demo_sections(names, quick=quick, seed=seed, echo=echo)
     echo("")
     echo(rows_text(rows))
     seconds = time.perf_counter() - start
