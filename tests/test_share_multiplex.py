@@ -227,3 +227,13 @@ def test_multi_branch_trains_heads_on_a_frozen_backbone() -> None:
         train_heads(backbone, [nn.Linear(16, 1)], [task_a], epochs=1)
     with pytest.raises(ModelError, match="no head 2"):
         model.branch(2)
+
+
+def test_router_training_depends_on_the_seed_only(setup) -> None:
+    models, data = setup
+    first = train_router(models, data, _held_out(), budget_macs=1e9, seed=4)
+    torch.rand(100)  # whatever ran before must not matter
+    second = train_router(models, data, _held_out(), budget_macs=1e9, seed=4)
+    for p, q in zip(first.router.parameters(), second.router.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert first.threshold == second.threshold

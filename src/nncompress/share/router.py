@@ -164,7 +164,9 @@ def train_router(models: Sequence[nn.Module], data: Dataset, held_out: Iterable,
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction!r}")
     for m in models:
         m.eval()
-    router = router if router is not None else default_router(data.input_shape, len(models))
+    if router is None:
+        torch.manual_seed(seed)  # the router's initial weights depend on the seed only
+        router = default_router(data.input_shape, len(models))
     costs, router_macs = _costs(models, router, example_input(data, 1))
     if budget_macs < costs[0] + router_macs:
         raise ConstraintError(f"budget of {budget_macs:.0f} MACs per sample is below the "
