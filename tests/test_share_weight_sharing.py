@@ -23,6 +23,7 @@ from nncompress.share.weight_sharing import (
     WeightSharingConfig,
     cluster_weight,
     weight_sharing,
+    zero_small_centroids,
 )
 from nncompress.technique import TECHNIQUES, Context
 
@@ -164,3 +165,28 @@ def test_deep_compression_recipe_end_to_end(tmp_path: Path) -> None:
     assert sum(t.plain for t in result.baseline.weights) > 10 * sum(
         t.coded for t in result.final.weights)
     assert "total" in result.bytes_table()
+
+
+def test_near_zero_centroids_become_zeros_and_stay_pruned() -> None:
+    # hand-made weight: members of a centroid at 0.001 (0.1 % of max |w|) and of larger ones
+    w = torch.tensor([[0.001, 0.0011, 0.0009, 1.0], [-0.5, 0.5, 0.001, 0.0]])
+    keep = w != 0
+    sw = cluster_weight(w, keep, bits=2)
+    same, dropped = zero_small_centroids(sw, 0.0)
+    assert dropped == 0 and torch.equal(same.keep, sw.keep)
+    small, dropped = zero_small_centroids(sw, 0.01)
+    assert dropped == 4
+    assert torch.equal(small.weight() == 0, (w == 0) | (w.abs() < 0.01))
+    assert torch.equal(small.weight()[w.abs() > 0.1], sw.weight()[w.abs() > 0.1])
+    # through the technique: the pruned members stay zero through centroid fine-tuning
+    model = conv_linear()
+    with torch.no_grad():
+        model[3].weight[:, :40] = 1e-4
+    ctx = Context(data=tiny_data(features=12), seed=0, progress=False)
+    weight_sharing(model, WeightSharingConfig(bits=3, zero_below=0.01, epochs=2, lr=1e-2),
+                   ctx)
+    assert torch.all(model[3].weight[:, :40] == 0)
+    assert not ctx.masks["3.weight"][:, :40].any()
+    assert any("set to zero" in line for line in ctx.log)
+    with pytest.raises(RecipeError, match="zero_below"):
+        Recipe("bad", [Stage.technique("weight_sharing", zero_below=1.5)])

@@ -73,6 +73,12 @@ class WeightSharingConfig(TechniqueConfig):
     - ``epochs`` / ``lr``: centroid fine-tuning (0 epochs: cluster only); biases and
       unshared weights train alongside, with their masks kept.
     - ``layers`` / ``exclude``: fnmatch patterns over parameter names.
+    - ``zero_below``: a centroid with ``|c| <= zero_below * max|w|`` (the layer's largest
+      surviving weight) becomes an exact zero, its members pruned (kept pruned through
+      fine-tuning). 0 (default) keeps every centroid, as the paper does. Our addition:
+      clustering can reveal that many surviving weights are effectively zero (sparse VD
+      keeps small weights whose noise is low), and storing them as zeros costs nothing
+      in accuracy but shrinks the sparse streams.
     """
 
     bits: Bits | None = None
@@ -86,6 +92,7 @@ class WeightSharingConfig(TechniqueConfig):
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     layers: Patterns = ("*",)
     exclude: Patterns = ()
+    zero_below: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,17 @@ def _method_for(sw_values: int, k: int, method: str) -> str:
     return method
 
 
+def zero_small_centroids(sw: SharedWeight, zero_below: float) -> tuple[SharedWeight, int]:
+    """Prune the members of every centroid with ``|c| <= zero_below * max|w|``; returns
+    the updated weight and how many weights were pruned."""
+    if zero_below <= 0 or not bool(sw.keep.any()):
+        return sw, 0
+    values = sw.weight()[sw.keep]
+    small = sw.centroids.abs() <= zero_below * float(values.abs().max())
+    drop = sw.keep & small[sw.index]
+    return SharedWeight(sw.centroids, sw.index, sw.keep & ~drop), int(drop.sum())
+
+
 def _cluster_all(model: nn.Module, names: Sequence[str], config: WeightSharingConfig,
                  ctx: Context) -> dict[str, SharedWeight]:
     params = dict(model.named_parameters())
@@ -205,8 +223,12 @@ def _cluster_all(model: nn.Module, names: Sequence[str], config: WeightSharingCo
         if method != config.method:
             ctx.note(f"weight_sharing: {name}: {n_unique} unique values are too many for "
                      f"optimal k-means with k={2**bits}; used Lloyd")
-        shared[name] = cluster_weight(weight, keep, bits, init=config.init, method=method,
-                                      iters=config.iters, seed=ctx.seed)
+        sw = cluster_weight(weight, keep, bits, init=config.init, method=method,
+                            iters=config.iters, seed=ctx.seed)
+        shared[name], dropped = zero_small_centroids(sw, config.zero_below)
+        if dropped:
+            ctx.note(f"weight_sharing: {name}: {dropped} weights on centroids within "
+                     f"{config.zero_below:g} x max|w| of zero set to zero")
     return shared
 
 
