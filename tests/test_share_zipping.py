@@ -56,32 +56,45 @@ def test_identical_vectors_merge_for_free() -> None:
     assert cost[0, 1] > 1e-6
 
 
-def _pair(seed: int = 0, hidden: tuple[int, ...] = (16, 8)):
-    data = tiny_data(n=192, features=12, classes=4, seed=seed)
+def _trained_pair(build, features: int, epochs: int, seed: int = 0):
+    """Two models from ``build()`` trained on classes 0-1 and 2-3 of one tiny dataset."""
+    data = tiny_data(n=192, features=features, classes=4, seed=seed)
     data_a = class_subset(data, [0, 1], seed=seed)
     data_b = class_subset(data, [2, 3], seed=seed)
     torch.manual_seed(seed)
-    model_a = MLP((1, 12), 2, hidden=hidden)
-    model_b = MLP((1, 12), 2, hidden=hidden)
-    fit(model_a, data_a, epochs=15, lr=1e-2, progress=False)
-    fit(model_b, data_b, epochs=15, lr=1e-2, progress=False, seed=1)
-    return model_a, model_b, data_a, data_b
+    model_a, model_b = build(), build()
+    fit(model_a, data_a, epochs=epochs, lr=1e-2, progress=False)
+    fit(model_b, data_b, epochs=epochs, lr=1e-2, progress=False, seed=1)
+    return model_a.eval(), model_b.eval(), data_a, data_b
 
 
-def test_sharing_nothing_keeps_both_models_exactly() -> None:
-    model_a, model_b, data_a, data_b = _pair()
+def _pair(hidden: tuple[int, ...] = (16, 8)):
+    return _trained_pair(lambda: MLP((1, 12), 2, hidden=hidden), 12, 15)
+
+
+def _conv_pair():
+    return _trained_pair(
+        lambda: models.build("cnn1d", (1, 16), 2, channels=[6, 8], kernel_size=3), 16, 8)
+
+
+@pytest.mark.parametrize("make, features, shared", [
+    (_pair, 12, ((0, 16, 16), (0, 8, 8))),
+    (_conv_pair, 16, ((0, 6, 6), (0, 8, 8))),  # BatchNorms folded first
+])
+def test_sharing_nothing_keeps_both_models_exactly(make, features, shared) -> None:
+    model_a, model_b, data_a, data_b = make()
     result = zip_models(model_a, model_b, data_a, data_b, share=0.0, retrain_epochs=0,
                         final_epochs=0)
-    x = torch.randn(7, 1, 12)
+    x = torch.randn(7, 1, features)
     with torch.no_grad():
-        assert torch.allclose(result.model.task(0)(x), model_a(x), atol=1e-6)
-        assert torch.allclose(result.model.task(1)(x), model_b(x), atol=1e-6)
         ya, yb = result.model(x)
-        assert torch.allclose(ya, model_a(x), atol=1e-6)
-        assert torch.allclose(yb, model_b(x), atol=1e-6)
-    assert result.params_after == result.params_before
+        for got, model in ((result.model.task(0)(x), model_a), (ya, model_a),
+                           (result.model.task(1)(x), model_b), (yb, model_b)):
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-4)
+    assert result.params_after <= result.params_before
     assert result.merge_error == (0.0, 0.0)
-    assert result.shared == ((0, 16, 16), (0, 8, 8))
+    assert result.shared == shared
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
 
 
 def test_a_model_zipped_with_itself_shares_everything_at_no_cost() -> None:
@@ -186,30 +199,6 @@ def test_models_that_are_not_plain_chains_are_refused() -> None:
         zip_models(k3, MLP((1, 12), 2, hidden=(8, 8)), data, data, share=0.5)
 
 
-def _conv_pair(seed: int = 0):
-    data = tiny_data(n=192, features=16, classes=4, seed=seed)
-    data_a = class_subset(data, [0, 1], seed=seed)
-    data_b = class_subset(data, [2, 3], seed=seed)
-    torch.manual_seed(seed)
-    model_a = models.build("cnn1d", (1, 16), 2, channels=[6, 8], kernel_size=3)
-    model_b = models.build("cnn1d", (1, 16), 2, channels=[6, 8], kernel_size=3)
-    fit(model_a, data_a, epochs=8, lr=1e-2, progress=False)
-    fit(model_b, data_b, epochs=8, lr=1e-2, progress=False, seed=1)
-    return model_a.eval(), model_b.eval(), data_a, data_b
-
-
-def test_conv_models_zip_with_batchnorm_folded_and_nothing_shared_is_exact() -> None:
-    model_a, model_b, data_a, data_b = _conv_pair()
-    result = zip_models(model_a, model_b, data_a, data_b, share=0.0, retrain_epochs=0,
-                        final_epochs=0)
-    x = torch.randn(5, 1, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(result.model.task(0)(x), model_a(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(result.model.task(1)(x), model_b(x), atol=1e-5, rtol=1e-4)
-    assert not any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
-    assert result.shared == ((0, 6, 6), (0, 8, 8))
-
-
 def test_conv_twin_zips_for_free_even_when_partly_shared() -> None:
     """Sharing half the filters reorders the next layer's input channels (and the
     classifier's blocks after pooling); a model zipped with itself must keep its
@@ -250,8 +239,8 @@ def test_tasks_must_share_an_input() -> None:
         zip_models(MLP((1, 12), 3), MLP((1, 10), 3), small, other, share=0.5)
 
 
-@pytest.mark.parametrize("make", [_pair, _conv_pair])
-def test_zipped_models_save_and_load_without_a_skeleton(make, tmp_path) -> None:
+def _saved_zip(make, tmp_path):
+    """(zip result, task A data, path of the saved zipped model)."""
     import nncompress as nc
 
     model_a, model_b, data_a, data_b = make()
@@ -259,6 +248,14 @@ def test_zipped_models_save_and_load_without_a_skeleton(make, tmp_path) -> None:
                         final_epochs=1)
     path = tmp_path / "zipped.nnc"
     nc.save(result.model, path)
+    return result, data_a, path
+
+
+@pytest.mark.parametrize("make", [_pair, _conv_pair])
+def test_zipped_models_save_and_load_without_a_skeleton(make, tmp_path) -> None:
+    import nncompress as nc
+
+    result, data_a, path = _saved_zip(make, tmp_path)
     back = nc.load(path)  # no skeleton: the architecture record rebuilds the pair
     x = next(iter(data_a.test))[0]
     with torch.no_grad():
@@ -273,7 +270,6 @@ def test_operations_without_a_file_record_are_refused_before_zipping() -> None:
         zip_models(odd, copy.deepcopy(odd), data, data, share=0.5)
 
 
-
 @pytest.mark.parametrize("mutate", [
     lambda c: c["layers"][0].__setitem__("shared", {"type": "os.system", "args": {}}),
     lambda c: c["layers"][0]["activation"].append({"type": "Dropout", "args": {"p": 9}}),
@@ -286,11 +282,7 @@ def test_a_hostile_zipped_config_gives_one_line_format_error(mutate, tmp_path) -
     from nncompress.errors import FormatError
     from test_formats_corrupt import resign, split
 
-    model_a, model_b, data_a, data_b = _pair()
-    result = zip_models(model_a, model_b, data_a, data_b, share=0.5, retrain_epochs=0,
-                        final_epochs=0)
-    path = tmp_path / "z.nnc"
-    formats.save(result.model, path)
+    _, _, path = _saved_zip(_pair, tmp_path)
     _, header, payload = split(path.read_bytes())
     mutate(header["arch"]["builder"]["config"])
     resign(path, payload, header=header)  # a valid checksum: only the config is hostile

@@ -19,6 +19,7 @@ from torch import nn
 
 from nncompress.data import Dataset, example_input
 from nncompress.errors import DataError, ModelError
+from nncompress.share._views import OutputView
 from nncompress.train import fit
 
 __all__ = ["MultiBranch", "train_heads"]
@@ -50,21 +51,11 @@ class MultiBranch(nn.Module):
         """Task ``index``: backbone then head ``index``, returning that head's logits."""
         if not 0 <= index < len(self.heads):
             raise ModelError(f"no head {index!r}; this model has {len(self.heads)}")
-        return _Branch(self, index)
+        return OutputView(self, index)
 
-
-class _Branch(nn.Module):
-    def __init__(self, owner: MultiBranch, index: int) -> None:
-        super().__init__()
-        self.owner, self.index = owner, index
-
-    def train(self, mode: bool = True) -> _Branch:
-        super().train(mode)
-        self.owner.backbone.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.owner.heads[self.index](self.owner.backbone(x))
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Head ``index``'s logits (the backbone runs, the other heads do not)."""
+        return self.heads[index](self.backbone(x))
 
 
 def train_heads(backbone: nn.Module, heads: Sequence[nn.Module], tasks: Sequence[Dataset],

@@ -16,6 +16,7 @@ from torch import nn
 
 from nncompress.errors import ModelError, UnsupportedLayerError
 from nncompress.models.base import ARCHITECTURES, ArchModule
+from nncompress.share._views import OutputView
 
 __all__ = ["Spec", "ZipLayer", "ZippedPair", "spec_of"]
 
@@ -127,19 +128,14 @@ class ZippedPair(ArchModule):
         """Task ``index`` (0 = A, 1 = B) as a module returning that task's logits only."""
         if index not in (0, 1):
             raise ModelError(f"a zipped pair has tasks 0 and 1, got {index!r}")
-        return _TaskView(self, index)
+        return OutputView(self, index)
 
-
-class _TaskView(nn.Module):
-    def __init__(self, pair: ZippedPair, index: int) -> None:
-        super().__init__()
-        self.pair, self.index = pair, index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, a, b = self.pair.features(x)
-        if self.index == 0:
-            return self.pair.tail_a(torch.cat([s, a], 1))
-        return self.pair.tail_b(torch.cat([s, b], 1))
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Task ``index``'s logits (only that task's tail runs)."""
+        s, a, b = self.features(x)
+        if index == 0:
+            return self.tail_a(torch.cat([s, a], 1))
+        return self.tail_b(torch.cat([s, b], 1))
 
 
 ARCHITECTURES.register(ZippedPair.arch_name, ZippedPair)
