@@ -22,10 +22,12 @@ model with ``nc.save`` and sparsify after loading: ``kernels.sparsify(nc.load(pa
 before ``nc.save`` (a file saved with sparse modules in it does not load: ``nc.load``
 raises FormatError, the recorded module type differs from the architecture's).
 
-Measured (1 thread, ``bench/sparse_engine.py``): at batch 1 the CSR path beats dense only
-on the larger layer (300x784: ~1.1x at 90 %, 1.3x at 95 %, 1.7x at 99 %); on 100x300 or
-smaller the per-call overhead of the sparse kernel (~5-10 us) exceeds the dense gemv
-(~4-7 us) and ``sparsify`` keeps it dense. At batch 256 the CSR path wins at >= 95 %.
+Measured (1 thread, ``bench/sparse_engine.py``, three runs): at batch 1 the CSR path beats
+dense only on the larger layer (300x784: 1.07-1.16x at 90 %, 1.4-1.5x at 95 %, 2x at
+99 %); on 100x300 or smaller the per-call overhead of the sparse kernel (~8 us) exceeds
+the dense gemv (~6 us) and ``sparsify`` keeps it dense. At batch 256 the CSR path wins
+from 90 % on the large layer and from 95 % on the small one. The im2col convolution path
+was slower than the dense kernel in every case measured (0.4-0.9x).
 """
 
 from __future__ import annotations
