@@ -229,11 +229,6 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, 
     return shapes
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _decide(name: str, layer: nn.Module, in_shape: torch.Size | None,
             batch_sizes: tuple[int, ...], min_sparsity: float, repeats: int,
             seed: int) -> tuple[LayerChoice, nn.Module | None]:
@@ -301,7 +296,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
                                   repeats, seed)
             rows.append(row)
             if sparse is not None:
-                _set_module(model, name, sparse)
+                model.set_submodule(name, sparse)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
@@ -314,5 +309,5 @@ def densify(model: nn.Module) -> nn.Module:
     equivalent dense layer (in place)."""
     names = [n for n, m in model.named_modules() if isinstance(m, _SPARSE_MODULES)]
     for name in names:
-        _set_module(model, name, model.get_submodule(name).to_dense())
+        model.set_submodule(name, model.get_submodule(name).to_dense())
     return model

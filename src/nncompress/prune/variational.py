@@ -143,11 +143,6 @@ def _targets(model: nn.Module, config: SparseVDConfig) -> dict[str, str]:
     return out
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _train_size(ctx: Context) -> int:
     try:
         return max(1, len(ctx.data.train.dataset))  # type: ignore[arg-type]
@@ -181,7 +176,7 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     for name, path in targets.items():
         wrappers[name] = SVDLayer(model.get_submodule(path), config.threshold,
                                   config.init_log_sigma2)
-        _set_module(model, path, wrappers[name])
+        model.set_submodule(path, wrappers[name])
     try:
         steps = config.epochs * len(ctx.data.train)
     except TypeError:
@@ -211,7 +206,7 @@ def _unwrap(model: nn.Module, targets: Mapping[str, str],
     for name, path in targets.items():
         wrapper = wrappers[name]
         masks[name] = wrapper.keep_mask().cpu()
-        _set_module(model, path, wrapper.base)
+        model.set_submodule(path, wrapper.base)
     return masks
 
 

@@ -80,11 +80,6 @@ def _fold_one(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
@@ -107,13 +102,13 @@ def fold_batchnorm(model: nn.Module, config: FoldBatchNormConfig, ctx: Context) 
     for layer_name, bn_name in pairs:
         trial = copy.deepcopy(model)
         _fold_one(trial.get_submodule(layer_name), trial.get_submodule(bn_name))
-        _set(trial, bn_name, nn.Identity())
+        trial.set_submodule(bn_name, nn.Identity())
         if float((_outputs(trial, x) - reference).abs().max()) > TOLERANCE * scale:
             ctx.note(f"fold_batchnorm: {bn_name} not folded into {layer_name}: the "
                      f"layer's output is also used elsewhere")
             continue
-        _set(model, layer_name, trial.get_submodule(layer_name))
-        _set(model, bn_name, nn.Identity())
+        model.set_submodule(layer_name, trial.get_submodule(layer_name))
+        model.set_submodule(bn_name, nn.Identity())
         ctx.note(f"fold_batchnorm: {bn_name} folded into {layer_name}")
     return model
 

@@ -204,8 +204,7 @@ def hashed_net(model: nn.Module, config: HashedNetConfig, ctx: Context) -> nn.Mo
         virtual = old.in_features * old.out_features
         buckets = max(1, round(virtual / config.compression))
         new = to_hashed(old, buckets, base + offset)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, new)
+        model.set_submodule(name, new)
         if ctx.masks.pop(f"{name}.weight", None) is not None:
             ctx.note(f"hashed_net: dropped the pruning mask of {name}.weight")
         ctx.note(f"hashed_net: {name}: {virtual} weights -> {buckets} buckets")
