@@ -233,3 +233,15 @@ def test_sparsify_times_conv_layers_and_keeps_outputs() -> None:
         torch.testing.assert_close(out(x), expected, rtol=1e-4, atol=1e-5)
     densify(out)
     assert not any(isinstance(m, (SparseConv, SparseLinear)) for m in out.modules())
+
+
+def test_a_model_that_is_one_layer_is_replaced_by_the_returned_one() -> None:
+    lin = _pruned_linear(300, 784, 0.99)
+    out, report = sparsify(lin, torch.randn(1, 784), repeats=50)
+    assert report.layers[0].name == ""
+    assert isinstance(out, SparseLinear) == (report.layers[0].choice == "sparse")
+    x = torch.randn(1, 784)
+    with torch.inference_mode():
+        torch.testing.assert_close(out(x), lin(x), rtol=1e-5, atol=1e-5)
+    back = densify(SparseLinear.from_linear(lin))
+    assert type(back) is nn.Linear and torch.equal(back.weight, lin.weight)

@@ -269,7 +269,8 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
              repeats: int = 200, threads: int | None = 1,
              seed: int = 0) -> tuple[nn.Module, SparsifyReport]:
     """Swap each sufficiently sparse ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` for its
-    sparse module where the measured sparse path is faster (in place; also returned).
+    sparse module where the measured sparse path is faster (in place; also returned, and
+    only returned when the model is itself one such layer).
 
     ``example_input`` ``[B, *sample_shape]`` is run once to capture each layer's input
     shape; each candidate is then timed (median of ``repeats`` calls, ``threads`` intra-op
@@ -296,7 +297,7 @@ def sparsify(model: nn.Module, example_input: torch.Tensor, *,
                                   repeats, seed)
             rows.append(row)
             if sparse is not None:
-                model.set_submodule(name, sparse)
+                model = _put(model, name, sparse)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
@@ -309,5 +310,14 @@ def densify(model: nn.Module) -> nn.Module:
     equivalent dense layer (in place)."""
     names = [n for n, m in model.named_modules() if isinstance(m, _SPARSE_MODULES)]
     for name in names:
-        model.set_submodule(name, model.get_submodule(name).to_dense())
+        model = _put(model, name, model.get_submodule(name).to_dense())
+    return model
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """``module`` at ``name`` in ``model``; the model itself when ``name`` is ``""`` (a
+    model that is one layer is replaced, not modified: use the returned model)."""
+    if not name:
+        return module
+    model.set_submodule(name, module)
     return model
