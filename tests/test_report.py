@@ -108,3 +108,28 @@ def test_write_report_folder(tmp_path: Path, measurements) -> None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert plot.name in paths.markdown.read_text()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bytes_breakdown_lists_a_tensor_removed_by_a_later_stage_once() -> None:
+    from types import SimpleNamespace
+
+    from nncompress.measure import TensorBytes
+    from nncompress.report import breakdown_cells
+
+    def tb(name: str, plain: int, coded: int) -> TensorBytes:
+        return TensorBytes(name, 100, 10, plain, "sparse", coded, "sparse")
+
+    def stage(name: str, *weights: TensorBytes) -> SimpleNamespace:
+        return SimpleNamespace(name=name, kind="technique",
+                               measurement=SimpleNamespace(weights=weights))
+
+    result = SimpleNamespace(
+        baseline=SimpleNamespace(weights=(tb("a", 400, 400), tb("b", 400, 400))),
+        stages=(stage("prune", tb("a", 100, 90), tb("b", 100, 90)),
+                stage("remove", tb("a", 100, 80))))
+    result.final = result.stages[-1].measurement
+    headers, rows = breakdown_cells(result)
+    assert headers[3:6] == ["baseline", "after prune", "after remove"]
+    assert [r[0] for r in rows] == ["a", "b", "total"]  # "b" once, though in two stages
+    assert rows[1][3:7] == ["400 B", "100 B", "-", "-"]
+    assert rows[2][3:8] == ["800 B", "200 B", "100 B", "80 B", "10.00x"]

@@ -3,7 +3,7 @@ weight tensor at the baseline, after every technique stage, and with Huffman cod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nncompress.measure import TensorBytes
@@ -21,30 +21,32 @@ if TYPE_CHECKING:  # api imports report lazily; no cycle at run time
 __all__ = ["breakdown_cells", "bytes_breakdown"]
 
 
+def _pick(column: Mapping[str, TensorBytes], name: str | None) -> list[TensorBytes]:
+    """Tensor ``name`` of a column (none if absent there), or every tensor for the total."""
+    if name is None:
+        return list(column.values())
+    return [column[name]] if name in column else []
+
+
 def breakdown_cells(result: CompressionResult) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: one row per weight tensor of the final model (then any the
     stages removed), and a total. Stage columns hold the best plain lossless encoding's
     bytes (no entropy coding); the last column adds Huffman-coded encodings."""
-    stages = [(f"after {s.name}", s.measurement.weights) for s in result.stages
-              if s.kind == "technique"]
     columns: list[tuple[str, Sequence[TensorBytes]]] = [
-        ("baseline", result.baseline.weights), *stages]
-    final = result.final.weights
-    names = [t.name for t in final]
-    names += [t.name for _, col in columns for t in col if t.name not in names]
+        ("baseline", result.baseline.weights),
+        *((f"after {s.name}", s.measurement.weights) for s in result.stages
+          if s.kind == "technique")]
     by_col = [{t.name: t for t in col} for _, col in columns]
-    last = {t.name: t for t in final}
+    last = {t.name: t for t in result.final.weights}
+    names = list(dict.fromkeys([*last, *(n for col in by_col for n in col)]))
     headers = ["weight tensor", "elements", "non-zero", *(label for label, _ in columns),
                "+ Huffman", "ratio"]
     rows = []
     for name in [*names, None]:
-        cells, base, coded = [], 0, 0
-        for col in by_col:
-            picked = list(col.values()) if name is None else [col[name]] if name in col else []
-            cells.append(fmt_bytes(sum(t.plain for t in picked)) if picked else "-")
-        base = sum(t.plain for t in (by_col[0].values() if name is None else
-                                     [by_col[0][name]] if name in by_col[0] else []))
-        ends = list(last.values()) if name is None else [last[name]] if name in last else []
+        cells = [fmt_bytes(sum(t.plain for t in picked)) if (picked := _pick(col, name))
+                 else "-" for col in by_col]
+        base = sum(t.plain for t in _pick(by_col[0], name))
+        ends = _pick(last, name)
         coded = sum(t.coded for t in ends)
         numel = sum(t.numel for t in ends)
         nonzero = sum(t.nonzero for t in ends)
