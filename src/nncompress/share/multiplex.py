@@ -30,7 +30,7 @@ from nncompress.errors import ConstraintError, ModelError
 from nncompress.measure import count_macs
 
 __all__ = ["Cascade", "CascadePoint", "calibrate_cascade", "cascade_curve",
-           "evaluate_thresholds"]
+           "evaluate_thresholds", "ordered_costs", "split_loader"]
 
 #: candidate confidence thresholds tried per stage when calibrating
 GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 1.01)
@@ -101,7 +101,7 @@ def _probabilities(models: Sequence[nn.Module], loader) -> tuple[list[torch.Tens
     return [torch.cat(p) for p in probs], torch.cat(labels)
 
 
-def _split(data: Dataset, split: str | Iterable) -> Iterable:
+def split_loader(data: Dataset, split: str | Iterable) -> Iterable:
     """``"test"``, ``"train"`` or a loader of ``(x, y)`` batches."""
     if isinstance(split, str):
         if split not in ("test", "train"):
@@ -132,12 +132,22 @@ def _costs(models: Sequence[nn.Module], data: Dataset) -> list[int]:
     return [count_macs(m, x).total for m in models]
 
 
+def ordered_costs(models: Sequence[nn.Module], data: Dataset, what: str) -> list[int]:
+    """MACs per sample of each model, which must come cheapest first (``what`` names the
+    multiplexer in the error)."""
+    costs = _costs(models, data)
+    if costs != sorted(costs):
+        raise ModelError(f"order the {what}'s models from cheapest to most expensive; "
+                         f"MACs per sample: {costs}")
+    return costs
+
+
 def evaluate_thresholds(models: Sequence[nn.Module], data: Dataset,
                         thresholds: Sequence[float], *,
                         split: str | Iterable = "test") -> CascadePoint:
     """Accuracy, average MACs and per-model share of one cascade setting on ``split``
     (``"test"``, ``"train"`` or a loader)."""
-    probs, labels = _probabilities(models, _split(data, split))
+    probs, labels = _probabilities(models, split_loader(data, split))
     return _evaluate(probs, labels, _costs(models, data), thresholds)
 
 
@@ -145,7 +155,7 @@ def cascade_curve(models: Sequence[nn.Module], data: Dataset, *,
                   split: str | Iterable = "test") -> list[CascadePoint]:
     """Every threshold combination of :data:`GRID` evaluated on ``data``'s ``split``,
     reduced to the Pareto front (no other point is both cheaper and more accurate)."""
-    probs, labels = _probabilities(models, _split(data, split))
+    probs, labels = _probabilities(models, split_loader(data, split))
     costs = _costs(models, data)
     points = [_evaluate(probs, labels, costs, t)
               for t in itertools.product(GRID, repeat=len(models) - 1)]
@@ -162,10 +172,7 @@ def calibrate_cascade(models: Sequence[nn.Module], data: Dataset, *, budget_macs
     """The most accurate cascade on ``calibration`` (a held-out loader; ``None`` uses the
     training split, which over-trusts the small models) whose average MACs per sample is
     within ``budget_macs`` (models must be ordered from cheapest to most expensive)."""
-    costs = _costs(models, data)
-    if costs != sorted(costs):
-        raise ModelError(f"order the cascade's models from cheapest to most expensive; "
-                         f"MACs per sample: {costs}")
+    costs = ordered_costs(models, data, "cascade")
     if budget_macs < costs[0]:
         raise ConstraintError(f"budget of {budget_macs:.0f} MACs per sample is below the "
                               f"cheapest model's {costs[0]}")

@@ -28,7 +28,7 @@ from torch import nn
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, DataError, ModelError
 from nncompress.measure import count_macs
-from nncompress.share.multiplex import GRID
+from nncompress.share.multiplex import GRID, ordered_costs, split_loader
 
 __all__ = ["Multiplexer", "RouterPoint", "default_router", "router_curve", "train_router"]
 
@@ -122,13 +122,11 @@ def _point(p_right: torch.Tensor, right: torch.Tensor, costs: Sequence[float],
     return RouterPoint(threshold, float(correct.double().mean()), float(cost.mean()), share)
 
 
-def _costs(models: Sequence[nn.Module], router: nn.Module, x: torch.Tensor) -> tuple[
-        list[int], int]:
-    costs = [count_macs(m, x).total for m in models]
-    if costs != sorted(costs):
-        raise ModelError(f"order the multiplexer's models from cheapest to most expensive; "
-                         f"MACs per sample: {costs}")
-    return costs, count_macs(router, x).total
+def _costs(models: Sequence[nn.Module], router: nn.Module,
+           data: Dataset) -> tuple[list[int], int]:
+    """MACs per sample of each model (cheapest first, checked) and of the router."""
+    return (ordered_costs(models, data, "multiplexer"),
+            count_macs(router, example_input(data, 1)).total)
 
 
 def _fit_router(router: nn.Module, x: torch.Tensor, right: torch.Tensor, *, epochs: int,
@@ -167,7 +165,7 @@ def train_router(models: Sequence[nn.Module], data: Dataset, held_out: Iterable,
     if router is None:
         torch.manual_seed(seed)  # the router's initial weights depend on the seed only
         router = default_router(data.input_shape, len(models))
-    costs, router_macs = _costs(models, router, example_input(data, 1))
+    costs, router_macs = _costs(models, router, data)
     if budget_macs < costs[0] + router_macs:
         raise ConstraintError(f"budget of {budget_macs:.0f} MACs per sample is below the "
                               f"router ({router_macs}) plus the cheapest model ({costs[0]})")
@@ -193,10 +191,9 @@ def router_curve(mux: Multiplexer, data: Dataset, *,
                  split: str | Iterable = "test") -> list[RouterPoint]:
     """The multiplexer's router evaluated at every threshold of :data:`GRID` on ``split``
     (``"test"``, ``"train"`` or a loader), sorted by cost."""
-    loader = (data.test if split == "test" else data.train) if isinstance(split, str) else split
-    _, y, preds, probs = _collect(list(mux.models), mux.router, loader)
+    _, y, preds, probs = _collect(list(mux.models), mux.router, split_loader(data, split))
     assert probs is not None
-    costs, router_macs = _costs(list(mux.models), mux.router, example_input(data, 1))
+    costs, router_macs = _costs(list(mux.models), mux.router, data)
     right = preds == y[:, None]
     points = [_point(probs, right, costs, router_macs, t) for t in GRID]
     return sorted(points, key=lambda p: (p.avg_macs, -p.accuracy))
