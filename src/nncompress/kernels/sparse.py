@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,18 +42,13 @@ import torch
 from torch import nn
 
 from nncompress.errors import UnsupportedLayerError
+from nncompress.kernels._csr import CSRWeight
 from nncompress.kernels.sparse_conv import SparseConv, conv_unsupported
 
 __all__ = ["LayerChoice", "SparseLinear", "SparsifyReport", "densify", "sparsify"]
 
 
-def _to_csr(weight: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        return weight.detach().to_sparse_csr()
-
-
-class SparseLinear(nn.Module):
+class SparseLinear(CSRWeight):
     """``y = x W^T + b`` with ``W`` ``[out, in]`` held in CSR; ``x`` ``[..., in]``.
 
     Batch 1 (a single row) uses sparse matrix-vector (``torch.addmv``); larger batches use
@@ -64,19 +58,12 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
         if weight.dim() != 2 or not weight.is_floating_point():
             raise UnsupportedLayerError(
                 f"SparseLinear needs a 2-d float weight, got shape {tuple(weight.shape)} "
                 f"dtype {weight.dtype}")
         self.out_features, self.in_features = (int(d) for d in weight.shape)
-        csr = _to_csr(weight)
-        self.register_buffer("crow_indices", csr.crow_indices().clone())
-        self.register_buffer("col_indices", csr.col_indices().clone())
-        self.register_buffer("values", csr.values().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                           requires_grad=False)
-        self._csr = self._build()
+        super().__init__(weight, bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -84,22 +71,10 @@ class SparseLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def _build(self) -> torch.Tensor:
-        # plain attributes (not module lookups) for the batch-1 path: the bias, or zeros
+        # a plain attribute (not a module lookup) for the batch-1 path: the bias, or zeros
         self._shift = (self.bias.detach() if self.bias is not None
                        else self.values.new_zeros(self.out_features))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                           (self.out_features, self.in_features))
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:  # type: ignore[override]
-        super()._apply(fn, recurse)
-        self._csr = self._build()  # keep the cached views on the moved/cast tensors
-        return self
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
+        return super()._build()
 
     @property
     def sparsity(self) -> float:
@@ -107,7 +82,7 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The masked dense weight ``[out, in]`` (zeros where pruned)."""
-        return self._csr.to_dense()
+        return self.dense_matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1:  # batch 1: one sparse mat-vec, minimal Python

@@ -15,15 +15,12 @@ padding modes other than ``zeros`` are not offered a sparse path (the report say
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nncompress.errors import UnsupportedLayerError
+from nncompress.kernels._csr import CSRWeight
 
 __all__ = ["SparseConv", "conv_unsupported"]
 
@@ -45,7 +42,7 @@ def _pair(values: tuple[int, ...], one_d: bool, fill: int) -> tuple[int, int]:
     return (fill, int(values[0])) if one_d else (int(values[0]), int(values[1]))
 
 
-class SparseConv(nn.Module):
+class SparseConv(CSRWeight):
     """A Conv1d/Conv2d (``groups=1``, zero padding) whose weight is held in CSR.
 
     Input ``[B, in, L]`` (1-d) or ``[B, in, H, W]`` (2-d), output as the dense conv's.
@@ -54,48 +51,23 @@ class SparseConv(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d) -> None:
-        super().__init__()
         why = conv_unsupported(conv)
         if why is not None:
             raise UnsupportedLayerError(f"no sparse path for this convolution: {why}")
-        self.one_d = isinstance(conv, nn.Conv1d)
+        one_d = isinstance(conv, nn.Conv1d)
+        self.one_d = one_d
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size = _pair(conv.kernel_size, self.one_d, 1)
-        self.stride = _pair(conv.stride, self.one_d, 1)
-        self.padding = _pair(conv.padding, self.one_d, 0)  # type: ignore[arg-type]
-        self.dilation = _pair(conv.dilation, self.one_d, 1)
-        matrix = conv.weight.detach().reshape(self.out_channels, -1)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            csr = matrix.to_sparse_csr()
-        self.register_buffer("crow_indices", csr.crow_indices().clone())
-        self.register_buffer("col_indices", csr.col_indices().clone())
-        self.register_buffer("values", csr.values().clone())
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
-                                                                requires_grad=False)
-        self._csr = self._build()
-
-    def _build(self) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            cols = self.in_channels * math.prod(self.kernel_size)
-            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                           (self.out_channels, cols))
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SparseConv:  # type: ignore[override]
-        super()._apply(fn, recurse)
-        self._csr = self._build()
-        return self
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
+        self.kernel_size = _pair(conv.kernel_size, one_d, 1)
+        self.stride = _pair(conv.stride, one_d, 1)
+        self.padding = _pair(conv.padding, one_d, 0)  # type: ignore[arg-type]
+        self.dilation = _pair(conv.dilation, one_d, 1)
+        super().__init__(conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``[out, in, *kernel]`` (zeros where pruned)."""
         shape = (self.out_channels, self.in_channels,
                  *(self.kernel_size[1:] if self.one_d else self.kernel_size))
-        return self._csr.to_dense().reshape(shape)
+        return self.dense_matrix().reshape(shape)
 
     def _out_size(self, size: int, axis: int) -> int:
         k, s, p, d = (self.kernel_size[axis], self.stride[axis], self.padding[axis],
