@@ -74,3 +74,20 @@ def test_weight_bytes_per_tensor_plain_and_entropy_coded() -> None:
     assert row.plain < 10_000 * 4 and not ENCODINGS.get(row.plain_encoding).entropy_coded
     assert row.coded <= row.plain
     assert row.coded == len(ENCODINGS.get(row.coded_encoding).encode(layer.weight.detach())[0])
+
+
+def test_measure_reports_the_file_save_writes_on_its_own(tmp_path) -> None:
+    """measure() passes weight_bytes' choices to the writer; the bytes must be those of
+    the file ``save`` writes choosing by itself."""
+    from helpers import tiny_data
+    from nncompress import formats
+    from nncompress.measure import measure
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        model[1].weight[torch.rand(model[1].weight.shape) < 0.9] = 0.0
+        model[3].weight.copy_(torch.randint(-2, 3, model[3].weight.shape) * 0.25)
+    got = measure(model, tiny_data(), with_latency=False)
+    assert got.artifact_bytes == formats.save(model, tmp_path / "m.nnc")
