@@ -173,3 +173,13 @@ def test_pruned_shared_tensor_bytes_and_entropy_report() -> None:
         assert 0 <= s.excess < 0.02
         assert s.total_bytes >= s.table_bytes + s.huffman_bits * s.symbols / 8
     assert report.stream("weights").symbols == 300 * 784
+
+
+def test_every_coded_stream_an_encoding_names_is_in_the_entropy_report() -> None:
+
+    report = entropy_report(torch.tensor([0.0, 0.5, 0.0, 0.0, -0.25, 0.5] * 20))
+    coded = [n for n in ENCODINGS.names() if ENCODINGS.get(n).entropy_coded]
+    assert set(coded) == {"codebook_huffman", "sparse_rel_huffman"}
+    for name in coded:
+        for stream in ENCODINGS.get(name).coded_streams:
+            assert report.stream(stream).symbols > 0

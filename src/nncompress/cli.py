@@ -231,11 +231,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the streams each entropy-coded encoding stores (formats.huffman)
-_CODED_STREAMS = {"codebook_huffman": ("weights",),
-                  "sparse_rel_huffman": ("indices", "values")}
-
-
 def _entropy_table(path: Path) -> str:
     """Huffman-coded streams of the file vs their empirical entropy (bits per symbol)."""
     from nncompress import formats
@@ -244,7 +239,7 @@ def _entropy_table(path: Path) -> str:
 
     rows = []
     for name, (encoding, tensor) in formats.read_tensors(path).items():
-        for stream in _CODED_STREAMS.get(encoding, ()):
+        for stream in formats.ENCODINGS.get(encoding).coded_streams:
             s = entropy_report(tensor).stream(stream)
             rows.append([name, stream, str(s.symbols), f"{s.entropy_bits:.3f}",
                          f"{s.huffman_bits:.3f}", f"{100 * s.excess:+.2f} %",

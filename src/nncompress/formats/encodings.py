@@ -136,8 +136,13 @@ class Encoding(ABC):
     dtypes: ClassVar[frozenset[str]] = frozenset(DTYPES)
     #: Considered by the default (smallest lossless) choice; expensive ones may opt out.
     auto: ClassVar[bool] = True
-    #: Entropy-codes its streams (Huffman): the last Deep Compression stage.
-    entropy_coded: ClassVar[bool] = False
+    #: The streams it entropy-codes (Huffman), named as in ``huffman.entropy_report``.
+    coded_streams: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def entropy_coded(self) -> bool:
+        """Whether it Huffman-codes anything: the last Deep Compression stage."""
+        return bool(self.coded_streams)
 
     def supports(self, dtype: torch.dtype) -> bool:
         """Whether tensors of ``dtype`` can be stored with this encoding."""

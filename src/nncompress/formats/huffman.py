@@ -262,7 +262,7 @@ class CodebookHuffman(Encoding):
 
     name = "codebook_huffman"
     lossless = True
-    entropy_coded = True
+    coded_streams = ("weights",)
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
         codebook, indices = build_codebook(element_words(tensor))
@@ -329,7 +329,7 @@ class SparseRelHuffman(Encoding):
 
     name = "sparse_rel_huffman"
     lossless = True
-    entropy_coded = True
+    coded_streams = ("indices", "values")
     KEYS = ("entries", "index_bits", "codes", "index_bytes", "crc32")
 
     def encode(self, tensor: torch.Tensor,
