@@ -278,12 +278,20 @@ def _load_user(ref: str, batch_size: int, seed: int) -> Dataset:
 # --------------------------------------------------------------------------- public API
 
 
+def tensor_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool,
+                  seed: int) -> DataLoader:
+    """The loader every dataset here uses: in-memory tensors; a shuffled one draws its
+    order from its own generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator, num_workers=0)
+
+
 def _from_arrays(name: str, arrays: _Arrays, batch_size: int, seed: int) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(arrays.x_train, arrays.y_train), batch_size=batch_size,
-                       shuffle=True, generator=generator, num_workers=0)
-    test = DataLoader(TensorDataset(arrays.x_test, arrays.y_test), batch_size=batch_size,
-                      shuffle=False, num_workers=0)
+    train = tensor_loader(arrays.x_train, arrays.y_train, batch_size=batch_size,
+                          shuffle=True, seed=seed)
+    test = tensor_loader(arrays.x_test, arrays.y_test, batch_size=batch_size,
+                         shuffle=False, seed=seed)
     top = max(int(arrays.y_train.max()), int(arrays.y_test.max()))
     return Dataset(name, train, test, tuple(arrays.x_train.shape[1:]), top + 1)
 

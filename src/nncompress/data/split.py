@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from nncompress.data.core import Dataset
+from nncompress.data.core import Dataset, tensor_loader
 from nncompress.errors import DataError
 
 __all__ = ["class_subset", "holdout"]
@@ -33,9 +33,7 @@ def _tensors(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _loader(x: torch.Tensor, y: torch.Tensor, like: DataLoader, *, shuffle: bool,
             seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(x, y), batch_size=like.batch_size or 128,
-                      shuffle=shuffle, generator=generator, num_workers=0)
+    return tensor_loader(x, y, batch_size=like.batch_size or 128, shuffle=shuffle, seed=seed)
 
 
 def class_subset(data: Dataset, classes: Sequence[int], *, name: str | None = None,
