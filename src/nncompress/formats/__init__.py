@@ -22,6 +22,7 @@ from nncompress.formats.container import (
     read_header,
     read_tensors,
     save,
+    smallest_encoding,
 )
 from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
 from nncompress.formats.header import FORMAT_VERSION, MAGIC
@@ -41,4 +42,5 @@ __all__ = [
     "read_header",
     "read_tensors",
     "save",
+    "smallest_encoding",
 ]

@@ -38,7 +38,7 @@ from nncompress.formats.header import (
 from nncompress.registry import Registry
 
 __all__ = ["ContainerInfo", "TensorInfo", "encoded_sizes", "inspect", "load", "read_header",
-           "read_tensors", "save"]
+           "read_tensors", "save", "smallest_encoding"]
 
 PathLike = str | os.PathLike[str]
 
@@ -153,17 +153,19 @@ def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
     return {name: len(data) for name, data, _ in _candidates(tensor)}
 
 
+def smallest_encoding(sizes: Mapping[str, int]) -> str:
+    """The encoding ``save`` picks from ``{name: bytes}``: the fewest bytes, dense on
+    ties, then by name."""
+    return min(sizes, key=lambda name: (sizes[name], name != "dense", name))
+
+
 def _encode(tensor: torch.Tensor, forced: Encoding | None) -> tuple[str, bytes, dict]:
-    """Encode with ``forced``, else with the smallest lossless auto encoding (dense on ties)."""
+    """Encode with ``forced``, else with the smallest lossless auto encoding."""
     if forced is not None:
         return (forced.name, *forced.encode(tensor))
-    best: tuple[tuple[int, bool, str], bytes, dict] | None = None
-    for name, data, params in _candidates(tensor):
-        key = (len(data), name != "dense", name)
-        if best is None or key < best[0]:
-            best = (key, data, params)
-    assert best is not None  # dense stores every allowlisted dtype
-    return best[0][2], best[1], best[2]
+    encoded = {name: (data, params) for name, data, params in _candidates(tensor)}
+    best = smallest_encoding({name: len(data) for name, (data, _) in encoded.items()})
+    return (best, *encoded[best])
 
 
 def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:

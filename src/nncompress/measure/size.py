@@ -59,16 +59,16 @@ def torch_save_bytes(model: nn.Module) -> int:
 def weight_bytes(model: nn.Module) -> tuple[TensorBytes, ...]:
     """Per weight tensor: bytes under the best plain and the best entropy-coded lossless
     encoding -- the stages of Han et al.'s (2015) Deep Compression table."""
-    from nncompress.formats import ENCODINGS, encoded_sizes
+    from nncompress.formats import ENCODINGS, encoded_sizes, smallest_encoding
 
     rows = []
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
         sizes = encoded_sizes(p.detach())
-        plain = min((n for n in sizes if not ENCODINGS.get(n).entropy_coded),
-                    key=lambda n: (sizes[n], n != "dense", n))
-        coded = min(sizes, key=lambda n: (sizes[n], n != "dense", n))
+        plain = smallest_encoding({n: b for n, b in sizes.items()
+                                   if not ENCODINGS.get(n).entropy_coded})
+        coded = smallest_encoding(sizes)
         rows.append(TensorBytes(name, p.numel(), int(torch.count_nonzero(p.detach())),
                                 sizes[plain], plain, sizes[coded], coded))
     return tuple(rows)
