@@ -71,13 +71,13 @@ __all__ = ["ZipLayer", "ZipResult", "ZippedPair", "merge_cost", "zip_models"]
 
 def merge_cost(h_a: torch.Tensor, h_b: torch.Tensor, w_a: torch.Tensor,
                w_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MTZ's cost of merging every pair and the merged weights.
+    """MTZ's cost of merging every pair of rows.
 
     ``h_a``, ``h_b`` ``[d, d]`` (positive definite), ``w_a`` ``[n_a, d]``, ``w_b``
     ``[n_b, d]``. Returns ``cost [n_a, n_b]`` with
-    ``cost[i, j] = 1/2 (a_i - b_j)^T (H_A^-1 + H_B^-1)^-1 (a_i - b_j)`` and
-    ``merged [n_a, n_b, d]`` is not formed: use :func:`_merged` for the chosen pairs.
-    Also returns ``(H_A + H_B)^-1`` ``[d, d]`` for :func:`_merged`.
+    ``cost[i, j] = 1/2 (a_i - b_j)^T (H_A^-1 + H_B^-1)^-1 (a_i - b_j)``, and
+    ``(H_A + H_B)^-1`` ``[d, d]``, with which :func:`_merged` forms the merged weights of
+    the chosen pairs only.
     """
     s_inv = torch.linalg.inv(h_a + h_b)
     m = h_a @ s_inv @ h_b  # = (H_A^-1 + H_B^-1)^-1
