@@ -48,5 +48,5 @@ def test_bad_arguments_raise(kwargs: dict) -> None:
 
 
 def test_wrong_input_shape_is_a_model_error() -> None:
-    with pytest.raises(ModelError, match=r"\(1, 5\)"):
+    with pytest.raises(ModelError, match=r"\[1, 5\]"):
         latency(_model(), (5,), batch_sizes=(1,), warmup=0, repeats=1)

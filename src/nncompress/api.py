@@ -95,18 +95,20 @@ class CompressionResult:
                 for label, m, _ in points]
         batch_n = next((r.batch_n for r in rows if r.batch_n), None)
         headers = ["stage", "accuracy", "Δ accuracy", "bytes on disk", "ratio",
-                   "params (non-zero)", "MACs (non-zero)", "latency b1",
-                   f"latency b{batch_n or 'N'}", "stage time"]
+                   "params (non-zero)", "MACs (non-zero)", "latency b1", "speed-up b1",
+                   f"latency b{batch_n or 'N'}", f"speed-up b{batch_n or 'N'}", "stage time"]
         cells = [[label, fmt_pct(r.accuracy), fmt_pct(r.accuracy_delta, signed=True),
                   fmt_bytes(r.artifact_bytes), fmt_ratio(r.size_ratio),
                   f"{fmt_count(r.params)} ({fmt_count(r.nonzero_params)})",
                   f"{fmt_count(r.macs)} ({fmt_count(r.sparse_macs)})",
-                  fmt_ms(r.latency_b1_ms), fmt_ms(r.latency_bn_ms),
+                  fmt_ms(r.latency_b1_ms), fmt_ratio(r.speedup_b1) if sec is not None else "-",
+                  fmt_ms(r.latency_bn_ms), fmt_ratio(r.speedup_bn) if sec is not None else "-",
                   "-" if sec is None else f"{sec:.1f} s"]
                  for (label, _, sec), r in zip(points, rows, strict=True)]
         title = (f"{self.model_name or 'model'} on {self.dataset or 'data'}, recipe "
                  f"{self.recipe.name} (bytes: .nnc file; MACs per sample; latency: CPU "
-                 "median per batch)")
+                 "median per batch; speed-up: the uncompressed model / this one, timed "
+                 "interleaved in alternating rounds)")
         return title + "\n" + render_text(headers, cells)
 
 
@@ -160,7 +162,9 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     The caller's ``model`` is never modified. ``seed`` seeds every random choice (the
     fine-tuning batch order among them); ``measure_latency=False`` skips the timing runs.
     ``baseline``: an earlier ``measure(model, data)`` of this same model, reused instead of
-    measuring it again (so several recipes compare against one baseline).
+    measuring it again (so several recipes compare against one baseline). After every
+    stage the model is timed interleaved with a copy of the uncompressed model (alternating
+    rounds), so each speed-up compares two latencies measured together.
     """
     plan = Recipe.resolve(recipe)
     _check_inputs(model, data)
@@ -171,20 +175,22 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
         raise ModelError(f"cannot copy the model {type(model).__name__} "
                          f"({type(exc).__name__}: {exc})") from exc
 
-    def measure_now(m: nn.Module) -> Measurement:
+    reference = copy.deepcopy(work).eval() if measure_latency else None
+
+    def measure_now(m: nn.Module, ref: nn.Module | None) -> Measurement:
         return measure(m, data, latency_batches=tuple(latency_batches),
-                       with_latency=measure_latency)
+                       with_latency=measure_latency, reference=ref)
 
     if baseline is None:
-        baseline = measure_now(work)
+        baseline = measure_now(work, None)
     ctx = Context(data=data, seed=seed, progress=progress)
     results: list[StageResult] = []
     for index, stage in enumerate(plan.stages, 1):
         start = time.perf_counter()
         work = _run_stage(work, stage, index, ctx)
         seconds = time.perf_counter() - start
-        results.append(StageResult(stage.name, stage.kind, stage.params, measure_now(work),
-                                   seconds))
+        results.append(StageResult(stage.name, stage.kind, stage.params,
+                                   measure_now(work, reference), seconds))
     work.eval()
     return CompressionResult(model=work, recipe=plan, baseline=baseline,
                              stages=tuple(results), log=tuple(ctx.log),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from nncompress import inputs
 from nncompress.data import Dataset
 from nncompress.errors import DataError
 
@@ -81,7 +82,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:
-            correct += int((model(x).argmax(dim=-1) == y).sum())
+            correct += int((inputs.call(model, x).argmax(dim=-1) == y).sum())
             total += len(y)
     if total == 0:
         raise DataError("cannot evaluate: the loader yields no samples")
@@ -127,7 +128,7 @@ def _train_epoch(model: nn.Module, data: Dataset, optimizer: torch.optim.Optimiz
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
+        logits = inputs.call(model, x)
         loss = F.cross_entropy(logits, y)
         if extra_loss is not None:
             loss = loss + extra_loss(model)

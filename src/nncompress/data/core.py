@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from nncompress import inputs
 from nncompress.errors import DataError
+from nncompress.inputs import Inputs
 from nncompress.paths import cache_dir
 from nncompress.registry import Registry
 
@@ -42,8 +44,11 @@ _MNIST1D_CACHE_VERSION = 1
 class Dataset:
     """Train/test loaders plus what a model needs to know about the samples.
 
-    ``train`` yields ``(x: float32 [B, *input_shape], y: int64 [B])`` in shuffled order;
-    ``test`` yields the same, never shuffled. ``input_shape`` is per sample, channels first.
+    ``train`` yields ``(x, y: int64 [B])`` in shuffled order; ``test`` yields the same,
+    never shuffled. ``x`` is one tensor of any dtype shaped ``[B, *input_shape]`` (float32
+    features, int64 token ids, ...) or a tuple / dict of such tensors (see
+    :mod:`nncompress.inputs`), then ``input_shape`` is the per-sample shape of the first.
+    ``input_shape`` is per sample, channels first.
     """
 
     name: str
@@ -220,11 +225,18 @@ def _arrays_from_user(parts: Sequence[Any], ref: str) -> _Arrays:
     if xt.shape[1:] != xe.shape[1:]:
         raise DataError(f"data reference {ref!r}: train samples are shaped "
                         f"{tuple(xt.shape[1:])} but test samples {tuple(xe.shape[1:])}")
-    return _Arrays(xt.to(torch.float32), yt, xe.to(torch.float32), ye)
+    return _Arrays(_feature_dtype(xt), yt, _feature_dtype(xe), ye)
+
+
+def _feature_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Floating features as float32; integer ones (token ids, category codes) as int64."""
+    return x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)
 
 
 def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, ...], int]:
-    """Check every batch of a user loader; return (sample shape, max label)."""
+    """Check every batch of a user loader; return (sample shape of the first input tensor,
+    max label). ``x`` may be one tensor of any dtype or a tuple/dict of tensors; only the
+    first tensor's per-sample shape must stay fixed (sequence lengths may vary)."""
     shape: tuple[int, ...] | None = None
     top = -1
     for batch in loader:
@@ -232,17 +244,23 @@ def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, .
             raise DataError(f"data reference {ref!r}: the {split} loader must yield (x, y) "
                             f"batches")
         x, y = batch
-        if not (torch.is_tensor(x) and x.dtype == torch.float32 and x.ndim >= 2):
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield float32 "
-                            f"x batches shaped [B, ...]")
-        if not (torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
+        try:
+            inputs.check(x, f"the {split} loader's x")
+        except DataError as exc:
+            raise DataError(f"data reference {ref!r}: {exc}") from None
+        first = inputs.leaves(x)[0]
+        if first.is_complex() or first.dim() < 2:
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
+                            f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
+        if not (torch.is_tensor(y) and y.dtype == torch.int64
+                and y.shape == (inputs.batch_size(x),)):
             raise DataError(f"data reference {ref!r}: the {split} loader must yield int64 "
                             f"labels shaped [B], one per sample")
         _check_labels(y, f"{split} y", ref)
-        if shape is not None and tuple(x.shape[1:]) != shape:
+        if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
             raise DataError(f"data reference {ref!r}: {split} samples change shape between "
                             f"batches")
-        shape = tuple(x.shape[1:])
+        shape = shape or tuple(first.shape[1:])
         top = max(top, int(y.max()) if len(y) else -1)
     if shape is None:
         raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
@@ -278,12 +296,29 @@ def _load_user(ref: str, batch_size: int, seed: int) -> Dataset:
 # --------------------------------------------------------------------------- public API
 
 
-def tensor_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool,
+class InputsDataset(torch.utils.data.Dataset):
+    """In-memory samples whose inputs are a tuple or dict of tensors (see
+    :mod:`nncompress.inputs`); item ``i`` is ``(inputs of sample i, y[i])``."""
+
+    def __init__(self, x: Inputs, y: torch.Tensor) -> None:
+        self.x = inputs.check(x)
+        self.y = y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
+        return inputs.select(self.x, index), self.y[index]
+
+
+def tensor_loader(x: Inputs, y: torch.Tensor, *, batch_size: int, shuffle: bool,
                   seed: int) -> DataLoader:
-    """The loader every dataset here uses: in-memory tensors; a shuffled one draws its
-    order from its own generator seeded with ``seed``."""
+    """The loader every dataset here uses: in-memory tensors (``x`` one tensor or a tuple /
+    dict of them); a shuffled one draws its order from its own generator seeded with
+    ``seed``."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+    dataset = TensorDataset(x, y) if isinstance(x, torch.Tensor) else InputsDataset(x, y)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=generator, num_workers=0)
 
 
@@ -316,25 +351,27 @@ def dataset_names() -> tuple[str, ...]:
     return _BUNDLED.names()
 
 
-def _first_samples(batches: Iterable[Any], count: int) -> list[torch.Tensor]:
-    taken: list[torch.Tensor] = []
+def _first_samples(batches: Iterable[Any], count: int) -> list[Inputs]:
+    taken: list[Inputs] = []
     have = 0
     for x, _ in batches:
-        taken.append(x[: count - have])
-        have += len(taken[-1])
+        taken.append(inputs.take(x, count - have))
+        have += inputs.batch_size(taken[-1])
         if have >= count:
             break
     return taken
 
 
-def example_input(data: Dataset, batch: int = 1) -> torch.Tensor:
-    """The first ``batch`` test samples, ``[batch, *input_shape]`` (repeated if too few)."""
+def example_input(data: Dataset, batch: int = 1) -> Inputs:
+    """The first ``batch`` test samples, ``[batch, *input_shape]`` (repeated if too few);
+    of the dataset's input form (a tensor, or a tuple / dict of tensors)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    taken = _first_samples(data.test, batch)
-    if not taken or sum(len(t) for t in taken) == 0:
+    taken = [t for t in _first_samples(data.test, batch) if inputs.batch_size(t)]
+    if not taken:
         raise DataError(f"dataset {data.name!r} has no test samples")
-    x = torch.cat(taken)
-    if len(x) < batch:
-        x = x.repeat(-(-batch // len(x)), *([1] * (x.ndim - 1)))[:batch]
-    return x
+    try:
+        x = inputs.concat(taken)
+    except RuntimeError:  # test batches of different sequence lengths: use the first
+        x = taken[0]
+    return inputs.repeat_to(x, batch)

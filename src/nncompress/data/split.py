@@ -12,13 +12,15 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from nncompress import inputs
 from nncompress.data.core import Dataset, tensor_loader
 from nncompress.errors import DataError
+from nncompress.inputs import Inputs
 
 __all__ = ["class_subset", "holdout"]
 
 
-def _tensors(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensors(loader: DataLoader) -> tuple[Inputs, torch.Tensor]:
     """All samples in dataset order (a shuffled loader's order would depend on how often
     it was iterated before)."""
     dataset = getattr(loader, "dataset", None)
@@ -28,10 +30,15 @@ def _tensors(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*loader, strict=True) if len(loader) else ((), ())
     if not xs:
         raise DataError("the loader yields no samples")
-    return torch.cat(xs), torch.cat(ys)
+    try:
+        return inputs.concat(xs), torch.cat(ys)
+    except RuntimeError:
+        raise DataError("the loader's batches have inputs of different shapes (e.g. "
+                        "sequence lengths); pad them to one length to split this dataset"
+                        ) from None
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, like: DataLoader, *, shuffle: bool,
+def _loader(x: Inputs, y: torch.Tensor, like: DataLoader, *, shuffle: bool,
             seed: int) -> DataLoader:
     return tensor_loader(x, y, batch_size=like.batch_size or 128, shuffle=shuffle, seed=seed)
 
@@ -53,7 +60,7 @@ def class_subset(data: Dataset, classes: Sequence[int], *, name: str | None = No
     for split in (data.train, data.test):
         x, y = _tensors(split)
         keep = lookup[y] >= 0
-        parts.append((x[keep], lookup[y[keep]]))
+        parts.append((inputs.select(x, keep), lookup[y[keep]]))
     (xt, yt), (xe, ye) = parts
     label = name or f"{data.name}[{','.join(map(str, wanted))}]"
     return Dataset(label, _loader(xt, yt, data.train, shuffle=True, seed=seed),
@@ -75,6 +82,6 @@ def holdout(data: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, 
                         f"an empty split")
     held, kept = order[:cut].sort().values, order[cut:].sort().values
     name = f"{data.name}[without holdout {fraction:g} seed {seed}]"  # never the cached name
-    rest = Dataset(name, _loader(x[kept], y[kept], data.train, shuffle=True, seed=seed),
-                   data.test, data.input_shape, data.num_classes)
-    return rest, _loader(x[held], y[held], data.train, shuffle=False, seed=seed)
+    rest = Dataset(name, _loader(inputs.select(x, kept), y[kept], data.train, shuffle=True,
+                                 seed=seed), data.test, data.input_shape, data.num_classes)
+    return rest, _loader(inputs.select(x, held), y[held], data.train, shuffle=False, seed=seed)

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import ModelError, NNCError
+from nncompress.inputs import Inputs
 
 
 def count_nonzero(t: torch.Tensor) -> int:
@@ -33,16 +35,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def call_model(model: nn.Module, x: torch.Tensor) -> Any:
-    """``model(x)``; a failure caused by the input becomes a one-line :class:`ModelError`."""
+def call_model(model: nn.Module, x: Inputs) -> Any:
+    """``model(x)`` (``model(*x)`` / ``model(**x)`` for a tuple / dict of inputs); a failure
+    caused by the input becomes a one-line :class:`ModelError`."""
     try:
-        return model(x)
+        return inputs.call(model, x)
     except NNCError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model {type(model).__name__} failed on an input of shape "
-                         f"{tuple(x.shape)}: {first}") from exc
+        raise ModelError(f"model {type(model).__name__} failed on inputs "
+                         f"{inputs.describe(x)}: {first}") from exc
 
 
 def first_param(model: nn.Module) -> torch.Tensor | None:

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from nncompress import inputs
 from nncompress.errors import UnsupportedLayerError
+from nncompress.inputs import Inputs
 from nncompress.measure._common import call_model, count_nonzero, eval_mode
 
 __all__ = ["MAC_RULES", "LayerMacs", "MacCount", "MacRule", "count_macs"]
@@ -254,17 +256,17 @@ def _layer(name: str, module: nn.Module, rule: MacRule, term: Term, batch: int) 
     )
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> MacCount:
-    """Per-sample MACs of ``model`` on ``example_input`` ``[B, *input_shape]``.
+def count_macs(model: nn.Module, example_input: Inputs) -> MacCount:
+    """Per-sample MACs of ``model`` on ``example_input`` ``[B, *input_shape]`` (or a tuple /
+    dict of such tensors, see :mod:`nncompress.inputs`).
 
     Runs one forward pass in eval mode without autograd (the train/eval flags are
     restored afterwards); every call of a counted module is summed, and totals are
     divided by ``B``. Raises :class:`UnsupportedLayerError` naming the first leaf layer
     with parameters whose type has no rule in :data:`MAC_RULES`.
     """
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
-        raise ValueError("example_input must be a tensor shaped [batch, *input_shape]")
-    batch = example_input.shape[0]
+    inputs.check(example_input, "example_input")
+    batch = inputs.batch_size(example_input)
     if batch < 1:
         raise ValueError("example_input must hold at least one sample")
     counted = _counted_modules(model)

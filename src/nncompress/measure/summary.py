@@ -13,7 +13,7 @@ from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MacCount, count_macs
 from nncompress.measure.params import ParamCount, count_params
 from nncompress.measure.size import TensorBytes, artifact_bytes, torch_save_bytes, weight_bytes
-from nncompress.measure.timing import LatencyReport, latency
+from nncompress.measure.timing import LatencyReport, latency_ab
 
 __all__ = ["Comparison", "Measurement", "compare", "measure"]
 
@@ -26,6 +26,9 @@ class Measurement:
     ``macs``: per sample. ``artifact_bytes``: the .nnc file; ``torch_save_bytes``:
     ``torch.save(state_dict)``. ``latency``: ms per batch call, or None when skipped.
     ``weights``: each weight tensor's bytes, plain and entropy-coded (:func:`weight_bytes`).
+    ``reference_latency``: the latency of a reference model (the uncompressed baseline)
+    timed interleaved with this one, round by round (``measure(..., reference=)``);
+    :func:`compare` prefers it to the baseline's own, separately timed latency.
     """
 
     accuracy: float
@@ -35,18 +38,28 @@ class Measurement:
     torch_save_bytes: int
     latency: LatencyReport | None
     weights: tuple[TensorBytes, ...] = ()
+    reference_latency: LatencyReport | None = None
 
 
 def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] = (1, 256),
             warmup: int = 5, repeats: int = 30, with_latency: bool = True,
-            threads: int | None = None) -> Measurement:
+            threads: int | None = None, reference: nn.Module | None = None,
+            rounds: int = 5) -> Measurement:
     """Measure ``model`` on ``data``: test accuracy, parameters, MACs (on one real test
     sample), bytes on disk, and (unless ``with_latency`` is False) latency per batch size
-    in ``latency_batches`` on seeded random inputs of ``data.input_shape``."""
-    report = None
+    in ``latency_batches`` on real test samples (repeated to the batch size).
+
+    ``reference``: another model (e.g. the uncompressed one) timed interleaved with
+    ``model`` in ``rounds`` alternating rounds; its latency goes to ``reference_latency``.
+    """
+    report = ref_report = None
     if with_latency:
-        report = latency(model, data.input_shape, latency_batches, warmup=warmup,
-                         repeats=repeats, threads=threads)
+        models = [model] if reference is None else [model, reference]
+        reports = latency_ab(models, None, latency_batches, warmup=warmup, repeats=repeats,
+                             rounds=rounds if reference is not None else 1, threads=threads,
+                             example=example_input(data, 1))
+        report = reports[0]
+        ref_report = reports[1] if reference is not None else None
     weights = weight_bytes(model)
     # the file stores each weight in the encoding weight_bytes found smallest (the same
     # choice save makes on its own), so the weights are not encoded every way twice
@@ -59,6 +72,7 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
         torch_save_bytes=torch_save_bytes(model),
         latency=report,
         weights=weights,
+        reference_latency=ref_report,
     )
 
 
@@ -73,7 +87,8 @@ class Comparison:
     ``params_ratio`` / ``nonzero_ratio``: parameter elements, all / non-zero.
     ``macs_ratio`` / ``sparse_macs_ratio``: per-sample MACs, dense / non-zero weights only.
     ``speedup``: ``(batch, before median ms / after median ms)`` for every batch size both
-    measured (empty when either skipped latency).
+    measured (empty when either skipped latency); "before" is ``after.reference_latency``
+    when ``after`` was timed interleaved with its reference, else ``before.latency``.
     """
 
     accuracy_delta: float
@@ -112,5 +127,5 @@ def compare(before: Measurement, after: Measurement) -> Comparison:
         nonzero_ratio=_ratio(before.params.nonzero, after.params.nonzero),
         macs_ratio=_ratio(before.macs.total, after.macs.total),
         sparse_macs_ratio=_ratio(before.macs.sparse_total, after.macs.sparse_total),
-        speedup=_speedup(before.latency, after.latency),
+        speedup=_speedup(after.reference_latency or before.latency, after.latency),
     )

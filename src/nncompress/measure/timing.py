@@ -1,9 +1,15 @@
 """Wall-clock latency of a forward pass on CPU, per batch size.
 
-Method: eval mode, ``torch.inference_mode``, a fixed random input ``[batch, *input_shape]``
-(seeded), ``warmup`` untimed calls, then ``repeats`` calls each timed with
-``time.perf_counter``; the median and 10th/90th percentiles are reported in milliseconds
-per call (per batch, not per sample), with the intra-op thread count used.
+Method: eval mode, ``torch.inference_mode``, a fixed input -- a seeded random
+``[batch, *input_shape]`` tensor, or real samples (``example=``, any dtype or a tuple /
+dict of tensors, repeated to the batch size) -- ``warmup`` untimed calls, then ``repeats``
+calls each timed with ``time.perf_counter``; the median and 10th/90th percentiles are
+reported in milliseconds per call (per batch, not per sample), with the intra-op thread
+count used.
+
+:func:`latency_ab` times several models *interleaved*: round after round, each model in
+turn (the order rotating) gets ``repeats`` timed calls, so slow drifts of a shared machine
+hit every model alike and a ratio of two medians has the sign an A/B test gives.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nncompress import inputs
+from nncompress.inputs import Inputs
 from nncompress.measure._common import call_model, eval_mode, first_param
 
-__all__ = ["BatchLatency", "LatencyReport", "latency"]
+__all__ = ["BatchLatency", "LatencyReport", "latency", "latency_ab"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,9 @@ def _random_input(model: nn.Module, shape: tuple[int, ...], seed: int) -> torch.
     return x if p is None else x.to(p.device)
 
 
-def _time_batch(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> BatchLatency:
-    """Time ``repeats`` calls of ``model(x)`` after ``warmup`` untimed ones (eval mode set)."""
+def _time_calls(model: nn.Module, x: Inputs, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``model(x)`` after ``warmup`` untimed ones
+    (eval mode set by the caller)."""
     with torch.inference_mode():
         for _ in range(warmup):
             call_model(model, x)
@@ -68,32 +77,68 @@ def _time_batch(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) ->
             start = time.perf_counter()
             call_model(model, x)
             times_ms.append((time.perf_counter() - start) * 1e3)
+    return times_ms
+
+
+def _summary(batch: int, times_ms: list[float]) -> BatchLatency:
     p10, p90 = np.percentile(times_ms, [10, 90])
-    return BatchLatency(batch=x.shape[0], median_ms=float(statistics.median(times_ms)),
-                        p10_ms=float(p10), p90_ms=float(p90), repeats=repeats)
+    return BatchLatency(batch=batch, median_ms=float(statistics.median(times_ms)),
+                        p10_ms=float(p10), p90_ms=float(p90), repeats=len(times_ms))
 
 
-def latency(model: nn.Module, input_shape: Sequence[int],
+def _batch_input(model: nn.Module, input_shape: Sequence[int] | None, example: Inputs | None,
+                 batch: int, seed: int) -> Inputs:
+    if example is not None:
+        return inputs.repeat_to(example, batch)
+    if input_shape is None:
+        raise ValueError("latency needs input_shape or example")
+    return _random_input(model, (batch, *input_shape), seed)
+
+
+def latency(model: nn.Module, input_shape: Sequence[int] | None = None,
             batch_sizes: Sequence[int] = (1, 256), *, warmup: int = 5, repeats: int = 30,
-            threads: int | None = None, seed: int = 0) -> LatencyReport:
+            threads: int | None = None, seed: int = 0,
+            example: Inputs | None = None) -> LatencyReport:
     """Median (and p10/p90) milliseconds per forward call for each batch size.
 
-    ``input_shape`` is per sample (no batch dimension). ``threads`` sets
-    ``torch.set_num_threads`` for the measurement only; the previous count and every
-    module's train/eval flag are restored afterwards.
+    ``input_shape`` is per sample (no batch dimension): inputs are seeded standard-normal.
+    ``example``: real samples instead (any dtype, or a tuple / dict of tensors), repeated
+    to each batch size. ``threads`` sets ``torch.set_num_threads`` for the measurement
+    only; the previous count and every module's train/eval flag are restored afterwards.
     """
+    return latency_ab([model], input_shape, batch_sizes, warmup=warmup, repeats=repeats,
+                      rounds=1, threads=threads, seed=seed, example=example)[0]
+
+
+def latency_ab(models: Sequence[nn.Module], input_shape: Sequence[int] | None = None,
+               batch_sizes: Sequence[int] = (1, 256), *, warmup: int = 5, repeats: int = 30,
+               rounds: int = 5, threads: int | None = None, seed: int = 0,
+               example: Inputs | None = None) -> tuple[LatencyReport, ...]:
+    """:func:`latency` of several models measured interleaved: ``rounds`` rounds, in each
+    every model (in a rotating order) gets ``ceil(repeats / rounds)`` timed calls after
+    ``warmup`` untimed ones; each model's median is over all its calls. One report per
+    model, in order."""
     _check(batch_sizes, warmup, repeats, threads)
+    if not models or rounds < 1:
+        raise ValueError(f"need at least one model and rounds >= 1, got {len(models)} and "
+                         f"{rounds}")
+    per_round = -(-repeats // rounds)
     previous = torch.get_num_threads()
+    times: list[dict[int, list[float]]] = [{} for _ in models]
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         used = torch.get_num_threads()
-        with eval_mode(model):
-            results = tuple(
-                _time_batch(model, _random_input(model, (int(b), *input_shape), seed),
-                            warmup, repeats)
-                for b in batch_sizes)
+        for b in batch_sizes:
+            xs = [_batch_input(m, input_shape, example, int(b), seed) for m in models]
+            for r in range(rounds):
+                for k in range(len(models)):
+                    i = (k + r) % len(models)
+                    with eval_mode(models[i]):
+                        got = _time_calls(models[i], xs[i], warmup, per_round)
+                    times[i].setdefault(int(b), []).extend(got)
     finally:
         if threads is not None:
             torch.set_num_threads(previous)
-    return LatencyReport(threads=used, results=results)
+    return tuple(LatencyReport(threads=used, results=tuple(
+        _summary(int(b), t[int(b)]) for b in batch_sizes)) for t in times)

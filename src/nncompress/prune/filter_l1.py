@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from nncompress import inputs
 from nncompress.data import example_input
 from nncompress.errors import ModelError
 from nncompress.graph import ChannelGroup, channel_groups
@@ -108,7 +109,7 @@ def _step_keep(model: nn.Module, x: torch.Tensor, config: L1FilterPruneConfig,
     scores = {g.name: importance(model, g) for g in groups}
     if config.macs_reduction is not None and sens_ratios is None:
         target = base_macs / config.macs_reduction ** fraction
-        now = count_macs(model, x[:1]).total
+        now = count_macs(model, inputs.take(x, 1)).total
         if now <= target:
             return {}
         return plan_for_macs(model, x, groups, scores, now / target, config.scope)
@@ -125,14 +126,14 @@ def _step_keep(model: nn.Module, x: torch.Tensor, config: L1FilterPruneConfig,
 
 def l1_filter_prune(model: nn.Module, config: L1FilterPruneConfig, ctx: Context) -> nn.Module:
     """Prune ``model`` in place by L1 filter norm (Li et al., 2017) and fine-tune."""
-    x = example_input(ctx.data, 2).to(next(model.parameters()).device)
+    x = inputs.to(example_input(ctx.data, 2), next(model.parameters()).device)
     groups = pick_groups(model, x, config)
     original = {g.name: g.size for g in groups}
     if isinstance(config.ratio, dict) and set(config.ratio) - set(original):
         raise ModelError(f"ratio names unknown or unselected group(s) "
                          f"{sorted(set(config.ratio) - set(original))}; selected: "
                          f"{', '.join(original)}")
-    base_macs = count_macs(model, x[:1]).total
+    base_macs = count_macs(model, inputs.take(x, 1)).total
     sens_ratios = None
     if config.ratios_from == "sensitivity":
         report = sensitivity(model, ctx.data, config.sensitivity_ratios,
@@ -151,7 +152,8 @@ def l1_filter_prune(model: nn.Module, config: L1FilterPruneConfig, ctx: Context)
         stale = drop_stale_masks(model, ctx.masks)
         sizes = {g.name: g.size for g in channel_groups(model, x) if g.name in names}
         ctx.note(f"l1_filter_prune step {step}/{config.steps}: units {sizes} (from "
-                 f"{original}); MACs {count_macs(model, x[:1]).total} (from {base_macs})"
+                 f"{original}); MACs {count_macs(model, inputs.take(x, 1)).total} "
+                 f"(from {base_macs})"
                  + (f"; dropped masks of {len(stale)} reshaped tensors" if stale else ""))
         if config.epochs_per_step > 0:
             ctx.fine_tune(model, epochs=config.epochs_per_step, lr=config.lr,

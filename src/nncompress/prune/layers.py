@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 from nncompress.train import reseed_loader
@@ -136,10 +137,10 @@ def _elements(model: nn.Module) -> list[str]:
             for leaf, child in m.named_children() if _has_matrix(child)]
 
 
-def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def _output(model: nn.Module, x: inputs.Inputs) -> torch.Tensor | None:
     try:
         with torch.no_grad():
-            out = model(x)
+            out = inputs.call(model, x)
     except Exception:  # the removal broke a shape: not a candidate
         return None
     return out if isinstance(out, torch.Tensor) else None
@@ -161,7 +162,7 @@ def _loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     total = seen = 0.0
     with torch.no_grad():
         for x, y in batches:
-            total += float(F.cross_entropy(model(x), y, reduction="sum"))
+            total += float(F.cross_entropy(inputs.call(model, x), y, reduction="sum"))
             seen += len(y)
     return total / seen
 
@@ -248,7 +249,7 @@ def layer_prune(model: nn.Module, config: LayerPruneConfig, ctx: Context) -> nn.
     """Greedily remove the layer whose removal raises the training loss least, until
     ``count`` layers are gone or the size target is met; then fine-tune."""
     batches = _first_batches(ctx, config.batches)
-    example = batches[0][0][:1]
+    example = inputs.take(batches[0][0], 1)
     start = _size(model, config, example)
     candidates, refused = removable_layers(model, example)
     if refused:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import ConstraintError, UnsupportedLayerError
 
 __all__ = [
@@ -89,7 +90,7 @@ def patches(layer: nn.Module, x: torch.Tensor, unit_width: int = 1) -> torch.Ten
                                 f"zero-padded Conv1d/Conv2d consumers, not {layer!r}")
 
 
-def sample_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[torch.Tensor], *,
+def sample_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[inputs.Inputs], *,
                   samples: int, seed: int, unit_width: int = 1) -> torch.Tensor:
     """Run ``model`` on ``batches`` and sample ``samples`` rows of ``layer``'s input patches.
 
@@ -108,7 +109,7 @@ def sample_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[torch.Te
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                inputs.call(model, x)
     finally:
         handle.remove()
         model.train(was_training)

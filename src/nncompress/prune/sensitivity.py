@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, ModelError
 from nncompress.graph import ChannelGroup, channel_groups
@@ -113,4 +114,5 @@ def _macs_ratio(model: nn.Module, example: torch.Tensor, ratios: Mapping[str, fl
     scores = {n: l1_importance(model, groups[n]) for n in ratios}
     trial = prune_channels(copy.deepcopy(model), select_by_ratio(scores, ratios), example,
                            groups=list(groups.values()))
-    return count_macs(model, example[:1]).total / count_macs(trial, example[:1]).total
+    one = inputs.take(example, 1)
+    return count_macs(model, one).total / count_macs(trial, one).total

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from nncompress import train
+from nncompress import inputs, train
 from nncompress.data import example_input
 from nncompress.errors import UnsupportedLayerError
 from nncompress.graph import ChannelGroup, channel_groups
@@ -107,7 +107,7 @@ def _bn_groups(model: nn.Module, x: torch.Tensor, config: NetworkSlimmingConfig,
 def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
                      ctx: Context) -> nn.Module:
     """Sparsity-train, threshold |gamma| globally, remove channels, fine-tune (in place)."""
-    x = example_input(ctx.data, 2).to(next(model.parameters()).device)
+    x = inputs.to(example_input(ctx.data, 2), next(model.parameters()).device)
     groups = _bn_groups(model, x, config, ctx)
     if config.epochs > 0:
         masks = ctx.masks
@@ -116,7 +116,7 @@ def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
                         after_step=(lambda m: apply_masks(m, masks)) if masks else None,
                         extra_loss=lambda m: bn_penalty(m, config.penalty))
     scores = gamma_scores(model, groups)
-    base = count_macs(model, x[:1]).total
+    base = count_macs(model, inputs.take(x, 1)).total
     if config.macs_reduction is not None:
         keep = plan_for_macs(model, x, groups, scores, config.macs_reduction,
                              select=_threshold_keep)
@@ -126,7 +126,7 @@ def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
     drop_stale_masks(model, ctx.masks)
     ctx.note(f"network_slimming: kept {sum(map(len, keep.values()))} of "
              f"{sum(s.numel() for s in scores.values())} BN channels; MACs "
-             f"{count_macs(model, x[:1]).total} (from {base})")
+             f"{count_macs(model, inputs.take(x, 1)).total} (from {base})")
     if config.epochs_after > 0:
         ctx.fine_tune(model, epochs=config.epochs_after, lr=config.lr_after,
                       desc="slimming fine-tune")

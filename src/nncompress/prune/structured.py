@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
@@ -137,16 +138,21 @@ def _apply(table: Mapping[type[nn.Module], Rule], modules: Mapping[str, nn.Modul
 
 def prune_channels(model: nn.Module, keep: Mapping[str, Sequence[int]],
                    example_input: torch.Tensor, *,
-                   groups: Sequence[ChannelGroup] | None = None) -> nn.Module:
+                   groups: Sequence[ChannelGroup] | None = None,
+                   masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Remove, in place, every unit not in ``keep[group.name]`` from each named group.
 
     ``keep`` maps group names (from :func:`channel_groups`) to the unit indices to keep
     (any order; kept units stay in ascending order). Groups not in ``keep`` are untouched.
     Raises ModelError for an unknown group name, ConstraintError for an empty or
     out-of-range keep list. Returns ``model``. ``groups``: this model's current groups
-    (from :func:`channel_groups`), to skip re-tracing the model.
+    (from :func:`channel_groups`), to skip re-tracing the model. ``masks``: pruning
+    keep-masks by parameter name (a ``Context.masks``), sliced in place like their
+    parameters so that connection pruning done earlier survives the surgery.
     """
     found = channel_groups(model, example_input) if groups is None else groups
+    if masks:
+        _slice_masks(model, keep, example_input, found, masks)
     by_name = {g.name: g for g in found}
     unknown = sorted(set(keep) - set(by_name))
     if unknown:
@@ -165,6 +171,27 @@ def prune_channels(model: nn.Module, keep: Mapping[str, Sequence[int]],
         _apply(CONSUMER_RULES, modules, group.consumers, idx, group.size)
         _apply(NORM_RULES, modules, group.norms, idx, group.size)
     return model
+
+
+def _slice_masks(model: nn.Module, keep: Mapping[str, Sequence[int]],
+                 example_input: torch.Tensor, groups: Sequence[ChannelGroup],
+                 masks: dict[str, torch.Tensor]) -> None:
+    """Apply the same surgery to a copy of ``model`` whose masked parameters hold their
+    masks (surgery only selects rows and columns, so the values pass through exactly),
+    then read the sliced masks back."""
+    shadow = copy.deepcopy(model)
+    params = dict(shadow.named_parameters())
+    carried = [n for n, m in masks.items() if n in params and params[n].shape == m.shape]
+    with torch.no_grad():
+        for name in carried:
+            params[name].copy_(masks[name].to(params[name].dtype))
+    prune_channels(shadow, keep, example_input, groups=groups)
+    after = dict(shadow.named_parameters())
+    for name in list(masks):
+        if name in carried and name in after:
+            masks[name] = after[name].detach().cpu() != 0
+        else:
+            del masks[name]
 
 
 def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -267,7 +294,7 @@ def plan_for_macs(model: nn.Module, example_input: torch.Tensor,
     :func:`select_by_ratio` (e.g. a raw global threshold). ConstraintError if unreachable."""
     if macs_ratio < 1.0:
         raise ConstraintError(f"macs_reduction must be >= 1, got {macs_ratio!r}")
-    one = example_input[:1]
+    one = inputs.take(example_input, 1)
     budget = count_macs(model, one).total / macs_ratio
     chosen = {g.name: scores[g.name] for g in groups}
 

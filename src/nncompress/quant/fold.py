@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.data import example_input
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
@@ -60,7 +61,7 @@ def fold_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            inputs.call(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -80,11 +81,11 @@ def _fold_one(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _outputs(model: nn.Module, x: inputs.Inputs) -> torch.Tensor:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(x)
+        out = inputs.call(model, x)
     model.train(was_training)
     return out
 

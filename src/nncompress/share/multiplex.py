@@ -25,8 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, ModelError
+from nncompress.inputs import Inputs
+from nncompress.inputs import packed as _packed
 from nncompress.measure import count_macs
 
 __all__ = ["Cascade", "CascadePoint", "calibrate_cascade", "cascade_curve",
@@ -61,15 +64,16 @@ class Cascade(nn.Module):
         self.models = nn.ModuleList(models)
         self.thresholds = tuple(float(t) for t in thresholds)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, C], index of the answering model [B])``."""
         out: torch.Tensor | None = None
-        who = torch.full((len(x),), len(self.models) - 1, dtype=torch.long)
-        pending = torch.arange(len(x))
+        n = inputs.batch_size(x)
+        who = torch.full((n,), len(self.models) - 1, dtype=torch.long)
+        pending = torch.arange(n)
         for i, model in enumerate(self.models):
-            logits = model(x[pending])
+            logits = inputs.call(model, inputs.select(x, pending))
             if out is None:
-                out = logits.new_zeros(len(x), logits.shape[-1])
+                out = logits.new_zeros(n, logits.shape[-1])
             if i == len(self.models) - 1:
                 out[pending] = logits
                 break
@@ -82,8 +86,8 @@ class Cascade(nn.Module):
         assert out is not None
         return out, who
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.route(x)[0]
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.route(_packed(args, kwargs))[0]
 
 
 def _probabilities(models: Sequence[nn.Module], loader) -> tuple[list[torch.Tensor],
@@ -96,7 +100,7 @@ def _probabilities(models: Sequence[nn.Module], loader) -> tuple[list[torch.Tens
             m.eval()
         for x, y in loader:
             for i, m in enumerate(models):
-                probs[i].append(m(x).softmax(dim=-1))
+                probs[i].append(inputs.call(m, x).softmax(dim=-1))
             labels.append(y)
     return [torch.cat(p) for p in probs], torch.cat(labels)
 

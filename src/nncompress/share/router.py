@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nncompress import inputs
 from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, DataError, ModelError
 from nncompress.measure import count_macs
@@ -70,9 +71,9 @@ class Multiplexer(nn.Module):
             mine = (who == i).nonzero().flatten()
             if len(mine) == 0:
                 continue
-            logits = model(x[mine])
+            logits = inputs.call(model, inputs.select(x, mine))
             if out is None:
-                out = logits.new_zeros(len(x), logits.shape[-1])
+                out = logits.new_zeros(inputs.batch_size(x), logits.shape[-1])
             out[mine] = logits
         assert out is not None
         return out, who
@@ -104,7 +105,8 @@ def _collect(models: Sequence[nn.Module], router: nn.Module | None,
         for x, y in loader:
             xs.append(x)
             ys.append(y)
-            preds.append(torch.stack([m(x).argmax(dim=-1) for m in models], dim=1))
+            preds.append(torch.stack([inputs.call(m, x).argmax(dim=-1) for m in models],
+                                     dim=1))
             if router is not None:
                 probs.append(torch.sigmoid(router(x)))
     if not ys:
