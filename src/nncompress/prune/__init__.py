@@ -5,6 +5,7 @@
 """
 
 from nncompress.prune import channel_select as channel_select  # channel_lasso, thinet
+from nncompress.prune import dead_units as dead_units  # registers dead_units
 from nncompress.prune import dns as dns  # registers dynamic_surgery
 from nncompress.prune import filter_l1 as filter_l1  # registers l1_filter_prune
 from nncompress.prune import layers as layers  # registers layer_prune

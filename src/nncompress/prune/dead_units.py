@@ -1,0 +1,465 @@
+"""Dead-unit elimination: physically remove the hidden units / channels that unstructured
+pruning left without a live incoming or outgoing weight, with the same outputs.
+
+Han, Pool, Tran & Dally (2015), "Learning both weights and connections for efficient
+neural networks", prune neurons left with zero input or zero output connections after
+connection pruning. After magnitude pruning, sparse VD, DNS or weight sharing with
+``zero_below``, units of a coupled :class:`~nncompress.graph.ChannelGroup` (producer rows,
+norm entries, consumer columns) are dead in one of two ways:
+
+- **no live outgoing weight** (its columns are zero in every consumer): never read; removed.
+- **no live incoming weight** (its rows are zero: the whole filter of a conv; in every
+  producer of a residual group; the depthwise filter of a depthwise group): a consumer
+  reads a constant ``c`` (its bias through the norm and activation in between). ``c`` is
+  measured with forward hooks at every consumer's input on a few training batches and
+  checked to be the same for every sample and position; ``W_consumer[:, unit] @ c``
+  (kernel taps summed) is added to the consumer's bias (created if missing) and the unit
+  is removed. Han et al. drop such neurons; folding keeps the outputs exact. A conv that
+  pads with zeros reads ``0``, not ``c``, at its borders: there only ``c == 0`` is folded,
+  other units stay (noted).
+
+Removal is :func:`~nncompress.prune.structured.prune_channels` (pruning masks sliced).
+Removing units can leave the next layer's rows or columns all-zero, so rounds repeat until
+nothing is found; after each, the outputs on the calibration batches (eval mode: BatchNorm
+constants are inference-mode ones) must match within :data:`VERIFY_TOLERANCE`, else
+:class:`ModelError` names the groups. The work is done on a copy; the model given is
+never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from nncompress import inputs
+from nncompress.data import example_input
+from nncompress.errors import ModelError, UnsupportedLayerError
+from nncompress.graph import ChannelGroup, channel_groups
+from nncompress.prune.sensitivity import select_groups
+from nncompress.prune.structured import drop_stale_masks, prune_channels
+from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
+from nncompress.train import reseed_loader
+
+__all__ = ["DeadUnitsConfig", "UnitPlan", "dead_units", "eliminate", "find_dead_units"]
+
+Patterns = Annotated[tuple[str, ...], Field(strict=False)]
+CONV = (nn.Conv1d, nn.Conv2d)
+#: layer types whose units this technique removes, as producer and as consumer
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: norms that act per unit in eval mode (a LayerNorm mixes units: not handled)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+CONSTANT_TOLERANCE = 1e-6  # max spread of a "constant" input, relative to max(1, |c|)
+VERIFY_TOLERANCE = 1e-5    # max |output change| per round, relative to max(1, max |output|)
+MAX_ROUNDS = 16
+
+
+class DeadUnitsConfig(TechniqueConfig):
+    """Parameters of ``dead_units``.
+
+    - ``layers`` / ``exclude``: fnmatch patterns over channel-group names (the group's
+      first producer, e.g. ``"layers.fc1"``); only ``"channels"`` groups (Linear / Conv
+      units) are handled, RNN hidden units and attention heads are left alone (noted).
+    - ``tolerance``: a weight with ``|w| <= tolerance`` counts as dead. ``0`` (default)
+      means exact: the outputs do not change. Above 0 the dead units' small weights are
+      zeroed first, which changes the outputs by what they contributed (reported).
+    - ``batches``: training batches on which the constants are measured and checked.
+    """
+
+    layers: Patterns = ("*",)
+    exclude: Patterns = ()
+    tolerance: float = Field(default=0.0, ge=0.0)
+    batches: int = Field(default=4, ge=1, le=1000)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """One group's dead units (indices): ``unused`` (no live outgoing weight), ``folded``
+    (no live incoming weight; ``folds``: consumer -> (input columns, constant of each)),
+    ``left`` (no live incoming weight but kept, and why)."""
+
+    group: ChannelGroup
+    unused: tuple[int, ...] = ()
+    folded: tuple[int, ...] = ()
+    left: tuple[tuple[int, str], ...] = ()
+    folds: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def keep(self) -> list[int]:
+        """Units that stay (at least one: prune_channels never empties a group)."""
+        gone = set(self.unused) | set(self.folded)
+        kept = [j for j in range(self.group.size) if j not in gone]
+        return kept or [0]
+
+    @property
+    def removed(self) -> int:
+        return self.group.size - len(self.keep)
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _chain(model: nn.Module, group: ChannelGroup) -> list[str]:
+    """The producers whose rows decide a unit's input: the depthwise convs of a depthwise
+    group (each unit's value is their output), else every producer (residual adds)."""
+    mods = dict(model.named_modules())
+    return [p for p in group.producers if _depthwise(mods[p])] or list(group.producers)
+
+
+def dead_masks(model: nn.Module, group: ChannelGroup,
+               tolerance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(no_outgoing, no_incoming)`` bool ``[group.size]``: every consumer column of the
+    unit is dead; the unit's input is provably constant (all non-depthwise producer rows
+    dead, or, in a depthwise group, every depthwise filter dead). Dead: ``|w| <= tol``."""
+    mods = dict(model.named_modules())
+
+    def dead(names: Sequence[str], dim: int) -> torch.Tensor:
+        out = torch.ones(group.size, dtype=torch.bool)
+        for name in names:  # [size, -1]: each unit's rows (dim 0) or columns (dim 1)
+            w = mods[name].weight.detach().abs().transpose(0, dim)
+            out &= (w.reshape(group.size, -1) <= tolerance).all(dim=1)
+        return out
+
+    return dead(group.consumers, 1), dead(_chain(model, group), 0)
+
+
+def check_supported(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+    """UnsupportedLayerError naming every layer of ``groups`` this technique cannot handle."""
+    mods = dict(model.named_modules())
+    bad = []
+    for g in groups:
+        for name in (*g.producers, *g.consumers):
+            m = mods[name]
+            grouped = isinstance(m, CONV) and m.groups > 1 and (
+                name in g.consumers or not _depthwise(m))
+            if not isinstance(m, LAYERS) or grouped:
+                bad.append(f"{name} ({type(m).__name__}{', grouped' if grouped else ''})")
+        bad += [f"{n} ({type(mods[n]).__name__})" for n in g.norms
+                if not isinstance(mods[n], NORMS)]
+    if bad:
+        raise UnsupportedLayerError(f"dead_units cannot handle {', '.join(sorted(set(bad)))}; "
+                                    "exclude its group")
+
+
+@dataclass
+class _Stats:
+    """Per input column (channel) of one consumer: min, max and sum of what it read."""
+
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    count: int = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().double()
+        lo, hi, total = rows.amin(0), rows.amax(0), rows.sum(0)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        self.total = total if self.total is None else self.total + total
+        self.count += rows.shape[0]
+
+
+def _columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A consumer's input as ``[samples * positions, in_columns]``."""
+    if isinstance(m, CONV):
+        channel = 1 if x.dim() == m.weight.dim() else 0
+        return x.movedim(channel, -1).reshape(-1, x.shape[channel])
+    return x.reshape(-1, x.shape[-1])
+
+
+def consumer_stats(model: nn.Module, names: Sequence[str],
+                   batches: Sequence[inputs.Inputs]) -> dict[str, _Stats]:
+    """What each named consumer reads, per input column, over ``batches`` (eval mode)."""
+    mods = dict(model.named_modules())
+    stats = {n: _Stats() for n in names}
+    handles = [mods[n].register_forward_pre_hook(
+        lambda m, args, n=n: stats[n].add(_columns(m, args[0]))) for n in names]
+    try:
+        _outputs(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _zero_padded(m: nn.Module) -> bool:
+    """True for a convolution that pads with zeros (a constant input is not constant at
+    its borders)."""
+    if not isinstance(m, CONV) or m.padding_mode != "zeros":
+        return False
+    if isinstance(m.padding, str):
+        return m.padding == "same" and any(k > 1 for k in m.kernel_size)
+    return any(p > 0 for p in m.padding)
+
+
+def _constant_of(m: nn.Module, name: str, s: _Stats,
+                 cols: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """The constant per column ``cols`` that consumer ``m`` reads, or None and why not."""
+    lo, hi = s.lo[cols], s.hi[cols]
+    scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
+    if bool(((hi - lo) > CONSTANT_TOLERANCE * scale).any()):
+        return None, f"its input to {name} is not constant"
+    if _zero_padded(m) and bool((hi != 0).any() or (lo != 0).any()):
+        return None, (f"{name} pads with zeros (padding={m.padding}): a non-zero constant "
+                      "is not one bias at its borders")
+    return s.total[cols] / s.count, ""
+
+
+def _plan_group(model: nn.Module, group: ChannelGroup, stats: Mapping[str, _Stats],
+                no_out: torch.Tensor, no_in: torch.Tensor) -> UnitPlan:
+    mods = dict(model.named_modules())
+    unused = [int(j) for j in torch.nonzero(no_out).flatten()]
+    folded: list[int] = []
+    left: list[tuple[int, str]] = []
+    folds: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+        c: ([], []) for c in group.consumers}
+    for j in torch.nonzero(no_in & ~no_out).flatten().tolist():
+        found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for c in group.consumers:
+            per = mods[c].weight.shape[1] // group.size
+            cols = torch.arange(j * per, (j + 1) * per)
+            value, why = _constant_of(mods[c], c, stats[c], cols)
+            if value is None:
+                left.append((j, why))
+                break
+            found.append((c, cols, value))
+        else:
+            folded.append(j)
+            for c, cols, value in found:
+                folds[c][0].append(cols)
+                folds[c][1].append(value)
+    merged = {c: (torch.cat(cs), torch.cat(vs)) for c, (cs, vs) in folds.items() if cs}
+    return UnitPlan(group, tuple(unused), tuple(folded), tuple(left), merged)
+
+
+def find_dead_units(model: nn.Module, groups: Sequence[ChannelGroup],
+                    batches: Sequence[inputs.Inputs]) -> list[UnitPlan]:
+    """Analysis only (the model is not changed): each group's exactly dead units, with the
+    constants of the no-incoming ones measured on ``batches``."""
+    check_supported(model, groups)
+    masks = {g.name: dead_masks(model, g) for g in groups}
+    needed = sorted({c for g in groups if bool((masks[g.name][1] & ~masks[g.name][0]).any())
+                     for c in g.consumers})
+    stats = consumer_stats(model, needed, batches) if needed else {}
+    return [_plan_group(model, g, stats, *masks[g.name]) for g in groups]
+
+
+def _fold(m: nn.Module, cols: torch.Tensor, values: torch.Tensor) -> bool:
+    """Add ``W[:, cols] @ values`` (kernel taps summed) to ``m``'s bias; True if a bias
+    had to be created."""
+    w = m.weight.detach().double()
+    if isinstance(m, CONV):
+        w = w.flatten(2).sum(dim=2)
+    delta = (w[:, cols] @ values).to(m.weight.dtype)
+    created = m.bias is None
+    if created:
+        if not bool(delta.any()):
+            return False
+        m.bias = nn.Parameter(torch.zeros_like(delta))
+    with torch.no_grad():
+        m.bias.add_(delta)
+    return created
+
+
+def _unit_bytes(model: nn.Module, group: ChannelGroup, units: int) -> int:
+    """Bytes of the per-unit vectors (producer biases, norm parameters and statistics) of
+    ``units`` units of ``group``."""
+    mods = dict(model.named_modules())
+    total = 0
+    for name in (*group.producers, *group.norms):
+        m = mods[name]
+        for attr in ("bias", "running_mean", "running_var") + (
+                ("weight",) if name in group.norms else ()):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 1:
+                total += t.element_size() * (t.numel() // group.size) * units
+    return total
+
+
+def eliminate(model: nn.Module, plans: Sequence[UnitPlan], groups: Sequence[ChannelGroup],
+              x: inputs.Inputs, masks: dict[str, torch.Tensor] | None = None,
+              ) -> tuple[dict[str, int], list[str]]:
+    """Surgery, in place: fold the planned constants, then remove the planned units with
+    ``prune_channels`` (``masks`` sliced alike). Returns the bytes of per-unit vectors
+    removed per group name, and the consumers that got a bias."""
+    mods = dict(model.named_modules())
+    removed = {p.group.name: _unit_bytes(model, p.group, p.removed) for p in plans}
+    created = [name for p in plans for name, (cols, values) in p.folds.items()
+               if _fold(mods[name], cols, values)]
+    keep = {p.group.name: p.keep for p in plans if p.removed}
+    if keep:
+        prune_channels(model, keep, x, groups=groups, masks=masks)
+    return removed, created
+
+
+def _zero_small(model: nn.Module, groups: Sequence[ChannelGroup], tolerance: float) -> None:
+    """Zero the ``|w| <= tolerance`` rows and columns that make units count as dead."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for g in groups:
+            no_out, no_in = dead_masks(model, g, tolerance)
+            for names, dim, dead in ((g.consumers, 1, no_out), (_chain(model, g), 0, no_in)):
+                for name in names:
+                    w = mods[name].weight.transpose(0, dim)  # a view: units along dim 0
+                    w.view(g.size, -1, *w.shape[1:])[dead] = 0
+
+
+def _outputs(model: nn.Module, batches: Sequence[inputs.Inputs]) -> list[torch.Tensor]:
+    """Every output tensor of ``model`` on every batch, in eval mode."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [t for x in batches for t in inputs.leaves(inputs.call(model, x))]
+    finally:
+        model.train(was)
+
+
+def _difference(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """Largest |change| relative to max(1, max |want|); inf if any shape changed."""
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want,
+                                                                       strict=True)):
+        return float("inf")
+    scale = max([1.0] + [float(b.abs().max()) for b in want if b.numel()])
+    diff = max([0.0] + [float((a - b).abs().max()) for a, b in zip(got, want, strict=True)
+                        if a.numel()])
+    return diff / scale
+
+
+def _calibration(ctx: Context, count: int, device: torch.device) -> list[inputs.Inputs]:
+    """The first ``count`` training batches (the same ones whatever ran before)."""
+    reseed_loader(ctx.data.train, ctx.seed)
+    out: list[inputs.Inputs] = []
+    for x, _ in ctx.data.train:
+        out.append(inputs.to(x, device))
+        if len(out) == count:
+            break
+    return out
+
+
+def _chosen(model: nn.Module, x: inputs.Inputs, config: DeadUnitsConfig,
+            ctx: Context | None = None) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    """(all groups, the selected channel groups); ModelError if explicit patterns match no
+    group; other kinds are noted as left alone."""
+    found = channel_groups(model, x)
+    matched = select_groups(found, config.layers, config.exclude,
+                            ("channels", "hidden", "heads"))
+    if not matched and tuple(config.layers) != ("*",):
+        raise ModelError(f"dead_units: layers={list(config.layers)}, exclude="
+                         f"{list(config.exclude)} match no channel group; groups: "
+                         f"{', '.join(g.name for g in found) or 'none'}")
+    if ctx is not None:
+        for g in matched:
+            if g.kind != "channels":
+                ctx.note(f"dead_units: {g.name} ({g.kind}) left alone: only channel groups "
+                         "of Linear / Conv layers are handled")
+    return found, [g for g in matched if g.kind == "channels"]
+
+
+@dataclass
+class _Tally:
+    """One group's totals over all rounds (``left``: from the last round)."""
+
+    size: int
+    unused: int = 0
+    folded: int = 0
+    removed_bytes: int = 0
+    left: tuple[tuple[int, str], ...] = ()
+
+
+def _vector_bytes(model: nn.Module) -> int:
+    """Bytes of every 1-D parameter and buffer (biases, norm scales, shifts, statistics)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+               if t.dim() == 1)
+
+
+def _notes(ctx: Context, tallies: Mapping[str, _Tally], created: Sequence[str],
+           vectors: tuple[int, int]) -> None:
+    for name, t in tallies.items():
+        if t.unused or t.folded:
+            ctx.note(f"dead_units: {name}: removed {t.unused + t.folded} of {t.size} units "
+                     f"({t.unused} with no live outgoing weight, {t.folded} with no live "
+                     f"incoming weight, their constant folded into the next layer's bias); "
+                     f"their {t.removed_bytes} bytes of biases / norm entries removed")
+        for why in sorted({why for _, why in t.left}):
+            ctx.note(f"dead_units: {name}: {sum(w == why for _, w in t.left)} unit(s) with "
+                     f"no live incoming weight kept: {why}")
+    if not any(t.unused or t.folded for t in tallies.values()):
+        ctx.note("dead_units: no dead unit found")
+        return
+    made = f"; new biases (for folded constants): {', '.join(created)}" if created else ""
+    ctx.note(f"dead_units: biases and norm vectors {vectors[0]} -> {vectors[1]} bytes{made}")
+
+
+def _round(work: nn.Module, x: inputs.Inputs, config: DeadUnitsConfig,
+           batches: Sequence[inputs.Inputs], masks: dict[str, torch.Tensor],
+           tallies: dict[str, _Tally], created: list[str]) -> bool:
+    """One analysis + surgery + check; False when nothing was left to remove."""
+    found, chosen = _chosen(work, x, config)
+    if config.tolerance > 0:
+        _zero_small(work, chosen, config.tolerance)
+    before = _outputs(work, batches)
+    plans = find_dead_units(work, chosen, batches)
+    for p in plans:
+        tallies.setdefault(p.group.name, _Tally(p.group.size)).left = p.left
+    if not any(p.removed for p in plans):
+        return False
+    removed, made = eliminate(work, plans, found, x, masks)
+    change = _difference(_outputs(work, batches), before)
+    if change > VERIFY_TOLERANCE:
+        raise ModelError(f"dead_units: removing dead units of "
+                         f"{', '.join(p.group.name for p in plans if p.removed)} changed the "
+                         f"outputs by {change:.3g} (relative; an operation between their "
+                         "layers mixes units?); model left unchanged, exclude the group")
+    for p in plans:
+        t = tallies[p.group.name]
+        t.unused, t.folded = t.unused + len(p.unused), t.folded + len(p.folded)
+        t.removed_bytes += removed[p.group.name]
+    created += made
+    return True
+
+
+def dead_units(model: nn.Module, config: DeadUnitsConfig, ctx: Context) -> nn.Module:
+    """Remove the units with no live incoming or outgoing weight (Han et al., 2015), folding
+    constant outputs into the next layer's bias; returns a new, smaller model with the same
+    outputs (``model`` itself is not changed). ``ctx.masks`` are sliced to match."""
+    device = next(model.parameters()).device
+    x = inputs.to(example_input(ctx.data, 2), device)
+    batches = _calibration(ctx, config.batches, device)
+    check_supported(model, _chosen(model, x, config, ctx)[1])  # refuse before any work
+    reference = _outputs(model, batches)
+    work = copy.deepcopy(model)
+    masks = {k: v.clone() for k, v in ctx.masks.items()}
+    tallies: dict[str, _Tally] = {}
+    created: list[str] = []
+    for _ in range(MAX_ROUNDS):
+        if not _round(work, x, config, batches, masks, tallies, created):
+            break
+    _notes(ctx, tallies, created, (_vector_bytes(model), _vector_bytes(work)))
+    if config.tolerance > 0:
+        ctx.note(f"dead_units: tolerance {config.tolerance:g} changed the outputs by "
+                 f"{_difference(_outputs(work, batches), reference):.3g} (relative)")
+    ctx.masks.clear()
+    ctx.masks.update(masks)
+    drop_stale_masks(work, ctx.masks)
+    return work
+
+
+TECHNIQUES.register("dead_units", Technique(
+    name="dead_units",
+    category="pruning",
+    paper="Han, Pool, Tran & Dally (2015): Learning both weights and connections for "
+          "efficient neural networks (section 3.2: neurons with zero input or output "
+          "connections are removed)",
+    summary="Physically remove hidden units / channels left with no live incoming or "
+            "outgoing weight by unstructured pruning, folding constant outputs into the "
+            "next layer's bias; same outputs, smaller and faster.",
+    config=DeadUnitsConfig,
+    apply=dead_units,
+))
