@@ -7,12 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress as nc
 from helpers import tiny_data
 from nncompress import models
-from nncompress.data import Dataset
 from nncompress.errors import UnsupportedLayerError
 from nncompress.prune.masks import mask_sparsity
 from nncompress.prune.variational import SparseVDConfig, SVDLayer, kl_approx, sparse_vd
@@ -48,7 +46,7 @@ def test_local_reparameterisation_mean_and_variance(layer: nn.Module) -> None:
     with torch.no_grad():
         samples = torch.stack([wrapper(x) for _ in range(4000)])
         mean = layer(x)
-        var = wrapper.op(layer, x * x, wrapper.log_sigma2.exp(), None)
+        var = wrapper.op.var(layer, x, wrapper.log_sigma2.exp())
     assert torch.allclose(samples.mean(0), mean, atol=5 * float(var.max().sqrt()) / 4000 ** 0.5)
     assert torch.allclose(samples.var(0), var, rtol=0.1, atol=1e-3)
 
@@ -99,19 +97,57 @@ def test_conv_model_is_supported() -> None:
     assert model(torch.randn(2, 1, 12)).shape == (2, 3)
 
 
-def test_recurrent_layer_is_refused_by_name_or_excluded() -> None:
+def test_attention_is_refused_by_name_before_the_model_changes() -> None:
     torch.manual_seed(0)
-    model = models.build("gru", (12, 4), 3, hidden=8)
-    x = torch.randn(32, 12, 4)
-    ds = TensorDataset(x, x[:, :3, -1].argmax(dim=1))
-    data = Dataset("seq", DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=32),
-                   (12, 4), 3)
-    ctx = Context(data, seed=0, progress=False)
-    rnns = [n for n, m in model.named_modules() if isinstance(m, nn.GRU)]
-    with pytest.raises(UnsupportedLayerError, match=f"'{rnns[0]}' \\(GRU\\)"):
+    model = nn.Sequential(nn.Linear(12, 8), nn.MultiheadAttention(8, 2, batch_first=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = Context(tiny_data(), seed=0, progress=False)
+    with pytest.raises(UnsupportedLayerError, match="'1.in_proj_weight'.*MultiheadAttention"):
         sparse_vd(model, SparseVDConfig(epochs=1), ctx)
-    sparse_vd(model, SparseVDConfig(epochs=1, exclude=tuple(f"{r}.*" for r in rnns)), ctx)
-    assert ctx.masks and not any(n.startswith(tuple(rnns)) for n in ctx.masks)
+    assert [type(m) for m in model] == [nn.Linear, nn.MultiheadAttention]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not ctx.masks
+
+
+class EncoderModel(nn.Module):
+    """Linear -> torch's built-in TransformerEncoderLayer -> mean pool -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(1, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.inp(x.transpose(1, 2))).mean(1))
+
+
+def test_built_in_encoder_layer_with_attention_excluded() -> None:
+    # the layer's fused eval fast path reads linear1.weight / linear2.bias directly: the
+    # wrappers expose the deterministic (masked) weight and the bias as read-only views
+    torch.manual_seed(0)
+    model = EncoderModel()
+    ctx = Context(tiny_data(), seed=0, progress=False)
+    sparse_vd(model, SparseVDConfig(epochs=1, exclude=("*self_attn*",)), ctx)
+    assert sorted(ctx.masks) == ["enc.linear1.weight", "enc.linear2.weight", "head.weight",
+                                 "inp.weight"]
+    assert type(model.enc.linear1) is nn.Linear
+    assert model(torch.randn(2, 1, 12)).shape == (2, 3)
+
+
+def test_wrapper_weight_and_bias_are_the_deterministic_layer() -> None:
+    layer = nn.Linear(4, 2)
+    wrapper = SVDLayer(layer, threshold=3.0, init_log_sigma2=-10.0)
+    with torch.no_grad():
+        wrapper.log_sigma2[1, 2] = 20.0                        # clipped log alpha 10 > 3
+    expected = layer.weight.detach().clone()
+    expected[1, 2] = 0.0
+    assert torch.equal(wrapper.weight, expected)
+    assert wrapper.bias is layer.bias
+    with pytest.raises(AttributeError):
+        wrapper.weight = torch.zeros(2, 4)                    # read-only
+    x = torch.randn(3, 4)
+    assert torch.equal(wrapper.eval()(x), nn.functional.linear(x, expected, layer.bias))
 
 
 def test_recipe_parses() -> None:

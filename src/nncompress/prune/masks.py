@@ -3,7 +3,12 @@ them (surgery) are separate steps (design principle 2).
 
 :data:`PRUNABLE` is the one table mapping a layer type to the names of its own
 parameters that connection pruning may zero (Han et al., 2015, prune the weight
-matrices of fully connected, convolutional and recurrent layers; biases are kept).
+matrices of fully connected, convolutional and recurrent layers; biases are kept;
+embedding tables are pruned like any weight matrix).
+
+:data:`GATES` names the gate blocks stacked in a recurrent weight matrix (PyTorch's
+order: GRU ``r, z, n``; LSTM ``i, f, g, o``), and :func:`gate_blocks` cuts a parameter
+into them, for per-gate reports (sparse VD) and per-gate codebooks (weight sharing).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from torch import nn
 from nncompress.errors import ModelError, UnsupportedLayerError
 
 __all__ = [
+    "GATES",
     "PRUNABLE",
     "Prunables",
     "apply_masks",
     "find_prunable",
+    "gate_blocks",
     "mask_sparsity",
     "select",
     "selected_weights",
@@ -45,6 +52,9 @@ PRUNABLE: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
     (nn.RNNCellBase, ("weight_ih", "weight_hh")),
     (nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight",
                              "v_proj_weight")),
+    # lookup tables: [num_embeddings, embedding_dim]
+    (nn.Embedding, ("weight",)),
+    (nn.EmbeddingBag, ("weight",)),
     (nn.BatchNorm1d, ()),
     (nn.BatchNorm2d, ()),
     (nn.BatchNorm3d, ()),
@@ -56,6 +66,36 @@ PRUNABLE: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
     (nn.GroupNorm, ()),
     (nn.RMSNorm, ()),
 )
+
+
+#: Recurrent layer type -> its gate blocks, in the order PyTorch stacks them along dim 0
+#: of every input-hidden and hidden-hidden matrix (first isinstance match wins).
+GATES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.GRU, ("r", "z", "n")),
+    (nn.GRUCell, ("r", "z", "n")),
+    (nn.LSTM, ("i", "f", "g", "o")),
+    (nn.LSTMCell, ("i", "f", "g", "o")),
+    (nn.RNN, ("h",)),
+    (nn.RNNCell, ("h",)),
+)
+
+
+def gate_blocks(module: nn.Module, param: str) -> tuple[tuple[str, slice], ...]:
+    """``(gate name, row slice)`` per gate block of ``module``'s own parameter ``param``.
+
+    ``weight_ih*`` / ``weight_hh*`` of a GRU / LSTM / RNN (or cell) are ``[G * hidden,
+    cols]`` with G gates stacked along dim 0; an LSTM projection ``weight_hr*`` is one block
+    named ``proj``. Any other parameter (or module type) is one block named ``""``.
+    """
+    rows = getattr(module, param).shape[0]
+    if param.startswith(("weight_ih", "weight_hh")):
+        for layer_type, gates in GATES:
+            if isinstance(module, layer_type) and rows % len(gates) == 0:
+                size = rows // len(gates)
+                return tuple((g, slice(i * size, (i + 1) * size)) for i, g in enumerate(gates))
+    if param.startswith("weight_hr") and isinstance(module, nn.RNNBase):
+        return (("proj", slice(0, rows)),)
+    return (("", slice(0, rows)),)
 
 
 @dataclass(frozen=True)

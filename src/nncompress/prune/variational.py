@@ -2,29 +2,44 @@
 
 Molchanov, Ashukha & Vetrov (2017), "Variational dropout sparsifies deep neural
 networks". Each selected weight ``w`` (Linear ``[out, in]``, Conv1d ``[out, in, k]``,
-Conv2d ``[out, in, kh, kw]``) gets a posterior ``N(theta, sigma^2)``; ``theta`` is the
-layer's own weight and ``log sigma^2`` a new tensor of the same shape. With
-``log alpha = log sigma^2 - log theta^2`` (clipped to [-10, 10]) the training objective is
-the ELBO per sample ``CE + kl_weight * KL / N`` (the paper's ``N * CE + KL``, divided by
-the train-set size ``N``), with the paper's approximation::
+Conv2d ``[out, in, kh, kw]``, Embedding ``[num, dim]``, recurrent matrices) gets a
+posterior ``N(theta, sigma^2)``; ``theta`` is the layer's own weight and ``log sigma^2`` a
+new tensor of the same shape. With ``log alpha = log sigma^2 - log theta^2`` (clipped to
+[-10, 10]) the training objective is the ELBO per sample ``CE + kl_weight * KL / N`` (the
+paper's ``N * CE + KL``, divided by the train-set size ``N``), with the paper's
+approximation::
 
     -KL(w) ~= k1 * sigmoid(k2 + k3 * log alpha) - 0.5 * log(1 + 1 / alpha) - k1
     k1 = 0.63576, k2 = 1.87320, k3 = 1.48695
 
 ``kl_weight`` ramps linearly from 0 to 1 over the first ``kl_ramp`` share of training (as
-the paper's code does). Training uses the local reparameterisation trick: a layer's output
-is sampled from ``N(mean, var)`` with ``mean = op(x, theta)`` and ``var = op(x^2,
-sigma^2)`` (``op`` = linear or convolution; ``x``: the layer input, e.g. ``[B, in]`` or
-``[B, in, L]``). Afterwards weights with ``log alpha > threshold`` (paper: 3) are zeroed,
-the layers are plain ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` again, and the keep-masks
-go into ``ctx.masks``. Recurrent and attention weights are not supported: selecting one
-raises ``UnsupportedLayerError`` (exclude it with ``exclude``).
+the paper's code does). Linear, convolution and embedding layers train with the local
+reparameterisation trick: a layer's output is sampled from ``N(mean, var)`` with ``mean =
+op(x, theta)`` and ``var = op(x^2, sigma^2)`` (``op`` = linear or convolution; ``x``: the
+layer input, e.g. ``[B, in]`` or ``[B, in, L]``); for an embedding lookup of ids ``x``,
+``mean = embedding(x, theta)`` and ``var = embedding(x, sigma^2)`` (one-hot inputs square
+to themselves; the ``padding_idx`` row gets no noise).
+
+Recurrent weights (every layer and direction of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``:
+``weight_ih_l*``, ``weight_hh_l*``, ``weight_hr_l*``; the cells' ``weight_ih`` /
+``weight_hh``) follow Lobacheva, Chirkova & Vetrov (2017), "Bayesian sparsification of
+recurrent neural networks": same prior, KL and threshold, but the weights are sampled
+once per mini-batch and shared across time steps, no local reparameterisation (see
+:mod:`nncompress.prune.variational_rnn`); the run's log gives each recurrent matrix's
+sparsity per gate block (GRU r/z/n, LSTM i/f/g/o). ``rnn_epochs`` ... the RNN-specific
+fields of the config may differ from the feed-forward ones.
+
+Afterwards weights with ``log alpha > threshold`` (paper: 3) are zeroed, the layers are
+their plain types again, and the keep-masks go into ``ctx.masks``. Attention weights
+(``nn.MultiheadAttention``'s packed projections) and other types are not supported:
+selecting one raises ``UnsupportedLayerError`` before the model is touched (exclude it
+with ``exclude``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +54,32 @@ from nncompress.prune.masks import (
     mask_sparsity,
     selected_weights,
 )
+from nncompress.prune.variational_rnn import (
+    LOG_ALPHA_CLIP,
+    SAMPLED,
+    SampledWeights,
+    gate_notes,
+    log_alpha,
+    sampled_rule,
+)
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
-__all__ = ["SVDLayer", "SparseVDConfig", "kl_approx", "sparse_vd"]
+__all__ = ["SVD_OPS", "SVDLayer", "SVDOp", "SparseVDConfig", "kl_approx", "sparse_vd"]
 
 Patterns = Annotated[tuple[str, ...], Field(strict=False)]
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
-LOG_ALPHA_CLIP = 10.0
+
+
+class SVDOp(NamedTuple):
+    """How one layer type computes its output's mean and variance.
+
+    ``mean(layer, x, w, b)``: the layer's op with weight ``w`` and bias ``b``;
+    ``var(layer, x, sigma2)``: the variance of that output when the weights are
+    independent ``N(w, sigma2)`` (local reparameterisation).
+    """
+
+    mean: Callable[..., torch.Tensor]
+    var: Callable[..., torch.Tensor]
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
@@ -53,16 +87,39 @@ def _linear(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
     return F.linear(x, w, b)
 
 
+def _linear_var(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return F.linear(x * x, sigma2)
+
+
 def _conv(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
           b: torch.Tensor | None) -> torch.Tensor:
     return layer._conv_forward(x, w, b)  # type: ignore[operator]
 
 
-#: The one table of layer types sparse VD can wrap -> the op ``(layer, x, w, b) -> y``.
-SVD_OPS: Mapping[type[nn.Module], Callable[..., torch.Tensor]] = {
-    nn.Linear: _linear,
-    nn.Conv1d: _conv,
-    nn.Conv2d: _conv,
+def _conv_var(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return layer._conv_forward(x * x, sigma2, None)  # type: ignore[operator]
+
+
+def _embedding(layer: nn.Module, ids: torch.Tensor, w: torch.Tensor,
+               b: torch.Tensor | None) -> torch.Tensor:
+    return F.embedding(ids, w, layer.padding_idx, layer.max_norm,  # type: ignore[arg-type]
+                       layer.norm_type, layer.scale_grad_by_freq,  # type: ignore[arg-type]
+                       layer.sparse)  # type: ignore[arg-type]
+
+
+def _embedding_var(layer: nn.Module, ids: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    pad = layer.padding_idx
+    if pad is not None:  # the padding row is a constant zero: no noise
+        sigma2 = sigma2.index_fill(0, torch.tensor([pad], device=sigma2.device), 0.0)
+    return F.embedding(ids, sigma2)
+
+
+#: The one table of layer types sparse VD wraps with local reparameterisation.
+SVD_OPS: Mapping[type[nn.Module], SVDOp] = {
+    nn.Linear: SVDOp(_linear, _linear_var),
+    nn.Conv1d: SVDOp(_conv, _conv_var),
+    nn.Conv2d: SVDOp(_conv, _conv_var),
+    nn.Embedding: SVDOp(_embedding, _embedding_var),
 }
 
 
@@ -74,11 +131,14 @@ def kl_approx(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 class SVDLayer(nn.Module):
-    """A Linear/Conv layer (``base``; its weight is ``theta``) with a per-weight variance.
+    """A Linear/Conv/Embedding layer (``base``; its weight is ``theta``) with a per-weight
+    variance.
 
     ``log_sigma2`` has the weight's shape. Training forward samples the output with the
     local reparameterisation trick; eval forward uses ``theta`` with the weights whose
-    ``log alpha`` exceeds ``threshold`` set to zero.
+    ``log alpha`` exceeds ``threshold`` set to zero. ``weight`` and ``bias`` are read-only
+    views of that deterministic layer, for code that reads a layer's weight directly (e.g.
+    the fused fast path of ``nn.TransformerEncoderLayer``).
     """
 
     def __init__(self, base: nn.Module, threshold: float, init_log_sigma2: float) -> None:
@@ -89,20 +149,27 @@ class SVDLayer(nn.Module):
         self.log_sigma2 = nn.Parameter(torch.full_like(base.weight.detach(), init_log_sigma2))
 
     def log_alpha(self) -> torch.Tensor:
-        theta2 = self.base.weight.pow(2)
-        return torch.clamp(self.log_sigma2 - torch.log(theta2 + 1e-8),
-                           -LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
+        return log_alpha(self.base.weight, self.log_sigma2)
 
     def keep_mask(self) -> torch.Tensor:
         """Bool ``[weight shape]``: True where ``log alpha <= threshold``."""
         return self.log_alpha().detach() <= self.threshold
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """``theta`` with the weights above the threshold zeroed (read-only)."""
+        return torch.where(self.keep_mask(), self.base.weight, 0.0)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (None for a layer without one)."""
+        return getattr(self.base, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.base.weight, self.base.bias
         if not self.training:
-            return self.op(self.base, x, torch.where(self.keep_mask(), weight, 0.0), bias)
-        mean = self.op(self.base, x, weight, bias)
-        var = self.op(self.base, x * x, torch.exp(self.log_sigma2), None)
+            return self.op.mean(self.base, x, self.weight, self.bias)
+        mean = self.op.mean(self.base, x, self.base.weight, self.bias)
+        var = self.op.var(self.base, x, torch.exp(self.log_sigma2))
         return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
 
 
@@ -126,21 +193,30 @@ class SparseVDConfig(TechniqueConfig):
     exclude: Patterns = ()
 
 
-def _targets(model: nn.Module, config: SparseVDConfig) -> dict[str, str]:
-    """Selected weight name -> owning module path; raises for a layer SVD cannot wrap."""
+def _supported() -> str:
+    return ", ".join([t.__name__ for t in SVD_OPS] + [t.__name__ for t, _ in SAMPLED])
+
+
+def _targets(model: nn.Module, config: SparseVDConfig) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(weight name -> module path of the layers to wrap, names of the sampled weights);
+    raises, before anything is changed, for a parameter sparse VD cannot handle."""
     names = selected_weights(model, config.layers, config.exclude)
     modules = dict(model.named_modules())
-    out: dict[str, str] = {}
+    layers: dict[str, str] = {}
+    sampled: list[str] = []
     for name in names:
         path, _, attr = name.rpartition(".")
         module = modules[path]
-        if type(module) not in SVD_OPS or attr != "weight":
+        if type(module) in SVD_OPS and attr == "weight":
+            layers[name] = path
+        elif sampled_rule(module, attr):
+            sampled.append(name)
+        else:
             raise UnsupportedLayerError(
                 f"sparse_vd cannot handle parameter {name!r} of layer {path or '<root>'!r} "
-                f"({type(module).__name__}); supported: "
-                f"{', '.join(t.__name__ for t in SVD_OPS)}; exclude it with exclude=[...]")
-        out[name] = path
-    return out
+                f"({type(module).__name__}); supported: {_supported()}; exclude it with "
+                "exclude=[...]")
+    return layers, tuple(sampled)
 
 
 def _train_size(ctx: Context) -> int:
@@ -150,15 +226,18 @@ def _train_size(ctx: Context) -> int:
         return max(1, sum(len(y) for _, y in ctx.data.train))
 
 
-def _kl_loss(wrappers: list[SVDLayer], n_train: int, ramp_steps: int
-             ) -> Callable[[nn.Module], torch.Tensor]:
+def _kl_loss(wrappers: list[SVDLayer], sampler: SampledWeights | None, n_train: int,
+             ramp_steps: int) -> Callable[[nn.Module], torch.Tensor]:
     """``extra_loss`` hook: ``kl_weight(step) * sum KL / N`` with a linear warm-up."""
     step = [0]
 
     def extra_loss(_: nn.Module) -> torch.Tensor:
         weight = min(1.0, step[0] / ramp_steps) if ramp_steps > 0 else 1.0
         step[0] += 1
-        return weight * sum(kl_approx(w.log_alpha()) for w in wrappers) / n_train
+        kl = sum(kl_approx(w.log_alpha()) for w in wrappers)
+        if sampler is not None:
+            kl = kl + sum(kl_approx(a) for a in sampler.log_alphas())
+        return weight * kl / n_train
     return extra_loss
 
 
@@ -167,27 +246,41 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
 
     The returned model has the original layer types; its keep-masks go to ``ctx.masks``.
     """
-    targets = _targets(model, config)
+    layers, sampled = _targets(model, config)
+    targets = {*layers, *sampled}
     for line in find_prunable(model).unsupported:
         ctx.note(f"sparse_vd: not pruned, no pruning rule for parameter {line}")
     apply_masks(model, ctx.masks)
     others = {n: m for n, m in ctx.masks.items() if n not in targets}
     wrappers: dict[str, SVDLayer] = {}
-    for name, path in targets.items():
+    for name, path in layers.items():
         wrappers[name] = SVDLayer(model.get_submodule(path), config.threshold,
                                   config.init_log_sigma2)
         model.set_submodule(path, wrappers[name])
+    sampler = (SampledWeights(model, sampled, config.threshold, config.init_log_sigma2)
+               if sampled else None)
     try:
         steps = config.epochs * len(ctx.data.train)
     except TypeError:
         steps = config.epochs
-    extra = _kl_loss(list(wrappers.values()), _train_size(ctx), round(config.kl_ramp * steps))
+    extra = _kl_loss(list(wrappers.values()), sampler, _train_size(ctx),
+                     round(config.kl_ramp * steps))
     try:
-        train.fit(model, ctx.data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
-                  progress=ctx.progress, desc="sparse VD", extra_loss=extra,
-                  after_step=(lambda m: apply_masks(m, others)) if others else None)
+        train.fit(model if sampler is None else sampler, ctx.data, epochs=config.epochs,
+                  lr=config.lr, seed=ctx.seed, progress=ctx.progress, desc="sparse VD",
+                  extra_loss=extra,
+                  after_step=(lambda _: apply_masks(model, others)) if others else None)
     finally:
-        masks = _unwrap(model, targets, wrappers)
+        masks = _unwrap(model, layers, wrappers)
+        if sampler is not None:
+            masks.update(sampler.keep_masks())
+    _finish(model, masks, config, ctx)
+    return model
+
+
+def _finish(model: nn.Module, masks: dict[str, torch.Tensor], config: SparseVDConfig,
+            ctx: Context) -> None:
+    """AND the new masks with earlier ones, apply them, store them, log the sparsity."""
     for name, mask in masks.items():
         if name in ctx.masks:
             mask &= ctx.masks[name].to(device=mask.device, dtype=torch.bool)
@@ -195,8 +288,9 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     ctx.masks.update(masks)
     ctx.note(f"sparse_vd: sparsity {100 * mask_sparsity(masks):.2f} % of {len(masks)} "
              f"tensors (log alpha > {config.threshold:g}) after {config.epochs} epochs")
+    for line in gate_notes(model, masks):
+        ctx.note(f"sparse_vd: {line}")
     model.eval()
-    return model
 
 
 def _unwrap(model: nn.Module, targets: Mapping[str, str],
@@ -214,9 +308,11 @@ TECHNIQUES.register("sparse_vd", Technique(
     name="sparse_vd",
     category="pruning",
     paper="Molchanov, Ashukha & Vetrov (2017): Variational dropout sparsifies deep neural "
-          "networks",
+          "networks; recurrent weights: Lobacheva, Chirkova & Vetrov (2017): Bayesian "
+          "sparsification of recurrent neural networks",
     summary="Learn a Gaussian dropout rate per weight with a log-uniform prior (local "
-            "reparameterisation, approximate KL); drop weights with log alpha > 3; the "
+            "reparameterisation; recurrent weights sampled once per mini-batch, shared "
+            "across time steps; approximate KL); drop weights with log alpha > 3; the "
             "zeros are stored sparsely.",
     config=SparseVDConfig,
     apply=sparse_vd,
