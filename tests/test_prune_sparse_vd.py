@@ -102,7 +102,7 @@ def test_attention_is_refused_by_name_before_the_model_changes() -> None:
     model = nn.Sequential(nn.Linear(12, 8), nn.MultiheadAttention(8, 2, batch_first=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = Context(tiny_data(), seed=0, progress=False)
-    with pytest.raises(UnsupportedLayerError, match="'1.in_proj_weight'.*MultiheadAttention"):
+    with pytest.raises(UnsupportedLayerError, match=r"'1\.in_proj_weight'.*MultiheadAttention"):
         sparse_vd(model, SparseVDConfig(epochs=1), ctx)
     assert [type(m) for m in model] == [nn.Linear, nn.MultiheadAttention]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
