@@ -9,8 +9,11 @@ A stage is one of
 Everything is checked when the recipe is loaded, before any work starts: unknown
 techniques, stage keys or parameters, wrong types and out-of-range values raise a
 :class:`~nncompress.errors.RecipeError` whose one-line message names the stage, the
-technique and the bad value. YAML is read with ``yaml.safe_load`` only: configs are
-data, never code (design principle 7).
+technique and the bad value. YAML is read with a bounded ``yaml.SafeLoader`` only
+(:mod:`nncompress._yaml`): configs are data, never code (design principle 7), and a
+hostile recipe (over 1 MiB, deeper than 64 levels, more than 10,000 nodes or 100
+aliases, a 100-digit integer, a FIFO or device instead of a file) is refused with a
+one-line error naming the limit and, where known, the line and column.
 
 Python::
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from nncompress._yaml import DEFAULT_LIMITS, describe_error, load_bounded, read_text_file
 from nncompress.errors import RecipeError
 from nncompress.technique import TechniqueConfig, all_techniques
 
@@ -309,12 +314,7 @@ class Recipe:
         """
         if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
             path = Path(source)
-            if not path.is_file():
-                raise RecipeError(f"recipe file {str(path)!r} does not exist")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc}") from None
+            text = read_text_file(path, DEFAULT_LIMITS.max_bytes, RecipeError, "recipe file")
             return cls.from_dict(_load_yaml(text, str(path)), default_name=path.stem)
         if not isinstance(source, str):
             raise RecipeError(f"from_yaml needs a path or YAML text (got {type(source).__name__})")
@@ -360,22 +360,24 @@ class Recipe:
 
 
 def _looks_like_path(text: str) -> bool:
-    if "\n" in text or not text.strip():
+    """A one-line string ending in .yaml/.yml, or naming anything that exists on disk
+    (a FIFO or folder too, so that reading it gives an error saying what it is)."""
+    if "\n" in text or not text.strip() or len(text) > 4096:
         return False
     if text.endswith((".yaml", ".yml")):
         return True
     try:
-        return Path(text).is_file()
+        return os.path.lexists(text)
     except (OSError, ValueError):
         return False
 
 
 def _load_yaml(text: str, origin: str) -> Any:
-    """``yaml.safe_load`` with syntax errors turned into one line naming the position."""
+    """Bounded safe YAML (:func:`nncompress._yaml.load_bounded`); syntax errors and broken
+    limits become one line naming the problem and the position."""
     try:
-        return yaml.safe_load(text)
+        return load_bounded(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{origin}: invalid YAML{pos}: {problem}") from None
+        raise RecipeError(f"{origin}: {describe_error(exc, text)}") from None
+    except RecursionError:  # the limits should make this unreachable; never a traceback
+        raise RecipeError(f"{origin}: YAML nested too deeply to read") from None
