@@ -18,7 +18,7 @@ reparameterisation trick: a layer's output is sampled from ``N(mean, var)`` with
 op(x, theta)`` and ``var = op(x^2, sigma^2)`` (``op`` = linear or convolution; ``x``: the
 layer input, e.g. ``[B, in]`` or ``[B, in, L]``); for an embedding lookup of ids ``x``,
 ``mean = embedding(x, theta)`` and ``var = embedding(x, sigma^2)`` (one-hot inputs square
-to themselves; the ``padding_idx`` row gets no noise).
+to themselves; lookups of the ``padding_idx`` row get no noise).
 
 Recurrent weights (every layer and direction of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``:
 ``weight_ih_l*``, ``weight_hh_l*``, ``weight_hr_l*``; the cells' ``weight_ih`` /
@@ -71,15 +71,15 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
 class SVDOp(NamedTuple):
-    """How one layer type computes its output's mean and variance.
+    """How one layer type computes its output's mean and standard deviation.
 
     ``mean(layer, x, w, b)``: the layer's op with weight ``w`` and bias ``b``;
-    ``var(layer, x, sigma2)``: the variance of that output when the weights are
-    independent ``N(w, sigma2)`` (local reparameterisation).
+    ``std(layer, x, sigma2)``: the standard deviation of that output when the weights are
+    independent ``N(w, sigma2)`` (local reparameterisation), ``sqrt(var + 1e-8)``.
     """
 
     mean: Callable[..., torch.Tensor]
-    var: Callable[..., torch.Tensor]
+    std: Callable[..., torch.Tensor]
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
@@ -87,8 +87,8 @@ def _linear(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
     return F.linear(x, w, b)
 
 
-def _linear_var(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    return F.linear(x * x, sigma2)
+def _linear_std(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(F.linear(x * x, sigma2) + 1e-8)
 
 
 def _conv(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
@@ -96,8 +96,8 @@ def _conv(layer: nn.Module, x: torch.Tensor, w: torch.Tensor,
     return layer._conv_forward(x, w, b)  # type: ignore[operator]
 
 
-def _conv_var(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    return layer._conv_forward(x * x, sigma2, None)  # type: ignore[operator]
+def _conv_std(layer: nn.Module, x: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(layer._conv_forward(x * x, sigma2, None) + 1e-8)  # type: ignore[operator]
 
 
 def _embedding(layer: nn.Module, ids: torch.Tensor, w: torch.Tensor,
@@ -107,19 +107,19 @@ def _embedding(layer: nn.Module, ids: torch.Tensor, w: torch.Tensor,
                        layer.sparse)  # type: ignore[arg-type]
 
 
-def _embedding_var(layer: nn.Module, ids: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    pad = layer.padding_idx
-    if pad is not None:  # the padding row is a constant zero: no noise
-        sigma2 = sigma2.index_fill(0, torch.tensor([pad], device=sigma2.device), 0.0)
-    return F.embedding(ids, sigma2)
+def _embedding_std(layer: nn.Module, ids: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    std = torch.sqrt(F.embedding(ids, sigma2) + 1e-8)
+    if layer.padding_idx is None:
+        return std
+    return std * (ids != layer.padding_idx).unsqueeze(-1)  # the padding row: a constant 0
 
 
 #: The one table of layer types sparse VD wraps with local reparameterisation.
 SVD_OPS: Mapping[type[nn.Module], SVDOp] = {
-    nn.Linear: SVDOp(_linear, _linear_var),
-    nn.Conv1d: SVDOp(_conv, _conv_var),
-    nn.Conv2d: SVDOp(_conv, _conv_var),
-    nn.Embedding: SVDOp(_embedding, _embedding_var),
+    nn.Linear: SVDOp(_linear, _linear_std),
+    nn.Conv1d: SVDOp(_conv, _conv_std),
+    nn.Conv2d: SVDOp(_conv, _conv_std),
+    nn.Embedding: SVDOp(_embedding, _embedding_std),
 }
 
 
@@ -169,8 +169,8 @@ class SVDLayer(nn.Module):
         if not self.training:
             return self.op.mean(self.base, x, self.weight, self.bias)
         mean = self.op.mean(self.base, x, self.base.weight, self.bias)
-        var = self.op.var(self.base, x, torch.exp(self.log_sigma2))
-        return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+        std = self.op.std(self.base, x, torch.exp(self.log_sigma2))
+        return mean + std * torch.randn_like(mean)
 
 
 class SparseVDConfig(TechniqueConfig):
