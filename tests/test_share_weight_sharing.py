@@ -11,7 +11,7 @@ from torch import nn
 
 import nncompress as nc
 from helpers import tiny_data
-from nncompress import api, models
+from nncompress import api, formats, models
 from nncompress.errors import RecipeError
 from nncompress.prune.magnitude import magnitude_masks
 from nncompress.recipe import Recipe, Stage
@@ -190,3 +190,61 @@ def test_near_zero_centroids_become_zeros_and_stay_pruned() -> None:
     assert any("set to zero" in line for line in ctx.log)
     with pytest.raises(RecipeError, match="zero_below"):
         Recipe("bad", [Stage.technique("weight_sharing", zero_below=1.5)])
+
+
+def test_per_gate_codebooks_cluster_each_gate_block_apart(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.build("gru", (1, 12), 3, hidden=8)
+    with torch.no_grad():                       # gates on different scales
+        for rnn in model.layers:
+            for w in (rnn.weight_ih_l0, rnn.weight_hh_l0):
+                w[8:16] *= 10.0
+    ctx = Context(data=tiny_data(), seed=0, progress=False)
+    weight_sharing(model, WeightSharingConfig(rnn_bits=2, rnn_codebooks="gate"), ctx)
+    for rnn in model.layers:
+        w = rnn.weight_hh_l0.detach()
+        blocks = [nonzero_values(w[i * 8:(i + 1) * 8]) for i in range(3)]   # r, z, n
+        assert all(1 <= len(b) <= 4 for b in blocks)
+        assert len(nonzero_values(w)) > 4           # more than one 2-bit codebook in all
+        assert max(abs(v) for v in blocks[1]) > 5 * max(abs(v) for v in blocks[0])
+    assert any("layers.0.weight_hh_l0" in line and "per gate (r/z/n)" in line
+               and "up to 12 distinct" in line for line in ctx.log)
+    # the tensor-wide default on the same weights: at most 4 values per tensor
+    tensor_wide = models.build("gru", (1, 12), 3, hidden=8)
+    weight_sharing(tensor_wide, WeightSharingConfig(rnn_bits=2), ctx)
+    assert len(nonzero_values(tensor_wide.layers[0].weight_hh_l0.detach())) <= 4
+    nc.save(model, tmp_path / "gates.nnc")
+    x = torch.randn(3, 1, 12)
+    assert torch.equal(nc.load(tmp_path / "gates.nnc")(x), model.eval()(x))
+
+
+def test_per_gate_centroid_fine_tuning_keeps_each_gate_codebook() -> None:
+    model = models.build("lstm", (1, 12), 3, hidden=8)
+    ctx = Context(data=tiny_data(), seed=0, progress=False)
+    weight_sharing(model, WeightSharingConfig(rnn_bits=1, rnn_codebooks="gate", epochs=2,
+                                              lr=1e-2), ctx)
+    w = model.layers[0].weight_hh_l0.detach()
+    assert all(len(nonzero_values(w[i * 8:(i + 1) * 8])) <= 2 for i in range(4))  # i f g o
+    assert len(nonzero_values(w)) > 2
+
+
+def test_embedding_tables_are_shared_with_their_own_bits(tmp_path: Path) -> None:
+    from test_prune_sparse_vd_embedding import TokenModel, token_data, trained_token_model
+
+    model, data = trained_token_model()
+    ctx = Context(data=data, seed=0, progress=False)
+    weight_sharing(model, WeightSharingConfig(embedding_bits=2, linear_bits=4), ctx)
+    table = model.emb.weight.detach()
+    assert len(nonzero_values(table)) <= 4 and torch.all(table[0] == 0)   # padding row
+    assert len(nonzero_values(model.head.weight.detach())) <= 16
+    assert "emb.weight" in ctx.masks
+    assert nc.train.evaluate(model, data.test) > 0.5
+    nc.save(model, tmp_path / "shared.nnc")
+    stored = {t.name: t for t in formats.inspect(tmp_path / "shared.nnc").tensors}
+    assert stored["emb.weight"].stored_bytes < stored["emb.weight"].raw_bytes / 5
+    back = nc.load(tmp_path / "shared.nnc", skeleton=TokenModel())
+    ids = token_data(8, seed=1).test.dataset.tensors[0]
+    assert torch.equal(back(ids), model(ids))
+    bag, _ = trained_token_model(bag=True)
+    weight_sharing(bag, WeightSharingConfig(embedding_bits=1), ctx)
+    assert len(nonzero_values(bag.emb.weight.detach())) <= 2

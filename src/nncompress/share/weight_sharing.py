@@ -16,8 +16,14 @@ tensor as a codebook plus indices and Huffman-codes it (its job, not this module
 A later ``fine_tune`` stage would train the shared weights apart again: share last.
 
 Which weights are shared follows ``prune.masks.PRUNABLE`` (weights of Linear, conv,
-recurrent and attention layers; biases and norms stay float). The bits per layer type
-come from one table, :data:`BITS_FIELD`.
+recurrent, attention and embedding layers; biases and norms stay float). The bits per
+layer type come from one table, :data:`BITS_FIELD`.
+
+Recurrent matrices stack their gates' blocks (GRU r/z/n, LSTM i/f/g/o), whose value
+distributions differ. ``rnn_codebooks="gate"`` (our option) clusters every gate block
+separately into ``2**rnn_bits`` values; the container stores one codebook per tensor, so
+a tensor of G gates then holds up to ``G * 2**rnn_bits`` distinct values and its indices
+take ``ceil(log2(G * 2**rnn_bits + 1))`` bits (or their Huffman code): the log says so.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch.func import functional_call
 
 from nncompress import train
 from nncompress.errors import ModelError, UnsupportedLayerError
-from nncompress.prune.masks import apply_masks, find_prunable, selected_weights
+from nncompress.prune.masks import apply_masks, find_prunable, gate_blocks, selected_weights
 from nncompress.share.kmeans import OPTIMAL_MAX_WORK, Init, kmeans_1d
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
@@ -42,6 +48,7 @@ __all__ = [
     "CentroidModel",
     "SharedWeight",
     "WeightSharingConfig",
+    "cluster_blocks",
     "cluster_weight",
     "fine_tune_centroids",
     "weight_sharing",
@@ -58,6 +65,8 @@ BITS_FIELD: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Linear, "linear_bits"),
     (nn.Bilinear, "linear_bits"),
     (nn.MultiheadAttention, "linear_bits"),
+    (nn.Embedding, "embedding_bits"),
+    (nn.EmbeddingBag, "embedding_bits"),
 )
 
 
@@ -65,8 +74,11 @@ class WeightSharingConfig(TechniqueConfig):
     """Parameters of ``weight_sharing``.
 
     - ``bits``: if set, the bits of every shared layer (``2**bits`` non-zero centroids);
-      otherwise ``conv_bits`` (paper: 8), ``linear_bits`` (paper: 5) and ``rnn_bits``
-      by layer type.
+      otherwise ``conv_bits`` (paper: 8), ``linear_bits`` (paper: 5), ``rnn_bits`` and
+      ``embedding_bits`` (nn.Embedding / nn.EmbeddingBag tables) by layer type.
+    - ``rnn_codebooks``: ``"tensor"`` clusters a recurrent matrix as a whole; ``"gate"``
+      clusters each gate block of it separately, ``2**bits`` values per gate (see the
+      module docstring for what that costs in stored bits).
     - ``init``: centroid initialisation, ``linear`` (paper), ``density`` or ``random``.
     - ``method``: ``lloyd`` iterations (at most ``iters``) or ``optimal`` (exact 1-D
       dynamic programming where ``k * n_unique**2 <= 2**28``, Lloyd elsewhere, noted).
@@ -85,6 +97,8 @@ class WeightSharingConfig(TechniqueConfig):
     conv_bits: Bits = 8
     linear_bits: Bits = 5
     rnn_bits: Bits = 5
+    embedding_bits: Bits = 5
+    rnn_codebooks: Literal["tensor", "gate"] = "tensor"
     init: Init = "linear"
     method: Literal["lloyd", "optimal"] = "lloyd"
     iters: int = Field(default=100, ge=0)
@@ -125,6 +139,20 @@ def cluster_weight(weight: torch.Tensor, keep: torch.Tensor, bits: int, *,
     index = torch.zeros(w.shape, dtype=torch.int64)
     index[keep] = labels
     return SharedWeight(cents.to(w.dtype), index, keep)
+
+
+def cluster_blocks(weight: torch.Tensor, keep: torch.Tensor, bits: int,
+                   blocks: Sequence[slice], **kwargs: Any) -> SharedWeight:
+    """:func:`cluster_weight` on each row block of ``weight`` (e.g. the gates of a
+    recurrent matrix), merged into one :class:`SharedWeight` whose codebook is the blocks'
+    codebooks one after another (up to ``len(blocks) * 2**bits`` centroids)."""
+    parts = [cluster_weight(weight[rows], keep[rows], bits, **kwargs) for rows in blocks]
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.centroids.numel())
+    return SharedWeight(torch.cat([p.centroids for p in parts]),
+                        torch.cat([p.index + o for p, o in zip(parts, offsets, strict=True)]),
+                        torch.cat([p.keep for p in parts]))
 
 
 class CentroidModel(nn.Module):
@@ -206,25 +234,55 @@ def zero_small_centroids(sw: SharedWeight, zero_below: float) -> tuple[SharedWei
     return SharedWeight(sw.centroids, sw.index, sw.keep & ~drop), int(drop.sum())
 
 
+def _blocks(module: nn.Module, attr: str, config: WeightSharingConfig
+            ) -> tuple[tuple[str, slice], ...] | None:
+    """The gate blocks to cluster apart, or None to cluster the tensor as a whole."""
+    if config.rnn_codebooks != "gate" or not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return None
+    blocks = gate_blocks(module, attr)
+    return blocks if len(blocks) > 1 else None
+
+
+def _share_one(weight: torch.Tensor, keep: torch.Tensor, bits: int,
+               blocks: tuple[tuple[str, slice], ...] | None, config: WeightSharingConfig,
+               ctx: Context, name: str) -> SharedWeight:
+    """Cluster one weight (per block when ``blocks`` is given), noting a Lloyd fallback."""
+    w = weight.detach().cpu()
+    rows = [r for _, r in blocks] if blocks else [slice(0, w.shape[0])]
+    methods = set()
+    for r in rows:
+        n_unique = int(torch.unique(w[r][keep[r]]).numel())
+        method = _method_for(n_unique, 2**bits, config.method)
+        methods.add(method)
+        if method != config.method:
+            ctx.note(f"weight_sharing: {name}: {n_unique} unique values are too many for "
+                     f"optimal k-means with k={2**bits}; used Lloyd")
+    method = "lloyd" if "lloyd" in methods else config.method
+    kwargs: dict[str, Any] = {"init": config.init, "method": method, "iters": config.iters,
+                              "seed": ctx.seed}
+    if not blocks:
+        return cluster_weight(weight, keep, bits, **kwargs)
+    ctx.note(f"weight_sharing: {name}: one codebook of {2**bits} values per gate "
+             f"({'/'.join(g for g, _ in blocks)}): up to {len(blocks) * 2**bits} distinct "
+             "values in the tensor's stored codebook")
+    return cluster_blocks(weight, keep, bits, rows, **kwargs)
+
+
 def _cluster_all(model: nn.Module, names: Sequence[str], config: WeightSharingConfig,
                  ctx: Context) -> dict[str, SharedWeight]:
     params = dict(model.named_parameters())
     shared: dict[str, SharedWeight] = {}
     for name in names:
         weight = params[name]
-        bits = _bits_for(model.get_submodule(name.rpartition(".")[0]), config, name)
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        bits = _bits_for(module, config, name)
         keep = ctx.masks.get(name, torch.ones(weight.shape, dtype=torch.bool))
         if keep.shape != weight.shape:
             raise ModelError(f"pruning mask for {name!r} has shape {tuple(keep.shape)}, the "
                              f"weight has {tuple(weight.shape)}")
         keep = keep.cpu().bool() & (weight.detach().cpu() != 0)
-        n_unique = int(torch.unique(weight.detach().cpu()[keep]).numel())
-        method = _method_for(n_unique, 2**bits, config.method)
-        if method != config.method:
-            ctx.note(f"weight_sharing: {name}: {n_unique} unique values are too many for "
-                     f"optimal k-means with k={2**bits}; used Lloyd")
-        sw = cluster_weight(weight, keep, bits, init=config.init, method=method,
-                            iters=config.iters, seed=ctx.seed)
+        sw = _share_one(weight, keep, bits, _blocks(module, attr, config), config, ctx, name)
         shared[name], dropped = zero_small_centroids(sw, config.zero_below)
         if dropped:
             ctx.note(f"weight_sharing: {name}: {dropped} weights on centroids within "
