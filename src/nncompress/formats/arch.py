@@ -51,7 +51,7 @@ from nncompress.lowrank.layers import (
     LowRankLinear,
     LowRankRNN,
 )
-from nncompress.share.hashing import HashedLinear
+from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
 __all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "build_module", "describe", "module_spec",
            "parse_record"]
@@ -141,6 +141,7 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     # hashed weight sharing (nncompress.share.hashing): index/sign buffers are rebuilt
     "HashedLinear": (HashedLinear, {"in_features": _positive, "out_features": _positive,
                                     "buckets": _positive, "seed": _int, "bias": check_bool}),
+    "HashedEmbedding": (HashedEmbedding, {"num_embeddings": _positive, "embedding_dim": _positive, "buckets": _positive, "seed": _int, "padding_idx": _optional(_int)}),  # noqa: E501
     # parameter-free operations, for builders that record their own structure (they own no
     # tensors, so files never record them in "modules")
     "ReLU": (nn.ReLU, {}),
