@@ -167,13 +167,13 @@ def test_output_folder_missing(work: Path, capsys) -> None:
     assert_one_line_error(code, err, "nodir")
 
 
-def test_argparse_errors_exit_nonzero(capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        cli.main(["compress"])
-    assert info.value.code != 0
-    with pytest.raises(SystemExit) as info:
-        cli.main(["frobnicate"])
-    assert info.value.code != 0
+def test_argparse_errors_are_one_line(capsys) -> None:
+    code, _, err = run_cli("compress", capsys=capsys)
+    assert_one_line_error(code, err, "--model", "--recipe", "--out",
+                          "see 'nncompress compress --help'")
+    code, _, err = run_cli("frobnicate\x1b[2J", capsys=capsys)
+    assert_one_line_error(code, err, "invalid choice", "frobnicate\\x1b[2J")
+    assert "\x1b" not in err
 
 
 # --------------------------------------------------------------------------- listings

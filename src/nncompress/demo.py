@@ -7,12 +7,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.report import ReportPaths, ResultRow, rows_text, write_report
+from nncompress.report.writer import staged_folder
+
+if TYPE_CHECKING:
+    from nncompress.recipe import Recipe
 
 DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "deep-compression", "l1-filter-prune",
                                  "low-rank", "layer-prune")
@@ -47,9 +52,11 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Run the main job and write ``report.md``, ``results.json`` and plots to ``out_dir``.
 
+    The folder is built beside ``out_dir`` and renamed into place at the end
+    (:func:`~nncompress.report.writer.staged_folder`): an error or Ctrl-C half-way leaves
+    no partial report, and an earlier report in ``out_dir`` is replaced only then.
     ``quick`` trains 1 epoch per model (a smoke run, not for reading accuracies).
     """
-    from nncompress import api
     from nncompress import models as zoo
     from nncompress.recipe import Recipe
 
@@ -58,6 +65,32 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     for name in names:
         zoo.spec(name)  # unknown names fail before any work starts
     plans = [Recipe.resolve(r) for r in recipes]
+    with staged_folder(out_dir) as stage:
+        rows, skipped, sparsity, sections = _run_models(names, plans, stage, quick=quick,
+                                                        seed=seed, progress=progress,
+                                                        echo=echo)
+        echo("")
+        echo(rows_text(rows))
+        seconds = time.perf_counter() - start
+        paths = write_report(stage, "nncompress demo", rows, sparsity,
+                             extra={"seconds": seconds, "quick": quick, "seed": seed,
+                                    "skipped": [vars(k) for k in skipped]},
+                             sections=sections)
+    paths = paths.moved(stage, out_dir)
+    echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
+    return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
+                      seconds=seconds)
+
+
+def _run_models(names: Sequence[str], plans: Sequence[Recipe], out_dir: Path, *,
+                quick: bool, seed: int, progress: bool, echo: Callable[[str], None]
+                ) -> tuple[list[ResultRow], list[Skipped], dict[str, list[tuple[str, float]]],
+                           list[str]]:
+    """Every model with every recipe (files into ``out_dir``); returns the rows, the
+    refusals, per-layer sparsity for the plot and the report's extra sections."""
+    from nncompress import api
+    from nncompress import models as zoo
+
     rows: list[ResultRow] = []
     sparsity: dict[str, list[tuple[str, float]]] = {}
     model_dir = out_dir / "models"
@@ -96,17 +129,9 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
 
     echo("several models at once: zipping and multiplexing")
     sections += demo_sections(names, quick=quick, seed=seed, echo=echo)
-    echo("")
-    echo(rows_text(rows))
-    seconds = time.perf_counter() - start
-    paths = write_report(out_dir, "nncompress demo", rows, sparsity,
-                         extra={"seconds": seconds, "quick": quick, "seed": seed,
-                                "skipped": [vars(k) for k in skipped]},
-                         sections=[*sections, *_breakdown_section(stage_bytes),
-                                   *([_skipped_section(skipped)] if skipped else [])])
-    echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
-    return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
-                      seconds=seconds)
+    sections += [*_breakdown_section(stage_bytes),
+                 *([_skipped_section(skipped)] if skipped else [])]
+    return rows, skipped, sparsity, sections
 
 
 def _breakdown_section(tables: Sequence[str]) -> list[str]:

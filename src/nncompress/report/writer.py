@@ -1,18 +1,28 @@
-"""Write a report folder: report.md, results.json and PNG plots."""
+"""Write a report folder: report.md, results.json and PNG plots, published atomically.
+
+:func:`staged_folder` builds a report in a hidden temporary folder beside its target and
+renames it into place only when everything is written: an error or Ctrl-C half-way
+leaves the previous report (if any) as it was and no partial folder behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import secrets
+import shutil
+import stat
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nncompress.errors import NNCError
 from nncompress.report.plots import (
     plot_accuracy_vs_bytes,
     plot_accuracy_vs_macs,
@@ -33,6 +43,15 @@ MEASUREMENT_NOTES = (
 )
 
 
+#: written into every report folder; an existing folder holding it may be replaced
+REPORT_MARKER = ".nncompress-report"
+
+
+class OutputError(NNCError):
+    """A report folder cannot be written where it was asked for (a file is there, its
+    parent folder is missing, no permission, or the folder holds something else)."""
+
+
 @dataclass(frozen=True)
 class ReportPaths:
     """Files written by :func:`write_report`."""
@@ -40,6 +59,13 @@ class ReportPaths:
     markdown: Path
     json: Path
     plots: tuple[Path, ...]
+
+    def moved(self, src: Path, dst: Path) -> ReportPaths:
+        """The same files after the folder ``src`` was renamed to ``dst``."""
+        def move(p: Path) -> Path:
+            return dst / p.relative_to(src)
+        return replace(self, markdown=move(self.markdown), json=move(self.json),
+                       plots=tuple(move(p) for p in self.plots))
 
 
 def environment() -> dict[str, Any]:
@@ -82,7 +108,87 @@ def write_report(out_dir: Path, title: str, rows: Sequence[ResultRow],
           f"Python {env['python']}, {env['machine']}, {env['cpus']} CPUs.", ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     md_path = _write_atomic(out_dir / "report.md", "\n".join(md) + "\n")
+    _write_atomic(out_dir / REPORT_MARKER, f"{title}\n")
     return ReportPaths(markdown=md_path, json=json_path, plots=tuple(plots))
+
+
+def _is_report(folder: Path) -> bool:
+    """An empty folder, or one a report was written to (the marker, or for reports from
+    before the marker both report.md and results.json)."""
+    names = {p.name for p in folder.iterdir()}
+    return not names or REPORT_MARKER in names or {"report.md", "results.json"} <= names
+
+
+def check_report_target(target: Path) -> None:
+    """Raise :class:`OutputError` unless ``target`` can become a report folder: its parent
+    is an existing folder, and ``target`` is new, an empty folder or an earlier report
+    (never the current folder or one above it, never a file)."""
+    name = repr(str(target))
+    parent = target.parent
+    if not parent.is_dir():
+        what = "does not exist" if not parent.exists() else "is not a folder"
+        raise OutputError(f"report folder {name}: the folder {str(parent)!r} {what}")
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise OutputError(f"report folder {name}: {exc.strerror or exc}") from None
+    if mode is not None and not stat.S_ISDIR(mode):
+        raise OutputError(f"report folder {name} exists and is not a folder")
+    here = Path.cwd().resolve()
+    if mode is not None and (target.resolve() == here or target.resolve() in here.parents):
+        raise OutputError(f"report folder {name} is the current folder or one above it; "
+                          "give a folder of its own")
+    if mode is not None and not _is_report(target):
+        raise OutputError(f"report folder {name} holds files that are not an nncompress "
+                          "report; give a new folder, an empty one or an earlier report")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"report folder {name}: cannot write to {str(parent)!r} "
+                          "(permission denied)")
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``target`` to write a report into; when the
+    block ends normally it replaces ``target`` (an earlier report there is removed only
+    then). On any error or KeyboardInterrupt the staging folder is deleted and
+    ``target`` is left as it was. :func:`check_report_target` is checked first."""
+    check_report_target(target)
+    stage = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.mkdir(stage)          # like mkdtemp, but with the umask's permissions
+    except OSError as exc:
+        raise OutputError(f"cannot create the report folder {str(target)!r}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        yield stage
+        _publish(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _publish(stage: Path, target: Path) -> None:
+    """Rename ``stage`` to ``target``; an existing ``target`` is moved aside first and
+    deleted after (put back if the second rename fails)."""
+    check_report_target(target)      # it may have changed while the report was built
+    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    had_old = target.exists()
+    try:
+        if had_old:
+            os.rename(target, old)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            if had_old:
+                os.rename(old, target)
+            raise
+    except OSError as exc:
+        raise OutputError(f"cannot move the report into {str(target)!r}: "
+                          f"{exc.strerror or exc}") from None
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -1,0 +1,256 @@
+"""The subcommands of ``nncompress``: each takes the parsed arguments, prints its result and
+returns the exit code. Every name that came from a file or from user code is escaped
+(:func:`~nncompress.cli_inputs.printable`) before it is printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nncompress.cli_inputs import (
+    CLIError,
+    check_output_file,
+    is_reference,
+    load_data,
+    load_model,
+    looks_like_file,
+    printable,
+    quoted,
+)
+from nncompress.cli_parser import model_spec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from nncompress.data import Dataset
+    from nncompress.kernels import SparsifyReport
+
+__all__ = ["HANDLERS", "emit"]
+
+
+def emit(text: str = "") -> None:
+    """Print ``text`` with anything non-printable escaped (line breaks kept)."""
+    print(printable(text, newlines=True))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    from nncompress.report import render_text
+
+    return render_text(headers, [[printable(c) for c in row] for row in rows])
+
+
+# --------------------------------------------------------------------------- demo / train
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nncompress.demo import run_demo
+    from nncompress.report.writer import check_report_target
+
+    check_report_target(args.out)
+    run_demo(args.out, models=args.models, quick=args.quick, seed=args.seed,
+             progress=not args.no_progress, echo=emit)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nncompress import api, models
+
+    check_output_file(args.out)
+    models.spec(args.model)  # an unknown name fails before any data is loaded
+    data = None if args.data is None else load_data(args.data, seed=args.seed)
+    model, data = models.load(args.model, data, seed=args.seed, epochs=args.epochs,
+                              progress=not args.no_progress)
+    acc = api.measure(model, data, with_latency=False).accuracy
+    size = api.save(model, args.out, meta={"model": args.model, "dataset": data.name,
+                                           "accuracy": acc})
+    emit(f"{args.model} on {data.name}: test accuracy {100 * acc:.2f} %, "
+         f"saved {size} bytes to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
+    """``--model`` as a reference model's name (trained or cached), a ``.nnc`` file or
+    ``module:function``, with ``--data`` (required for the last two)."""
+    from nncompress import models
+
+    spec: str = args.model
+    if looks_like_file(spec) or is_reference(spec):
+        if args.data is None:
+            raise CLIError(f"--data is required with --model {quoted(spec)} (only a "
+                           "reference model has a default dataset)")
+        model = load_model(spec, args.model_class)
+        return model, load_data(args.data, seed=args.seed)
+    if args.model_class is not None:
+        raise CLIError("--model-class is for a .nnc file holding a user model, not for "
+                       f"the reference model {quoted(spec)}")
+    models.spec(spec)  # an unknown name fails before any data is loaded
+    data = None if args.data is None else load_data(args.data, seed=args.seed)
+    return models.load(spec, data, seed=args.seed, progress=not args.no_progress)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from nncompress import api
+    from nncompress.recipe import Recipe
+
+    check_output_file(args.out)
+    recipe = Recipe.resolve(args.recipe)
+    model, data = _model_and_data(args)
+    result = api.compress(model, recipe, data, seed=args.seed, progress=not args.no_progress,
+                          measure_latency=not args.no_latency)
+    emit(result.table())
+    size = api.save(result, args.out)
+    emit(f"saved {size} bytes to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from nncompress import api
+    from nncompress.report import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+
+    spec = model_spec(args)
+    model = load_model(spec, args.model_class)
+    data = load_data(args.data, seed=0)
+    engine = _sparsify(model, data) if args.sparsify else None
+    m = api.measure(model, data, with_latency=not args.no_latency)
+    file_bytes = Path(spec).stat().st_size if looks_like_file(spec) else m.artifact_bytes
+    if args.json:
+        lat = [] if m.latency is None else [
+            {"batch": r.batch, "median_ms": r.median_ms} for r in m.latency.results]
+        out = {"accuracy": m.accuracy, "file_bytes": file_bytes, "params": m.params.total,
+               "nonzero_params": m.params.nonzero, "macs": m.macs.total, "latency": lat}
+        if engine is not None:
+            out["sparse_engine"] = [{"layer": c.name, "sparsity": c.sparsity,
+                                     "dense_us": c.dense_us[0], "sparse_us": c.sparse_us[0],
+                                     "choice": c.choice} for c in engine.layers]
+        print(json.dumps(out, indent=2))
+        return 0
+    size_label = "file size" if looks_like_file(spec) else "file size (as nc.save writes it)"
+    rows = [["test accuracy", fmt_pct(m.accuracy)], [size_label, fmt_bytes(file_bytes)],
+            ["parameters (non-zero)",
+             f"{fmt_count(m.params.total)} ({fmt_count(m.params.nonzero)})"],
+            ["MACs per sample", fmt_count(m.macs.total)]]
+    if m.latency is not None:
+        rows += [[f"latency batch {r.batch} (median, {m.latency.threads} threads)",
+                  fmt_ms(r.median_ms)] for r in m.latency.results]
+    emit(_table(["metric", "value"], rows))
+    if engine is not None:
+        emit()
+        emit(_table(
+            ["layer", "sparsity", "dense b1", "CSR b1", "engine", "why"],
+            [[c.name, fmt_pct(c.sparsity), f"{c.dense_us[0]:.1f} us" if c.dense_us else "-",
+              f"{c.sparse_us[0]:.1f} us" if c.sparse_us else "-", c.choice, c.reason]
+             for c in engine.layers]))
+    return 0
+
+
+def _sparsify(model: nn.Module, data: Dataset) -> SparsifyReport:
+    """Deploy-time sparse engine on the loaded model; returns its per-layer report."""
+    from nncompress.data import example_input
+    from nncompress.kernels import sparsify
+
+    return sparsify(model, example_input(data, 1), batch_sizes=(1,))[1]
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from nncompress import api
+    from nncompress.cli_inputs import check_input_file
+
+    spec = model_spec(args)
+    if looks_like_file(spec):
+        _inspect_file(check_input_file(Path(spec), "model file"), args, saved=False)
+        return 0
+    model = load_model(spec, None)
+    with tempfile.TemporaryDirectory(prefix="nncompress-inspect-") as tmp:
+        path = Path(tmp) / "model.nnc"
+        api.save(model, path)
+        _inspect_file(path, args, saved=True)
+    return 0
+
+
+def _inspect_file(path: Path, args: argparse.Namespace, *, saved: bool) -> None:
+    from nncompress import formats
+    from nncompress.report import fmt_bytes, fmt_pct
+
+    info = formats.inspect(path)
+    if args.json:
+        print(json.dumps(formats.read_header(path), indent=2))
+        return
+    rows = [[t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.encoding,
+             fmt_bytes(t.stored_bytes), fmt_bytes(t.raw_bytes), fmt_pct(t.sparsity)]
+            for t in info.tensors]
+    emit(_table(["tensor", "shape", "dtype", "encoding", "stored", "raw", "sparsity"], rows))
+    stored = sum(t.stored_bytes for t in info.tensors)
+    raw = sum(t.raw_bytes for t in info.tensors)
+    source = "as nc.save writes it: " if saved else ""
+    emit(f"\n{source}format version {info.format_version}; file {fmt_bytes(info.total_bytes)}"
+         f"; tensors {fmt_bytes(stored)} stored vs {fmt_bytes(raw)} raw")
+    if args.entropy:
+        emit("\n" + _entropy_table(path))
+
+
+def _entropy_table(path: Path) -> str:
+    """Huffman-coded streams of the file vs their empirical entropy (bits per symbol)."""
+    from nncompress import formats
+    from nncompress.formats.huffman import entropy_report
+    from nncompress.report import fmt_bytes
+
+    rows = []
+    for name, (encoding, tensor) in formats.read_tensors(path).items():
+        for stream in formats.ENCODINGS.get(encoding).coded_streams:
+            s = entropy_report(tensor).stream(stream)
+            rows.append([name, stream, str(s.symbols), f"{s.entropy_bits:.3f}",
+                         f"{s.huffman_bits:.3f}", f"{100 * s.excess:+.2f} %",
+                         fmt_bytes(s.table_bytes)])
+    if not rows:
+        return "no Huffman-coded tensors in this file"
+    return ("Huffman streams (bits per symbol; excess = Huffman / entropy - 1; table = "
+            "stored code lengths)\n" + _table(
+                ["tensor", "stream", "symbols", "entropy", "Huffman", "excess", "table"],
+                rows))
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def _cmd_techniques(args: argparse.Namespace) -> int:
+    from nncompress.technique import all_techniques
+
+    reg = all_techniques()
+    rows = [[t.name, t.category, t.paper] for t in (reg.get(n) for n in reg.names())]
+    emit(_table(["technique", "survey category", "paper"], rows))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from nncompress import models
+
+    rows = [[s.name, s.default_dataset, s.description]
+            for s in (models.spec(n) for n in models.model_names())]
+    emit(_table(["model", "default data", "description"], rows))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from nncompress.recipe import Recipe
+
+    for name in Recipe.names():
+        emit(name)
+    return 0
+
+
+HANDLERS = {"demo": _cmd_demo, "train": _cmd_train, "compress": _cmd_compress,
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "techniques": _cmd_techniques,
+            "models": _cmd_models, "recipes": _cmd_recipes}
