@@ -26,8 +26,8 @@ Recurrent weights (every layer and direction of ``nn.GRU`` / ``nn.LSTM`` / ``nn.
 recurrent neural networks": same prior, KL and threshold, but the weights are sampled
 once per mini-batch and shared across time steps, no local reparameterisation (see
 :mod:`nncompress.prune.variational_rnn`); the run's log gives each recurrent matrix's
-sparsity per gate block (GRU r/z/n, LSTM i/f/g/o). ``rnn_epochs`` ... the RNN-specific
-fields of the config may differ from the feed-forward ones.
+sparsity per gate block (GRU r/z/n, LSTM i/f/g/o). ``nn.EmbeddingBag`` tables are
+sampled the same way.
 
 Afterwards weights with ``log alpha > threshold`` (paper: 3) are zeroed, the layers are
 their plain types again, and the keep-masks go into ``ctx.masks``. Attention weights
