@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nncompress import models
-from nncompress.errors import UnsupportedLayerError
 from nncompress.graph import channel_groups
+from nncompress.prune.structured import prunable_groups
 
 SHAPES = {"mlp": (1, 8, 8), "cnn1d": (1, 40), "cnn2d": (1, 8, 8), "rescnn": (1, 40),
           "gru": (1, 40), "lstm": (1, 40), "transformer": (1, 40)}
@@ -87,6 +87,12 @@ class Custom(nn.Module):
         return self.fc2(self.fc1(x) + self.emb.weight[0])
 
 
-def test_unknown_parameter_layer_is_reported_by_name() -> None:
-    with pytest.raises(UnsupportedLayerError, match=r"emb \(Embedding\)"):
-        channel_groups(Custom(), torch.randn(2, 8))
+def test_a_group_whose_channels_meet_a_weight_read_directly_is_left_alone() -> None:
+    """fc1's output is added to a row of an Embedding's weight, read without calling the
+    layer: no tracer sees that coupling, so the trial removal catches it and names fc1."""
+    notes: list[str] = []
+    model = Custom()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prunable_groups(model, torch.randn(2, 8), notes.append) == []
+    assert any("fc1 alone" in n and "breaks the model" in n for n in notes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

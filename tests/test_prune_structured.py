@@ -161,18 +161,29 @@ def test_network_slimming_prunes_bn_channels_and_rejects_bn_free_models() -> Non
         nc.compress(mlp, recipe, tiny_data(), progress=False, measure_latency=False)
 
 
-def test_l1_filter_prune_drops_masks_of_reshaped_weights() -> None:
+def test_l1_filter_prune_slices_the_masks_of_reshaped_weights() -> None:
+    """Connection pruning done before survives structured pruning: each mask is cut like
+    its weight, and the fine-tuning after the surgery keeps the pruned weights at zero."""
     from nncompress.prune.filter_l1 import L1FilterPruneConfig, l1_filter_prune
     from nncompress.technique import Context
 
     torch.manual_seed(0)
     model = models.build("gru", (1, 16), 3, hidden=8)
     ctx = Context(data=tiny_data(), progress=False)
-    ctx.masks["layers.0.weight_hh_l0"] = torch.ones(24, 8, dtype=torch.bool)
+    mask = torch.rand(24, 8) > 0.5
+    with torch.no_grad():
+        model.layers[0].weight_hh_l0.mul_(mask)
+    ctx.masks["layers.0.weight_hh_l0"] = mask.clone()
     ctx.masks["classifier.bias"] = torch.ones(3, dtype=torch.bool)
+    scores = l1_importance(model, {g.name: g for g in channel_groups(
+        model, torch.randn(2, 1, 16))}["layers.0:hidden"])
+    kept = sorted(torch.argsort(scores, descending=True, stable=True)[:4].tolist())
     l1_filter_prune(model, L1FilterPruneConfig(ratio=0.5, epochs_per_step=1), ctx)
     assert [rnn.hidden_size for rnn in model.layers] == [4, 4]
-    assert set(ctx.masks) == {"classifier.bias"}
+    rows = torch.cat([torch.tensor(kept) + g * 8 for g in range(3)])
+    assert torch.equal(ctx.masks["layers.0.weight_hh_l0"], mask[rows][:, kept])
+    weight = model.layers[0].weight_hh_l0.detach()
+    assert bool((weight[~ctx.masks["layers.0.weight_hh_l0"]] == 0).all())
     assert model(torch.randn(2, 1, 16)).shape == (2, 3)
 
 

@@ -20,6 +20,7 @@ from nncompress import formats
 from nncompress.data import Dataset
 from nncompress.errors import DataError, ModelError
 from nncompress.measure import Comparison, Measurement, compare, measure
+from nncompress.modules import decompose
 from nncompress.recipe import Recipe, Stage
 from nncompress.technique import TECHNIQUES, Context, all_techniques
 
@@ -159,8 +160,12 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     """Compress a copy of ``model`` with ``recipe`` (a Recipe, a packaged recipe's name or
     a YAML path), measuring it on ``data`` before the first stage and after every stage.
 
-    The caller's ``model`` is never modified. ``seed`` seeds every random choice (the
-    fine-tuning batch order among them); ``measure_latency=False`` skips the timing runs.
+    The caller's ``model`` is never modified. PyTorch built-ins whose forward reads their
+    submodules' weights directly (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``)
+    are first rewritten to equivalents with called projections
+    (:func:`nncompress.modules.decompose`; noted in the log), so every technique sees and
+    changes real layers. ``seed`` seeds every random choice (the fine-tuning batch order
+    among them); ``measure_latency=False`` skips the timing runs.
     ``baseline``: an earlier ``measure(model, data)`` of this same model, reused instead of
     measuring it again (so several recipes compare against one baseline). After every
     stage the model is timed interleaved with a copy of the uncompressed model (alternating
@@ -184,6 +189,9 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     if baseline is None:
         baseline = measure_now(work, None)
     ctx = Context(data=data, seed=seed, progress=progress)
+    work, rewrites = decompose(work, ctx.masks)
+    for line in rewrites:
+        ctx.note(f"rewrote {line}")
     results: list[StageResult] = []
     for index, stage in enumerate(plan.stages, 1):
         start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Model-graph analysis for structured pruning (pure: never mutates a model)."""
 
-from nncompress.graph.groups import HANDLED, ChannelGroup, channel_groups
+from nncompress.graph.groups import HANDLED, Analysis, ChannelGroup, analyse, channel_groups
 
-__all__ = ["HANDLED", "ChannelGroup", "channel_groups"]
+__all__ = ["HANDLED", "Analysis", "ChannelGroup", "analyse", "channel_groups"]

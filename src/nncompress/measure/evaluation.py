@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import DataError
 from nncompress.measure._common import call_model, eval_mode, first_param
 
@@ -25,7 +26,7 @@ def accuracy(model: nn.Module, loader: Iterable[Any]) -> float:
     correct = total = 0
     with eval_mode(model), torch.inference_mode():
         for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y = inputs.to(batch[0], device), batch[1].to(device)
             logits = call_model(model, x)
             correct += int((logits.argmax(dim=-1) == y).sum())
             total += y.numel()

@@ -157,6 +157,18 @@ def _self_attention(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     return _dense(2 * samples * int(m.num_heads) * tokens * tokens * int(m.head_dim))
 
 
+def _split_attention(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     out: Any) -> Term:
+    """``SplitMultiheadAttention`` (nncompress.modules): ``Q K^T`` and ``A V``, target x
+    source x heads x head_dim each; its q/k/v/out Linears count themselves."""
+    query = _arg(args, kwargs, 0, "query")
+    key = _arg(args, kwargs, 1, "key")
+    seq_dim = 1 if (m.batch_first and query.dim() == 3) else 0
+    inner = int(m.num_heads) * int(m.head_dim)
+    q_rows = query.numel() // query.shape[-1]
+    return _dense(2 * q_rows * key.shape[seq_dim] * inner)
+
+
 def _multihead_attention(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                          out: Any) -> Term:
     """``nn.MultiheadAttention``: q/k/v input projections, ``Q K^T`` and ``A V``
@@ -185,8 +197,10 @@ _NORMS: tuple[type[nn.Module], ...] = (
 #: The one table from module type to how its MACs are counted. Keys are classes, matched
 #: along the module's MRO (so subclasses inherit a rule), or a class *name* string for
 #: classes defined in packages this module must not import: ``"MultiHeadSelfAttention"``
-#: is the reference transformer's attention (``nncompress.models.transformer``); any
-#: class of that name needs ``num_heads`` and ``head_dim`` attributes.
+#: is the reference transformer's attention (``nncompress.models.transformer``) and
+#: ``"SplitMultiheadAttention"`` the rewritten ``nn.MultiheadAttention``
+#: (``nncompress.modules``); any class of those names needs ``num_heads`` and ``head_dim``
+#: attributes.
 MAC_RULES: Mapping[type[nn.Module] | str, MacRule] = MappingProxyType({
     nn.Linear: MacRule(_linear),
     nn.Conv1d: MacRule(_conv), nn.Conv2d: MacRule(_conv), nn.Conv3d: MacRule(_conv),
@@ -195,6 +209,7 @@ MAC_RULES: Mapping[type[nn.Module] | str, MacRule] = MappingProxyType({
     nn.RNNBase: MacRule(_rnn),  # nn.RNN, nn.GRU, nn.LSTM
     nn.RNNCellBase: MacRule(_rnn_cell),  # nn.RNNCell, nn.GRUCell, nn.LSTMCell
     "MultiHeadSelfAttention": MacRule(_self_attention),
+    "SplitMultiheadAttention": MacRule(_split_attention),
     nn.MultiheadAttention: MacRule(_multihead_attention, recurse=True),
     **{norm: _ZERO for norm in _NORMS},
     nn.Embedding: _ZERO, nn.EmbeddingBag: _ZERO, nn.PReLU: _ZERO,

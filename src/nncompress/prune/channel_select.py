@@ -36,10 +36,11 @@ from nncompress.errors import ConstraintError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.prune import reconstruct as rc
 from nncompress.prune.structured import (
-    drop_stale_masks,
     l1_importance,
     plan_for_macs,
+    prunable_groups,
     prune_channels,
+    rewrite_builtins,
     select_by_ratio,
 )
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
@@ -109,9 +110,9 @@ def _consumer(model: nn.Module, group: ChannelGroup) -> nn.Module | None:
     if len(group.consumers) != 1:
         return None
     layer = model.get_submodule(group.consumers[0])
-    if isinstance(layer, nn.Linear):
+    if type(layer) is nn.Linear and group.unit_width >= 1:
         return layer
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1 and (
+    if type(layer) in (nn.Conv1d, nn.Conv2d) and layer.groups == 1 and (
             group.unit_width == 1):
         return layer
     return None
@@ -160,14 +161,15 @@ def _prune_group(model: nn.Module, ref: nn.Module, group: ChannelGroup, keep: in
                              unit_width=uw)
     y = rc.output_of(x_ref, rc.consumer_weight(ref_layer, uw))
     kept, new_w = chooser(x, rc.consumer_weight(layer, uw), y, keep)
-    prune_channels(model, {group.name: kept}, x_example)
+    prune_channels(model, {group.name: kept}, x_example, masks=ctx.masks)
     rc.set_consumer_weight(model.get_submodule(group.consumers[0]), new_w)
 
 
 def _run(method: str, chooser: Chooser, model: nn.Module, cfg: ChannelSelectConfig,
          ctx: Context) -> nn.Module:
+    model = rewrite_builtins(model, ctx.masks, ctx.note, method)
     x_example = example_input(ctx.data, 1)
-    groups = _selected(channel_groups(model, x_example), cfg)
+    groups = _selected(prunable_groups(model, x_example, ctx.note), cfg)
     eligible = [g for g in groups if _consumer(model, g) is not None]
     others = [g for g in groups if _consumer(model, g) is None]
     if others:
@@ -188,9 +190,9 @@ def _run(method: str, chooser: Chooser, model: nn.Module, cfg: ChannelSelectConf
         if _consumer(model, current) is not None:
             _prune_group(model, ref, current, keep, chooser, cfg, ctx, x_example)
         else:
-            prune_channels(model, {current.name: _top_l1(model, current, keep)}, x_example)
+            prune_channels(model, {current.name: _top_l1(model, current, keep)}, x_example,
+                           masks=ctx.masks)
         ctx.note(f"{method}: {current.name} {current.size} -> {keep} {current.kind}")
-    drop_stale_masks(model, ctx.masks)
     if cfg.epochs:
         ctx.fine_tune(model, epochs=cfg.epochs, lr=cfg.lr, desc=f"{method} fine-tune")
     return model

@@ -24,11 +24,12 @@ from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
 from nncompress.prune.sensitivity import ratios_for_target, select_groups, sensitivity
 from nncompress.prune.structured import (
-    drop_stale_masks,
     group_l1_importance,
     l1_importance,
     plan_for_macs,
+    prunable_groups,
     prune_channels,
+    rewrite_builtins,
     select_by_ratio,
 )
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
@@ -36,7 +37,7 @@ from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 __all__ = ["L1FilterPruneConfig", "l1_filter_prune", "pick_groups"]
 
 Patterns = Annotated[tuple[str, ...], Field(strict=False)]
-Kind = Literal["channels", "hidden", "heads"]
+Kind = Literal["channels", "hidden", "heads", "cell"]
 
 
 class L1FilterPruneConfig(TechniqueConfig):
@@ -67,7 +68,8 @@ class L1FilterPruneConfig(TechniqueConfig):
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)
     layers: Patterns = ("*",)
     exclude: Patterns = ()
-    kinds: Annotated[tuple[Kind, ...], Field(strict=False)] = ("channels", "hidden", "heads")
+    kinds: Annotated[tuple[Kind, ...], Field(strict=False)] = ("channels", "hidden", "heads",
+                                                                "cell")
     ratios_from: Literal["none", "sensitivity"] = "none"
     sensitivity_ratios: Annotated[tuple[float, ...], Field(strict=False)] = (
         0.25, 0.5, 0.75)
@@ -89,10 +91,11 @@ class L1FilterPruneConfig(TechniqueConfig):
 CRITERIA = {"filter": l1_importance, "group": group_l1_importance}
 
 
-def pick_groups(model: nn.Module, example: torch.Tensor,
-                config: L1FilterPruneConfig) -> list[ChannelGroup]:
-    """Groups selected by ``layers``/``exclude``/``kinds``; ModelError when none is left."""
-    found = channel_groups(model, example)
+def pick_groups(model: nn.Module, example: torch.Tensor, config: L1FilterPruneConfig,
+                ctx: Context | None = None) -> list[ChannelGroup]:
+    """Prunable groups (:func:`prunable_groups`) selected by ``layers``/``exclude``/
+    ``kinds``; ModelError when none is left. Groups left alone are noted in ``ctx``."""
+    found = prunable_groups(model, example, ctx.note if ctx is not None else None)
     chosen = select_groups(found, config.layers, config.exclude, config.kinds)
     if not chosen:
         raise ModelError(f"layers={list(config.layers)}, exclude={list(config.exclude)}, "
@@ -126,8 +129,9 @@ def _step_keep(model: nn.Module, x: torch.Tensor, config: L1FilterPruneConfig,
 
 def l1_filter_prune(model: nn.Module, config: L1FilterPruneConfig, ctx: Context) -> nn.Module:
     """Prune ``model`` in place by L1 filter norm (Li et al., 2017) and fine-tune."""
+    model = rewrite_builtins(model, ctx.masks, ctx.note, "l1_filter_prune")
     x = inputs.to(example_input(ctx.data, 2), next(model.parameters()).device)
-    groups = pick_groups(model, x, config)
+    groups = pick_groups(model, x, config, ctx)
     original = {g.name: g.size for g in groups}
     if isinstance(config.ratio, dict) and set(config.ratio) - set(original):
         raise ModelError(f"ratio names unknown or unselected group(s) "
@@ -148,13 +152,11 @@ def l1_filter_prune(model: nn.Module, config: L1FilterPruneConfig, ctx: Context)
         groups = [g for g in channel_groups(model, x) if g.name in names]
         keep = _step_keep(model, x, config, groups, original, step / config.steps, base_macs,
                           sens_ratios)
-        prune_channels(model, keep, x, groups=groups)
-        stale = drop_stale_masks(model, ctx.masks)
+        prune_channels(model, keep, x, groups=groups, masks=ctx.masks)
         sizes = {g.name: g.size for g in channel_groups(model, x) if g.name in names}
         ctx.note(f"l1_filter_prune step {step}/{config.steps}: units {sizes} (from "
                  f"{original}); MACs {count_macs(model, inputs.take(x, 1)).total} "
-                 f"(from {base_macs})"
-                 + (f"; dropped masks of {len(stale)} reshaped tensors" if stale else ""))
+                 f"(from {base_macs})")
         if config.epochs_per_step > 0:
             ctx.fine_tune(model, epochs=config.epochs_per_step, lr=config.lr,
                           desc=f"l1 prune step {step}/{config.steps}")

@@ -21,7 +21,12 @@ from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, ModelError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
-from nncompress.prune.structured import l1_importance, prune_channels, select_by_ratio
+from nncompress.prune.structured import (
+    l1_importance,
+    prunable_groups,
+    prune_channels,
+    select_by_ratio,
+)
 from nncompress.train import evaluate
 
 __all__ = ["SensitivityReport", "ratios_for_target", "select_groups",
@@ -54,7 +59,7 @@ def sensitivity(model: nn.Module, data: Dataset, ratios: Sequence[float] = (0.25
     ``groups``: names to analyse (default all). The model is not changed.
     """
     x = example_input(data, 2)
-    found = channel_groups(model, x)
+    found = prunable_groups(model, x)
     if groups is not None:
         missing = sorted(set(groups) - {g.name for g in found})
         if missing:

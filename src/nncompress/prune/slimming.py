@@ -26,14 +26,15 @@ from torch import nn
 from nncompress import inputs, train
 from nncompress.data import example_input
 from nncompress.errors import UnsupportedLayerError
-from nncompress.graph import ChannelGroup, channel_groups
+from nncompress.graph import ChannelGroup
 from nncompress.measure import count_macs
 from nncompress.prune.masks import apply_masks
 from nncompress.prune.sensitivity import select_groups
 from nncompress.prune.structured import (
-    drop_stale_masks,
     plan_for_macs,
+    prunable_groups,
     prune_channels,
+    rewrite_builtins,
 )
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
@@ -79,20 +80,25 @@ def bn_penalty(model: nn.Module, weight: float) -> torch.Tensor:
 
 
 def gamma_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """``{group: [size]}`` mean |gamma| over the group's BatchNorms."""
+    """``{group: [size]}`` mean |gamma| per unit over the group's BatchNorm entries (a unit
+    may own several entries, e.g. both directions of a bidirectional RNN)."""
     modules = dict(model.named_modules())
     out = {}
     for g in groups:
-        gammas = [modules[n].weight.detach().abs().float().cpu() for n in g.norms
-                  if isinstance(modules[n], BN)]
-        out[g.name] = torch.stack(gammas).mean(dim=0)
+        per_norm = []
+        for n in g.norms:
+            if not isinstance(modules[n], BN):
+                continue
+            gamma = modules[n].weight.detach().abs().float().cpu()
+            per_norm.append(torch.stack([gamma[list(u)].mean() for u in g.units(n, "norm")]))
+        out[g.name] = torch.stack(per_norm).mean(dim=0)
     return out
 
 
 def _bn_groups(model: nn.Module, x: torch.Tensor, config: NetworkSlimmingConfig,
                ctx: Context) -> list[ChannelGroup]:
     modules = dict(model.named_modules())
-    found = select_groups(channel_groups(model, x), config.layers, config.exclude)
+    found = select_groups(prunable_groups(model, x, ctx.note), config.layers, config.exclude)
     with_bn = [g for g in found if any(isinstance(modules[n], BN) for n in g.norms)]
     if not with_bn:
         raise UnsupportedLayerError(
@@ -107,6 +113,7 @@ def _bn_groups(model: nn.Module, x: torch.Tensor, config: NetworkSlimmingConfig,
 def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
                      ctx: Context) -> nn.Module:
     """Sparsity-train, threshold |gamma| globally, remove channels, fine-tune (in place)."""
+    model = rewrite_builtins(model, ctx.masks, ctx.note, "network_slimming")
     x = inputs.to(example_input(ctx.data, 2), next(model.parameters()).device)
     groups = _bn_groups(model, x, config, ctx)
     if config.epochs > 0:
@@ -122,8 +129,7 @@ def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
                              select=_threshold_keep)
     else:
         keep = _threshold_keep(scores, config.ratio)
-    prune_channels(model, keep, x, groups=groups)
-    drop_stale_masks(model, ctx.masks)
+    prune_channels(model, keep, x, groups=groups, masks=ctx.masks)
     ctx.note(f"network_slimming: kept {sum(map(len, keep.values()))} of "
              f"{sum(s.numel() for s in scores.values())} BN channels; MACs "
              f"{count_macs(model, inputs.take(x, 1)).total} (from {base})")

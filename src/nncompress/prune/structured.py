@@ -1,8 +1,9 @@
 """Structured-pruning surgery and the helpers every structured technique shares.
 
 :func:`prune_channels` physically removes units of :class:`~nncompress.graph.ChannelGroup`
-s from their producers (output rows), consumers (input columns) and norms, through one
-table of per-type rules (:data:`PRODUCER_RULES`, :data:`CONSUMER_RULES`, :data:`NORM_RULES`).
+s from every member -- producers (output rows), consumers (input columns), norms, LSTM
+cells -- through one table of rules keyed by role and layer type
+(:data:`nncompress.prune._surgery.RULES`).
 :func:`l1_importance` scores units by the L1 norm of their producer weights (Li et al.,
 "Pruning Filters for Efficient ConvNets", 2017); :func:`select_by_ratio` turns scores into
 keep-indices; :func:`plan_for_macs` finds the uniform/global ratio that reaches a MAC target.
@@ -18,122 +19,88 @@ import torch
 from torch import nn
 
 from nncompress import inputs
-from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
+from nncompress.errors import ConstraintError, ModelError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
+from nncompress.prune._surgery import apply_rule, score_of
 
 __all__ = ["drop_stale_masks", "group_l1_importance", "l1_importance", "plan_for_macs",
-           "prune_channels", "ratio_keep", "select_by_ratio"]
+           "prunable_groups", "prune_channels", "ratio_keep", "rewrite_builtins",
+           "select_by_ratio"]
 
 Scope = Literal["layer", "global"]
 Selector = Callable[[Mapping[str, torch.Tensor], float], dict[str, list[int]]]
 
 
-def _rows(n_units: int, per_unit: int, keep: torch.Tensor) -> torch.Tensor:
-    """Row indices of kept units when each unit owns ``per_unit`` consecutive rows."""
-    return (keep[:, None] * per_unit + torch.arange(per_unit)[None, :]).flatten()
+def _shapes(out: object) -> object:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_shapes(o) for o in out)
+    if isinstance(out, Mapping):
+        return {k: _shapes(v) for k, v in out.items()}
+    return None
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, value.contiguous())
+def _trial(model: nn.Module, groups: Sequence[ChannelGroup], example: inputs.Inputs,
+           reference: object) -> str | None:
+    """Remove the last unit of every group in a copy of ``model`` and run it: None when it
+    runs and gives outputs of the reference shapes, else what went wrong."""
+    trial = copy.deepcopy(model).eval()
+    try:
+        _cut(trial, [(g, range(g.size - 1)) for g in groups])
+        with torch.no_grad():
+            shapes = _shapes(inputs.call(trial, example))
+    except Exception as exc:  # any failure means the group's coupling is incomplete
+        return " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+    if shapes != reference:
+        return f"outputs change shape from {reference} to {shapes}"
+    return None
 
 
-def _prune_conv_out(m: nn.Module, keep: torch.Tensor, size: int) -> None:
-    rows = _rows(size, m.out_channels // size, keep)
-    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-    if m.groups > 1 and not depthwise:
-        raise UnsupportedLayerError(f"grouped {type(m).__name__} with groups={m.groups}")
-    _set(m, "weight", m.weight.data[rows])
-    if m.bias is not None:
-        _set(m, "bias", m.bias.data[rows])
-    m.out_channels = len(rows)
-    if depthwise:
-        m.in_channels = m.groups = len(rows)
+def prunable_groups(model: nn.Module, example_input: inputs.Inputs,
+                    note: Callable[[str], None] | None = None) -> list[ChannelGroup]:
+    """The groups of :func:`~nncompress.graph.analyse` that survive a trial removal: one
+    unit of every group is removed in a copy of the model and the copy must run with
+    outputs of the same shapes (groups are bisected when the joint trial fails). Groups
+    left alone -- by the analysis or by the trial, e.g. a layer reading a weight of
+    another layer directly -- are reported through ``note`` with the reason."""
+    from nncompress.graph import analyse
+
+    found = analyse(model, example_input)
+    report = note or (lambda _msg: None)
+    for name, reason in found.skipped:
+        report(f"structured pruning leaves {name} alone: {reason}")
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = _shapes(inputs.call(model, example_input))
+        candidates = [g for g in found.groups if g.size > 1]
+        bad = _failing(model, candidates, example_input, reference)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    for group, reason in bad:
+        report(f"structured pruning leaves {group.name} alone: removing a unit breaks the "
+               f"model ({reason})")
+    failed = {g.name for g, _ in bad}
+    return [g for g in candidates if g.name not in failed]
 
 
-def _prune_linear_out(m: nn.Linear, keep: torch.Tensor, size: int) -> None:
-    rows = _rows(size, m.out_features // size, keep)
-    _set(m, "weight", m.weight.data[rows])
-    if m.bias is not None:
-        _set(m, "bias", m.bias.data[rows])
-    m.out_features = len(rows)
-
-
-def _gate_rows(m: nn.RNNBase, keep: torch.Tensor) -> torch.Tensor:
-    gates = m.weight_hh_l0.shape[0] // m.hidden_size
-    return torch.cat([keep + g * m.hidden_size for g in range(gates)])
-
-
-def _prune_rnn_out(m: nn.RNNBase, keep: torch.Tensor, size: int) -> None:
-    rows = _gate_rows(m, keep)
-    for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
-        if hasattr(m, name) and getattr(m, name) is not None:
-            _set(m, name, getattr(m, name).data[rows])
-    _set(m, "weight_hh_l0", m.weight_hh_l0.data[rows][:, keep])
-    m.hidden_size = len(keep)
-    m._init_flat_weights()
-
-
-def _prune_conv_in(m: nn.Module, keep: torch.Tensor, size: int) -> None:
-    if m.groups != 1:
-        raise UnsupportedLayerError(f"grouped {type(m).__name__} (groups={m.groups}) as consumer")
-    cols = _rows(size, m.in_channels // size, keep)
-    _set(m, "weight", m.weight.data[:, cols])
-    m.in_channels = len(cols)
-
-
-def _prune_linear_in(m: nn.Linear, keep: torch.Tensor, size: int) -> None:
-    cols = _rows(size, m.in_features // size, keep)
-    _set(m, "weight", m.weight.data[:, cols])
-    m.in_features = len(cols)
-
-
-def _prune_rnn_in(m: nn.RNNBase, keep: torch.Tensor, size: int) -> None:
-    _set(m, "weight_ih_l0", m.weight_ih_l0.data[:, keep])
-    m.input_size = len(keep)
-    m._init_flat_weights()
-
-
-def _prune_bn(m: nn.Module, keep: torch.Tensor, size: int) -> None:
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        if getattr(m, name, None) is not None:
-            _set(m, name, getattr(m, name).data[keep])
-    m.num_features = len(keep)
-
-
-def _prune_ln(m: nn.LayerNorm, keep: torch.Tensor, size: int) -> None:
-    for name in ("weight", "bias"):
-        if getattr(m, name, None) is not None:
-            _set(m, name, getattr(m, name).data[keep])
-    m.normalized_shape = (len(keep),)
-
-
-Rule = Callable[[nn.Module, torch.Tensor, int], None]
-PRODUCER_RULES: dict[type[nn.Module], Rule] = {
-    nn.Conv1d: _prune_conv_out, nn.Conv2d: _prune_conv_out, nn.Linear: _prune_linear_out,
-    nn.GRU: _prune_rnn_out, nn.LSTM: _prune_rnn_out,
-}
-CONSUMER_RULES: dict[type[nn.Module], Rule] = {
-    nn.Conv1d: _prune_conv_in, nn.Conv2d: _prune_conv_in, nn.Linear: _prune_linear_in,
-    nn.GRU: _prune_rnn_in, nn.LSTM: _prune_rnn_in,
-}
-NORM_RULES: dict[type[nn.Module], Rule] = {
-    nn.BatchNorm1d: _prune_bn, nn.BatchNorm2d: _prune_bn, nn.LayerNorm: _prune_ln,
-}
-
-
-def _apply(table: Mapping[type[nn.Module], Rule], modules: Mapping[str, nn.Module],
-           names: Sequence[str], keep: torch.Tensor, size: int) -> None:
-    for name in names:
-        rule = table.get(type(modules[name]))
-        if rule is None:
-            raise UnsupportedLayerError(f"no structured-pruning rule for {name} "
-                                        f"({type(modules[name]).__name__})")
-        rule(modules[name], keep, size)
+def _failing(model: nn.Module, groups: Sequence[ChannelGroup], example: inputs.Inputs,
+             reference: object) -> list[tuple[ChannelGroup, str]]:
+    """Groups whose trial removal fails (bisection over a joint trial)."""
+    if not groups:
+        return []
+    reason = _trial(model, groups, example, reference)
+    if reason is None:
+        return []
+    if len(groups) == 1:
+        return [(groups[0], reason)]
+    half = len(groups) // 2
+    return (_failing(model, groups[:half], example, reference)
+            + _failing(model, groups[half:], example, reference))
 
 
 def prune_channels(model: nn.Module, keep: Mapping[str, Sequence[int]],
@@ -151,26 +118,43 @@ def prune_channels(model: nn.Module, keep: Mapping[str, Sequence[int]],
     parameters so that connection pruning done earlier survives the surgery.
     """
     found = channel_groups(model, example_input) if groups is None else groups
-    if masks:
-        _slice_masks(model, keep, example_input, found, masks)
     by_name = {g.name: g for g in found}
     unknown = sorted(set(keep) - set(by_name))
     if unknown:
         raise ModelError(f"unknown channel group(s) {unknown}; known: {sorted(by_name)}")
-    modules = dict(model.named_modules())
+    plans = {}
     for name, indices in keep.items():
         group = by_name[name]
-        idx = torch.tensor(sorted(set(int(i) for i in indices)), dtype=torch.long)
-        if idx.numel() == 0:
+        idx = sorted(set(int(i) for i in indices))
+        if not idx:
             raise ConstraintError(f"group {name!r}: at least one unit must be kept")
         if idx[0] < 0 or idx[-1] >= group.size:
             raise ConstraintError(f"group {name!r}: keep index out of range 0..{group.size - 1}")
-        if idx.numel() == group.size:
-            continue
-        _apply(PRODUCER_RULES, modules, group.producers, idx, group.size)
-        _apply(CONSUMER_RULES, modules, group.consumers, idx, group.size)
-        _apply(NORM_RULES, modules, group.norms, idx, group.size)
+        if len(idx) < group.size:
+            plans[name] = idx
+    if masks and plans:
+        _slice_masks(model, plans, example_input, found, masks)
+    _cut(model, [(by_name[name], idx) for name, idx in plans.items()])
     return model
+
+
+def _cut(model: nn.Module, plans: Sequence[tuple[ChannelGroup, Sequence[int]]]) -> None:
+    """Keep the given units of every group, all at once: each member's indices are
+    numbered as in the unpruned model, so a layer that several groups reach (a
+    concatenation's consumer) is cut once, by the union of what they remove. Producers
+    go first (a grouped convolution's outputs decide its inputs)."""
+    removed: dict[tuple[str, str], set[int]] = {}
+    for group, units in plans:
+        dropped = set(range(group.size)) - set(units)
+        for module, role, per_unit in group.index:
+            removed.setdefault((module, role), set()).update(
+                i for u in dropped for i in per_unit[u])
+    order = {"out": 0, "cell": 1, "in": 2, "norm": 3}
+    for (module, role), gone in sorted(removed.items(), key=lambda e: order[e[0][1]]):
+        layer = model.get_submodule(module)
+        size = score_of(role, layer).numel()
+        kept = torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+        apply_rule(module, role, layer, kept)
 
 
 def _slice_masks(model: nn.Module, keep: Mapping[str, Sequence[int]],
@@ -185,7 +169,8 @@ def _slice_masks(model: nn.Module, keep: Mapping[str, Sequence[int]],
     with torch.no_grad():
         for name in carried:
             params[name].copy_(masks[name].to(params[name].dtype))
-    prune_channels(shadow, keep, example_input, groups=groups)
+    by_name = {g.name: g for g in groups}
+    _cut(shadow, [(by_name[name], idx) for name, idx in keep.items()])
     after = dict(shadow.named_parameters())
     for name in list(masks):
         if name in carried and name in after:
@@ -194,53 +179,34 @@ def _slice_masks(model: nn.Module, keep: Mapping[str, Sequence[int]],
             del masks[name]
 
 
+def _unit_sum(values: torch.Tensor, units: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[len(units)]``: the sum of ``values`` over each unit's indices."""
+    return torch.stack([values[list(u)].sum() if len(u) else values.new_zeros(())
+                        for u in units])
+
+
+def _member_scores(model: nn.Module, group: ChannelGroup, roles: Sequence[str]
+                   ) -> list[torch.Tensor]:
+    """Per member of the given roles, the L1 mass of each unit (``[group.size]``)."""
+    return [_unit_sum(score_of(role, model.get_submodule(name)), units)
+            for name, role, units in group.index if role in roles]
+
+
 def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """``[group.size]``: sum of |w| of each unit's producer rows (all gates for an RNN,
-    the q/k/v rows of a head, the depthwise filter in a depthwise group)."""
-    modules = dict(model.named_modules())
-    score = torch.zeros(group.size)
-    for name in group.producers:
-        m = modules[name]
-        if isinstance(m, nn.RNNBase):
-            for w in (m.weight_ih_l0, m.weight_hh_l0):
-                score += w.detach().abs().float().cpu().reshape(-1, group.size, w.shape[1]).sum(
-                    dim=(0, 2))
-        else:
-            w = m.weight.detach().abs().float().cpu()
-            score += w.reshape(group.size, -1).sum(dim=1)
-    return score
+    """``[group.size]``: sum of |w| of each unit's producer rows (all gates of every layer
+    and direction for an RNN, the q/k/v rows of a head, the depthwise filter in a
+    depthwise group, the gate rows of a cell unit)."""
+    return torch.stack(_member_scores(model, group, ("out", "cell"))).sum(dim=0)
 
 
 def group_l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """``[group.size]``: the L1 evidence of every tensor the unit lives in -- producer rows,
-    consumer columns (``unit_width`` per unit) and norm scales |gamma| -- each divided by
-    its mean over the group, then averaged (the group-level magnitude criterion of
-    torch-pruning's ``MagnitudeImportance``, Fang et al. 2023). Unlike the filter norm
-    alone, it sees a BatchNorm that scales a channel down, and how much the next layer
-    relies on it."""
-    modules = dict(model.named_modules())
-    parts: list[torch.Tensor] = []
-
-    def add(score: torch.Tensor) -> None:
-        parts.append(score / score.mean().clamp_min(1e-12))
-
-    for name in group.producers:
-        m = modules[name]
-        if isinstance(m, nn.RNNBase):
-            for w in (m.weight_ih_l0, m.weight_hh_l0):
-                add(w.detach().abs().float().cpu().reshape(-1, group.size, w.shape[1]).sum(
-                    dim=(0, 2)))
-        else:
-            add(m.weight.detach().abs().float().cpu().reshape(group.size, -1).sum(dim=1))
-    for name in group.consumers:
-        m = modules[name]
-        w = m.weight_ih_l0 if isinstance(m, nn.RNNBase) else m.weight
-        cols = w.detach().abs().float().cpu().transpose(0, 1)  # [in, out, ...]
-        add(cols.reshape(group.size, -1).sum(dim=1))
-    for name in group.norms:
-        weight = getattr(modules[name], "weight", None)
-        if weight is not None:
-            add(weight.detach().abs().float().cpu())
+    consumer columns and norm scales |gamma| -- each divided by its mean over the group,
+    then averaged (the group-level magnitude criterion of torch-pruning's
+    ``MagnitudeImportance``, Fang et al. 2023). Unlike the filter norm alone, it sees a
+    BatchNorm that scales a channel down, and how much the next layer relies on it."""
+    parts = [s / s.mean().clamp_min(1e-12)
+             for s in _member_scores(model, group, ("out", "cell", "in", "norm"))]
     return torch.stack(parts).mean(dim=0)
 
 
@@ -316,6 +282,19 @@ def plan_for_macs(model: nn.Module, example_input: torch.Tensor,
         else:
             lo = mid
     return best
+
+
+def rewrite_builtins(model: nn.Module, masks: dict[str, torch.Tensor],
+                     note: Callable[[str], None], who: str) -> nn.Module:
+    """:func:`~nncompress.modules.decompose` ``model`` (built-ins that read their weights
+    directly become equivalents with called projections), noting each rewrite; returns
+    the model (a new object only when the model itself was such a built-in)."""
+    from nncompress.modules import decompose
+
+    model, notes = decompose(model, masks)
+    for line in notes:
+        note(f"{who}: rewrote {line}")
+    return model
 
 
 def drop_stale_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[str]:
