@@ -232,3 +232,30 @@ def test_factorised_layers_and_linear_subclasses_are_left_alone() -> None:
 def test_packaged_recipe() -> None:
     stage = Recipe.named("low-rank").stages[0]
     assert stage.name == "low_rank" and stage.config.energy == 0.9 and stage.config.epochs > 0
+
+
+def test_low_rank_on_a_builtin_transformer_encoder_layer_keeps_it_working() -> None:
+    """nn.TransformerEncoderLayer's fused fast path reads linear1.weight directly; the
+    technique rewrites the layer first, so the factorised FFN is really used."""
+    from nncompress.lowrank.svd import LowRankConfig, low_rank
+    from nncompress.modules import SplitTransformerEncoderLayer
+    from nncompress.technique import Context
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0,
+                                                     batch_first=True)).eval()
+    x = torch.randn(3, 5, 32)
+    out = low_rank(model, LowRankConfig(rank_ratio=0.5, min_params=0),
+                   Context(data=tiny_data((1, 16)), progress=False)).eval()
+    layer = out[0]
+    assert isinstance(layer, SplitTransformerEncoderLayer)
+    assert type(layer.linear1).__name__ == "LowRankLinear"
+    dense = copy.deepcopy(out)
+    for name in ("linear1", "linear2"):  # the same layer with the factors multiplied out
+        f = getattr(layer, name)
+        plain = nn.Linear(f.in_features, f.out_features)
+        with torch.no_grad():
+            plain.weight.copy_(f.weight @ f.first.weight)
+            plain.bias.copy_(f.bias)
+        setattr(dense[0], name, plain)
+    torch.testing.assert_close(out(x), dense(x), atol=1e-5, rtol=1e-4)

@@ -42,7 +42,7 @@ from nncompress.lowrank.layers import (
     LowRankLinear,
     LowRankRNN,
 )
-from nncompress.prune.structured import drop_stale_masks
+from nncompress.prune.structured import drop_stale_masks, rewrite_builtins
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
 __all__ = ["LowRankConfig", "factorise", "low_rank", "svd_rank", "truncated_svd"]
@@ -381,7 +381,10 @@ def _ratio_for(model: nn.Module, config: LowRankConfig) -> float:
 
 
 def low_rank(model: nn.Module, config: LowRankConfig, ctx: Context) -> nn.Module:
-    """Factorise ``model`` in place (see the module docstring), then fine-tune."""
+    """Factorise ``model`` in place (see the module docstring), then fine-tune. Built-ins
+    whose forward reads their weights directly (``nn.TransformerEncoderLayer``'s fast path
+    reads ``linear1.weight``) are rewritten first (:func:`nncompress.modules.decompose`)."""
+    model = rewrite_builtins(model, ctx.masks, ctx.note, "low_rank")
     ratio = config.rank_ratio
     if config.params_reduction is not None:
         ratio = _ratio_for(model, config)
