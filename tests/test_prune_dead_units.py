@@ -233,3 +233,35 @@ def test_registered_and_exact_through_compress() -> None:
     assert final.artifact_bytes < pruned.artifact_bytes
     assert final.macs.total < pruned.macs.total
     assert any(line.startswith("dead_units: layers.fc1: removed") for line in result.log)
+
+
+@pytest.mark.parametrize("dead", ["incoming", "outgoing"])
+def test_a_group_with_every_unit_dead_keeps_one(dead: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        if dead == "incoming":
+            model[0].weight.zero_()
+            model[0].bias.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        else:
+            model[2].weight.zero_()
+    data = data_for((4,))
+    out, ctx = run(model, data)
+    assert out[0].out_features == 1
+    assert_same_outputs(out, model, data)
+    if dead == "incoming":
+        assert any("1 unit(s) with no live incoming weight kept: the group keeps at least one"
+                   in line for line in ctx.log)
+
+
+@pytest.mark.slow
+def test_trained_mlp_after_magnitude_pruning_keeps_its_accuracy(tmp_path) -> None:
+    model, data = models.load("mlp", progress=False)
+    recipe = Recipe("p", [Stage.technique("magnitude_prune", sparsity=0.98, scope="global",
+                                          steps=1, epochs_per_step=0)])
+    pruned = nc.compress(model, recipe, data, progress=False, measure_latency=False).model
+    out, _ = run(pruned, data)
+    assert out.layers.fc1.out_features < pruned.layers.fc1.out_features
+    assert_same_outputs(out, pruned, data)
+    assert nc.evaluate(out, data.test) == nc.evaluate(pruned, data.test)
+    assert nc.save(out, tmp_path / "a.nnc") < nc.save(pruned, tmp_path / "b.nnc")

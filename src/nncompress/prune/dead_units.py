@@ -91,10 +91,9 @@ class UnitPlan:
 
     @property
     def keep(self) -> list[int]:
-        """Units that stay (at least one: prune_channels never empties a group)."""
+        """Units that stay (the plan leaves at least one)."""
         gone = set(self.unused) | set(self.folded)
-        kept = [j for j in range(self.group.size) if j not in gone]
-        return kept or [0]
+        return [j for j in range(self.group.size) if j not in gone]
 
     @property
     def removed(self) -> int:
@@ -147,45 +146,33 @@ def check_supported(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
                                     "exclude its group")
 
 
-@dataclass
-class _Stats:
-    """Per input column (channel) of one consumer: min, max and sum of what it read."""
-
-    lo: torch.Tensor | None = None
-    hi: torch.Tensor | None = None
-    total: torch.Tensor | None = None
-    count: int = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().double()
-        lo, hi, total = rows.amin(0), rows.amax(0), rows.sum(0)
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        self.total = total if self.total is None else self.total + total
-        self.count += rows.shape[0]
-
-
-def _columns(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A consumer's input as ``[samples * positions, in_columns]``."""
-    if isinstance(m, CONV):
-        channel = 1 if x.dim() == m.weight.dim() else 0
-        return x.movedim(channel, -1).reshape(-1, x.shape[channel])
-    return x.reshape(-1, x.shape[-1])
-
-
 def consumer_stats(model: nn.Module, names: Sequence[str],
-                   batches: Sequence[inputs.Inputs]) -> dict[str, _Stats]:
-    """What each named consumer reads, per input column, over ``batches`` (eval mode)."""
+                   batches: Sequence[inputs.Inputs]) -> dict[str, torch.Tensor]:
+    """``[3, in_columns]`` per named consumer: min, max and mean of what each input column
+    (a conv's channel) read over ``batches``, all samples and positions (eval mode)."""
     mods = dict(model.named_modules())
-    stats = {n: _Stats() for n in names}
-    handles = [mods[n].register_forward_pre_hook(
-        lambda m, args, n=n: stats[n].add(_columns(m, args[0]))) for n in names]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(m: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+        x = args[0].detach().double()
+        ch = (1 if x.dim() == m.weight.dim() else 0) if isinstance(m, CONV) else x.dim() - 1
+        rows = x.movedim(ch, -1).reshape(-1, x.shape[ch])
+        seen[name].append(torch.stack([rows.amin(0), rows.amax(0), rows.sum(0),
+                                       torch.full_like(rows[0], rows.shape[0])]))
+
+    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+               for n in names]
     try:
         _outputs(model, batches)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    out = {}
+    for name, parts in seen.items():
+        every = torch.stack(parts)
+        out[name] = torch.stack([every[:, 0].amin(0), every[:, 1].amax(0),
+                                 every[:, 2].sum(0) / every[:, 3].sum(0)])
+    return out
 
 
 def _zero_padded(m: nn.Module) -> bool:
@@ -198,44 +185,62 @@ def _zero_padded(m: nn.Module) -> bool:
     return any(p > 0 for p in m.padding)
 
 
-def _constant_of(m: nn.Module, name: str, s: _Stats,
+def _constant_of(m: nn.Module, name: str, stats: torch.Tensor,
                  cols: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The constant per column ``cols`` that consumer ``m`` reads, or None and why not."""
-    lo, hi = s.lo[cols], s.hi[cols]
+    lo, hi, mean = stats[:, cols]
     scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
     if bool(((hi - lo) > CONSTANT_TOLERANCE * scale).any()):
         return None, f"its input to {name} is not constant"
     if _zero_padded(m) and bool((hi != 0).any() or (lo != 0).any()):
         return None, (f"{name} pads with zeros (padding={m.padding}): a non-zero constant "
                       "is not one bias at its borders")
-    return s.total[cols] / s.count, ""
+    return mean, ""
 
 
-def _plan_group(model: nn.Module, group: ChannelGroup, stats: Mapping[str, _Stats],
+Fold = tuple[str, torch.Tensor, torch.Tensor]  # consumer, its input columns, constants
+
+
+def _unit_constants(mods: Mapping[str, nn.Module], group: ChannelGroup, j: int,
+                    stats: Mapping[str, torch.Tensor]) -> list[Fold] | str:
+    """(consumer, its columns of unit ``j``, the constant of each) for every consumer, or
+    why unit ``j``'s constant cannot be folded."""
+    found = []
+    for c in group.consumers:
+        per = mods[c].weight.shape[1] // group.size
+        cols = torch.arange(j * per, (j + 1) * per)
+        value, why = _constant_of(mods[c], c, stats[c], cols)
+        if value is None:
+            return why
+        found.append((c, cols, value))
+    return found
+
+
+def _plan_group(model: nn.Module, group: ChannelGroup, stats: Mapping[str, torch.Tensor],
                 no_out: torch.Tensor, no_in: torch.Tensor) -> UnitPlan:
     mods = dict(model.named_modules())
-    unused = [int(j) for j in torch.nonzero(no_out).flatten()]
-    folded: list[int] = []
+    unused = torch.nonzero(no_out).flatten().tolist()
+    folded: dict[int, list[Fold]] = {}
     left: list[tuple[int, str]] = []
-    folds: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
-        c: ([], []) for c in group.consumers}
     for j in torch.nonzero(no_in & ~no_out).flatten().tolist():
-        found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        for c in group.consumers:
-            per = mods[c].weight.shape[1] // group.size
-            cols = torch.arange(j * per, (j + 1) * per)
-            value, why = _constant_of(mods[c], c, stats[c], cols)
-            if value is None:
-                left.append((j, why))
-                break
-            found.append((c, cols, value))
+        found = _unit_constants(mods, group, j, stats)
+        if isinstance(found, str):
+            left.append((j, found))
         else:
-            folded.append(j)
-            for c, cols, value in found:
-                folds[c][0].append(cols)
-                folds[c][1].append(value)
-    merged = {c: (torch.cat(cs), torch.cat(vs)) for c, (cs, vs) in folds.items() if cs}
-    return UnitPlan(group, tuple(unused), tuple(folded), tuple(left), merged)
+            folded[j] = found
+    if len(unused) + len(folded) == group.size:  # a group keeps at least one unit
+        if unused:
+            unused.pop(0)
+        else:
+            left.append((min(folded), "the group keeps at least one unit"))
+            del folded[min(folded)]
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for found in folded.values():
+        for c, cols, value in found:
+            parts.setdefault(c, []).append((cols, value))
+    folds = {c: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps]))
+             for c, ps in parts.items()}
+    return UnitPlan(group, tuple(unused), tuple(folded), tuple(left), folds)
 
 
 def find_dead_units(model: nn.Module, groups: Sequence[ChannelGroup],
@@ -254,16 +259,14 @@ def _fold(m: nn.Module, cols: torch.Tensor, values: torch.Tensor) -> bool:
     """Add ``W[:, cols] @ values`` (kernel taps summed) to ``m``'s bias; True if a bias
     had to be created."""
     w = m.weight.detach().double()
-    if isinstance(m, CONV):
-        w = w.flatten(2).sum(dim=2)
+    w = w.flatten(2).sum(dim=2) if isinstance(m, CONV) else w
     delta = (w[:, cols] @ values).to(m.weight.dtype)
-    created = m.bias is None
+    created = m.bias is None and bool(delta.any())
     if created:
-        if not bool(delta.any()):
-            return False
         m.bias = nn.Parameter(torch.zeros_like(delta))
-    with torch.no_grad():
-        m.bias.add_(delta)
+    if m.bias is not None:
+        with torch.no_grad():
+            m.bias.add_(delta)
     return created
 
 
@@ -323,13 +326,11 @@ def _outputs(model: nn.Module, batches: Sequence[inputs.Inputs]) -> list[torch.T
 
 def _difference(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
     """Largest |change| relative to max(1, max |want|); inf if any shape changed."""
-    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want,
-                                                                       strict=True)):
+    if [a.shape for a in got] != [b.shape for b in want]:
         return float("inf")
     scale = max([1.0] + [float(b.abs().max()) for b in want if b.numel()])
-    diff = max([0.0] + [float((a - b).abs().max()) for a, b in zip(got, want, strict=True)
-                        if a.numel()])
-    return diff / scale
+    return max([0.0] + [float((a - b).abs().max()) for a, b in zip(got, want, strict=True)
+                        if a.numel()]) / scale
 
 
 def _calibration(ctx: Context, count: int, device: torch.device) -> list[inputs.Inputs]:
