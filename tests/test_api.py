@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress as nc
@@ -149,3 +150,28 @@ def test_a_given_baseline_is_reused_not_remeasured() -> None:
     assert result.baseline is baseline
     assert result.comparison().accuracy_delta == pytest.approx(
         result.final.accuracy - baseline.accuracy)
+
+
+def test_max_drop_backs_a_stage_off_until_the_validation_drop_fits() -> None:
+    """97 % sparsity wrecks a tiny model; with a budget of 1 point the run backs the
+    sparsity off (logged, each attempt) and the model it returns meets the budget on the
+    validation split; the test split is never used to decide."""
+    from nncompress.measure import accuracy
+
+    torch.manual_seed(0)
+    data = tiny_data(n=400)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    nc.fit(model, data, epochs=30, lr=1e-2, progress=False)
+    recipe = Recipe("harsh", (Stage.technique("magnitude_prune", sparsity=0.97, steps=1,
+                                              epochs_per_step=0),), max_drop=1.0)
+    result = nc.compress(model, recipe, data, progress=False, measure_latency=False)
+    log = "\n".join(result.log)
+    assert "backing stage 1 magnitude_prune off to sparsity 0.955" in log
+    final = result.stages[0].params["sparsity"]
+    assert final < 0.97 and result.stages[0].params != recipe.stages[0].params
+    from nncompress.data import holdout
+    _, held = holdout(data, 0.15, seed=0)
+    assert 100 * (accuracy(model, held) - accuracy(result.model, held)) <= 1.0 + 1e-9
+    loose = nc.compress(model, recipe, data, progress=False, measure_latency=False,
+                        max_drop=100.0)
+    assert loose.stages[0].params["sparsity"] == 0.97

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,10 @@ from typing import Any
 from torch import nn
 
 from nncompress import formats
-from nncompress.data import Dataset
+from nncompress.budget import BACKOFF, backed_off, strength
+from nncompress.data import Dataset, holdout
 from nncompress.errors import DataError, ModelError
-from nncompress.measure import Comparison, Measurement, compare, measure
+from nncompress.measure import Comparison, Measurement, accuracy, compare, measure
 from nncompress.modules import decompose
 from nncompress.recipe import Recipe, Stage
 from nncompress.technique import TECHNIQUES, Context, all_techniques
@@ -153,10 +154,78 @@ def _run_stage(model: nn.Module, stage: Stage, index: int, ctx: Context) -> nn.M
     return model
 
 
+Measure = Callable[[nn.Module], Measurement]
+
+
+def _segments(stages: Sequence[Stage]) -> list[list[tuple[int, Stage]]]:
+    """Stages grouped as a technique plus the fine_tune / evaluate stages after it."""
+    out: list[list[tuple[int, Stage]]] = []
+    for index, stage in enumerate(stages, 1):
+        if stage.kind == "technique" or not out:
+            out.append([])
+        out[-1].append((index, stage))
+    return out
+
+
+def _attempt(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
+             measure_now: Measure) -> tuple[nn.Module, list[StageResult]]:
+    results = []
+    for index, stage in segment:
+        start = time.perf_counter()
+        work = _run_stage(work, stage, index, ctx)
+        seconds = time.perf_counter() - start
+        results.append(StageResult(stage.name, stage.kind, stage.params, measure_now(work),
+                                   seconds))
+    return work, results
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """``max_drop`` points of validation accuracy below ``base`` (a fraction)."""
+
+    max_drop: float
+    loader: Any
+    base: float
+
+    def drop(self, model: nn.Module) -> tuple[float, float]:
+        acc = accuracy(model, self.loader)
+        return acc, 100.0 * (self.base - acc)
+
+
+def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
+              measure_now: Measure, budget: _Budget) -> tuple[nn.Module, list[StageResult]]:
+    """Run ``segment``; while the validation drop exceeds the budget, rerun it from its
+    starting model and masks with the technique one notch milder (:mod:`nncompress.budget`)."""
+    (index, first), rest = segment[0], segment[1:]
+    start_model, start_masks = copy.deepcopy(work), {k: v.clone() for k, v in ctx.masks.items()}
+    config = first.config
+    while True:
+        stage = Stage(first.kind, first.name, config)
+        work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
+        acc, drop = budget.drop(work)
+        setting = strength(first.name, config)
+        ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation accuracy "
+                 f"{100 * acc:.2f} % ({-drop:+.2f} pt vs the uncompressed model; budget "
+                 f"-{budget.max_drop:g} pt)")
+        milder = backed_off(first.name, config) if drop > budget.max_drop else None
+        if milder is None:
+            if drop > budget.max_drop:
+                ctx.note(f"max_drop: stage {index} {first.name} cannot back off further; "
+                         f"budget not met ({-drop:+.2f} pt), keeping {setting}")
+            return work, results
+        ctx.note(f"max_drop: backing stage {index} {first.name} off to "
+                 f"{strength(first.name, milder)}")
+        config = milder
+        work = copy.deepcopy(start_model)
+        ctx.masks.clear()
+        ctx.masks.update({k: v.clone() for k, v in start_masks.items()})
+
+
 def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, seed: int = 0,
              progress: bool = True, measure_latency: bool = True,
              latency_batches: Sequence[int] = (1, 256),
-             baseline: Measurement | None = None) -> CompressionResult:
+             baseline: Measurement | None = None,
+             max_drop: float | None = None) -> CompressionResult:
     """Compress a copy of ``model`` with ``recipe`` (a Recipe, a packaged recipe's name or
     a YAML path), measuring it on ``data`` before the first stage and after every stage.
 
@@ -170,6 +239,10 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     measuring it again (so several recipes compare against one baseline). After every
     stage the model is timed interleaved with a copy of the uncompressed model (alternating
     rounds), so each speed-up compares two latencies measured together.
+    ``max_drop`` (accuracy points; default: the recipe's ``max_drop``): keep the accuracy
+    on a validation split carved from ``data.train`` within this many points of the
+    uncompressed model's, backing pruning and sharing stages off until it holds
+    (:mod:`nncompress.budget`); the stages then train on the rest of the training data.
     """
     plan = Recipe.resolve(recipe)
     _check_inputs(model, data)
@@ -188,17 +261,27 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
 
     if baseline is None:
         baseline = measure_now(work, None)
+    limit = plan.max_drop if max_drop is None else max_drop
     ctx = Context(data=data, seed=seed, progress=progress)
+    budget = None
+    if limit is not None:
+        ctx.data, held_out = holdout(data, plan.validation, seed=seed)
+        budget = _Budget(float(limit), held_out, accuracy(work, held_out))
+        ctx.note(f"max_drop {limit:g} pt: validation split of {plan.validation:g} of the "
+                 f"training samples (seed {seed}); uncompressed validation accuracy "
+                 f"{100 * budget.base:.2f} %")
     work, rewrites = decompose(work, ctx.masks)
     for line in rewrites:
         ctx.note(f"rewrote {line}")
     results: list[StageResult] = []
-    for index, stage in enumerate(plan.stages, 1):
-        start = time.perf_counter()
-        work = _run_stage(work, stage, index, ctx)
-        seconds = time.perf_counter() - start
-        results.append(StageResult(stage.name, stage.kind, stage.params,
-                                   measure_now(work, reference), seconds))
+    for segment in _segments(plan.stages):
+        head = segment[0][1]
+        if budget is not None and head.kind == "technique" and head.name in BACKOFF:
+            work, done = _budgeted(work, segment, ctx, lambda m: measure_now(m, reference),
+                                   budget)
+        else:
+            work, done = _attempt(work, segment, ctx, lambda m: measure_now(m, reference))
+        results += done
     work.eval()
     return CompressionResult(model=work, recipe=plan, baseline=baseline,
                              stages=tuple(results), log=tuple(ctx.log),

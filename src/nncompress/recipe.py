@@ -41,7 +41,7 @@ from nncompress.technique import TechniqueConfig, all_techniques
 
 __all__ = ["EvaluateConfig", "FineTuneConfig", "Recipe", "Stage"]
 
-_RECIPE_KEYS = ("name", "description", "stages")
+_RECIPE_KEYS = ("name", "description", "max_drop", "validation", "stages")
 _STAGE_KINDS = ("technique", "fine_tune", "evaluate")
 
 
@@ -240,11 +240,21 @@ class Stage:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named, ordered, non-empty sequence of :class:`Stage` s (stored as a tuple)."""
+    """A named, ordered, non-empty sequence of :class:`Stage` s (stored as a tuple).
+
+    ``max_drop``: an accuracy budget in percentage points (e.g. 0.5): ``compress`` measures
+    accuracy on a validation split carved from the training data (``validation``: its
+    fraction of the training samples; the stages then train on the rest, and the test
+    split is never looked at) and backs pruning and sharing stages off -- lower sparsity,
+    more centroids -- until the drop from the uncompressed model is within it (see
+    :mod:`nncompress.budget`). None: no budget.
+    """
 
     name: str
     stages: tuple[Stage, ...]
     description: str = ""
+    max_drop: float | None = None
+    validation: float = 0.15
 
     PACKAGE: ClassVar[str] = "nncompress"
     FOLDER: ClassVar[str] = "recipes"
@@ -265,6 +275,15 @@ class Recipe:
                                   "Stage.fine_tune or Stage.evaluate")
         if not isinstance(self.description, str):
             raise RecipeError(f"recipe {self.name!r}: description must be a string")
+        if self.max_drop is not None and (
+                isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
+                or not 0.0 <= self.max_drop <= 100.0):
+            raise RecipeError(f"recipe {self.name!r}: max_drop must be a number of accuracy "
+                              f"points in [0, 100] (got {_got(self.max_drop)})")
+        if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) \
+                or not 0.0 < self.validation < 1.0:
+            raise RecipeError(f"recipe {self.name!r}: validation must be a fraction in (0, 1) "
+                              f"(got {_got(self.validation)})")
 
     # -- dict / YAML ------------------------------------------------------------------
 
@@ -291,13 +310,18 @@ class Recipe:
         if not isinstance(description, str):
             raise RecipeError(f"recipe {name!r}: 'description' must be a string")
         parsed = [Stage.from_dict(s, index=i) for i, s in enumerate(stages, 1)]
-        return cls(name, tuple(parsed), description)
+        return cls(name, tuple(parsed), description, data.get("max_drop"),
+                   data.get("validation", 0.15))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``Recipe.from_dict(r.to_dict()) == r``."""
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
+        if self.max_drop is not None:
+            out["max_drop"] = self.max_drop
+        if self.validation != 0.15:
+            out["validation"] = self.validation
         out["stages"] = [s.to_dict() for s in self.stages]
         return out
 
