@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from nncompress.cli_inputs import CLIError, printable
 
@@ -69,7 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress trained PyTorch models into small, fast, packed .nnc artifacts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    for name, text in (("techniques", "list every registered technique"),
+                       ("models", "list the reference models"),
+                       ("recipes", "list the named recipes")):
+        _common(sub.add_parser(name, help=text), handler=name)
+    return parser
 
+
+def _add_training_commands(sub: Any) -> None:
+    """``demo``, ``train`` and ``compress``: the subcommands that train."""
     p = sub.add_parser("demo", help="the main job: train, compress and report on bundled data")
     p.add_argument("--out", type=Path, default=Path("report"),
                    help="report folder, replaced as a whole at the end (default: report)")
@@ -97,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     _common(p, seed=True, handler="compress")
 
+
+def _add_model_commands(sub: Any) -> None:
+    """``eval`` and ``inspect``: the subcommands that look at one model."""
     p = sub.add_parser("eval", help="measure a model: accuracy, bytes, MACs, latency")
     _model_argument(p)
     p.add_argument("--model-class", default=None, help=CLASS_HELP)
@@ -115,12 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy", action="store_true",
                    help="also compare each Huffman-coded stream with its entropy")
     _common(p, handler="inspect")
-
-    for name, text in (("techniques", "list every registered technique"),
-                       ("models", "list the reference models"),
-                       ("recipes", "list the named recipes")):
-        _common(sub.add_parser(name, help=text), handler=name)
-    return parser
 
 
 def _model_argument(p: argparse.ArgumentParser) -> None:
