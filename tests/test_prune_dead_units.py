@@ -191,9 +191,13 @@ def test_refusals_name_the_layer_and_leave_the_model_alone() -> None:
     torch.manual_seed(0)
     data = data_for((4,))
     layer_norm = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"1 \(LayerNorm\)"):
-        run(layer_norm, data)
-    assert run(layer_norm, data, exclude=["0"])[0][0].out_features == 6
+    with torch.no_grad():
+        layer_norm[2].weight[:, 0] = 0  # dead, but removing it would change the norm
+    with pytest.raises(UnsupportedLayerError, match=r"1 \(LayerNorm\) as norm"):
+        run(layer_norm, data, layers=["0"])
+    out, ctx = run(layer_norm, data)  # by default: left alone, and said so
+    assert out[0].out_features == 6
+    assert any(line.startswith("dead_units: 0 left alone: 1 (LayerNorm)") for line in ctx.log)
     with pytest.raises(ModelError, match="nothing"):
         run(layer_norm, data, layers=["nothing"])
     mixing = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1), nn.Linear(6, 2))
@@ -212,7 +216,7 @@ def test_recurrent_groups_are_left_alone() -> None:
     model = models.build("gru", (1, 12), 3, hidden=6)
     out, ctx = run(model, data_for((1, 12)))
     assert out.layers[0].hidden_size == 6
-    assert any("(hidden) left alone" in line for line in ctx.log)
+    assert any("layers.0:hidden left alone: hidden units" in line for line in ctx.log)
 
 
 def test_registered_and_exact_through_compress() -> None:

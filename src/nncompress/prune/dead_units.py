@@ -111,6 +111,11 @@ def _chain(model: nn.Module, group: ChannelGroup) -> list[str]:
     return [p for p in group.producers if _depthwise(mods[p])] or list(group.producers)
 
 
+def _indices(group: ChannelGroup, name: str, role: str) -> list[torch.Tensor]:
+    """Per unit, the indices it owns in member ``name`` (rows for "out", columns for "in")."""
+    return [torch.tensor(u, dtype=torch.long) for u in group.units(name, role)]
+
+
 def dead_masks(model: nn.Module, group: ChannelGroup,
                tolerance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(no_outgoing, no_incoming)`` bool ``[group.size]``: every consumer column of the
@@ -118,32 +123,29 @@ def dead_masks(model: nn.Module, group: ChannelGroup,
     dead, or, in a depthwise group, every depthwise filter dead). Dead: ``|w| <= tol``."""
     mods = dict(model.named_modules())
 
-    def dead(names: Sequence[str], dim: int) -> torch.Tensor:
+    def dead(names: Sequence[str], role: str) -> torch.Tensor:
         out = torch.ones(group.size, dtype=torch.bool)
-        for name in names:  # [size, -1]: each unit's rows (dim 0) or columns (dim 1)
+        dim = 0 if role == "out" else 1
+        for name in names:  # per row (dim 0) / column (dim 1): every weight in it dead
             w = mods[name].weight.detach().abs().transpose(0, dim)
-            out &= (w.reshape(group.size, -1) <= tolerance).all(dim=1)
+            each = (w.reshape(w.shape[0], -1) <= tolerance).all(dim=1)
+            out &= torch.stack([each[idx].all() for idx in _indices(group, name, role)])
         return out
 
-    return dead(group.consumers, 1), dead(_chain(model, group), 0)
+    return dead(group.consumers, "in"), dead(_chain(model, group), "out")
 
 
-def check_supported(model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
-    """UnsupportedLayerError naming every layer of ``groups`` this technique cannot handle."""
-    mods = dict(model.named_modules())
-    bad = []
-    for g in groups:
-        for name in (*g.producers, *g.consumers):
-            m = mods[name]
-            grouped = isinstance(m, CONV) and m.groups > 1 and (
-                name in g.consumers or not _depthwise(m))
-            if not isinstance(m, LAYERS) or grouped:
-                bad.append(f"{name} ({type(m).__name__}{', grouped' if grouped else ''})")
-        bad += [f"{n} ({type(mods[n]).__name__})" for n in g.norms
-                if not isinstance(mods[n], NORMS)]
-    if bad:
-        raise UnsupportedLayerError(f"dead_units cannot handle {', '.join(sorted(set(bad)))}; "
-                                    "exclude its group")
+def unsupported(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why this technique leaves ``group`` alone (naming the layer), or None."""
+    if group.kind != "channels":
+        return f"{group.kind} units: only channel groups of Linear / Conv layers are handled"
+    for name, role, _ in group.index:
+        m = model.get_submodule(name)
+        grouped = isinstance(m, CONV) and m.groups > 1 and (role == "in" or not _depthwise(m))
+        if grouped or not isinstance(m, NORMS if role == "norm" else LAYERS):
+            return (f"{name} ({type(m).__name__}{', grouped' if grouped else ''}) as {role}: "
+                    "only Linear / ungrouped or depthwise Conv layers and BatchNorm")
+    return None
 
 
 def consumer_stats(model: nn.Module, names: Sequence[str],
@@ -207,8 +209,7 @@ def _unit_constants(mods: Mapping[str, nn.Module], group: ChannelGroup, j: int,
     why unit ``j``'s constant cannot be folded."""
     found = []
     for c in group.consumers:
-        per = mods[c].weight.shape[1] // group.size
-        cols = torch.arange(j * per, (j + 1) * per)
+        cols = torch.tensor(group.units(c, "in")[j], dtype=torch.long)
         value, why = _constant_of(mods[c], c, stats[c], cols)
         if value is None:
             return why
@@ -247,7 +248,10 @@ def find_dead_units(model: nn.Module, groups: Sequence[ChannelGroup],
                     batches: Sequence[inputs.Inputs]) -> list[UnitPlan]:
     """Analysis only (the model is not changed): each group's exactly dead units, with the
     constants of the no-incoming ones measured on ``batches``."""
-    check_supported(model, groups)
+    bad = {g.name: why for g in groups if (why := unsupported(model, g))}
+    if bad:
+        raise UnsupportedLayerError(f"dead_units cannot handle group(s) {', '.join(bad)}: "
+                                    f"{'; '.join(bad.values())}")
     masks = {g.name: dead_masks(model, g) for g in groups}
     needed = sorted({c for g in groups if bool((masks[g.name][1] & ~masks[g.name][0]).any())
                      for c in g.consumers})
@@ -270,18 +274,17 @@ def _fold(m: nn.Module, cols: torch.Tensor, values: torch.Tensor) -> bool:
     return created
 
 
-def _unit_bytes(model: nn.Module, group: ChannelGroup, units: int) -> int:
+def _unit_bytes(model: nn.Module, group: ChannelGroup, units: Sequence[int]) -> int:
     """Bytes of the per-unit vectors (producer biases, norm parameters and statistics) of
-    ``units`` units of ``group``."""
-    mods = dict(model.named_modules())
+    ``units`` of ``group``."""
     total = 0
-    for name in (*group.producers, *group.norms):
-        m = mods[name]
-        for attr in ("bias", "running_mean", "running_var") + (
-                ("weight",) if name in group.norms else ()):
+    for name, role, owned in group.index:
+        m = model.get_submodule(name)
+        attrs = {"out": ("bias",), "norm": ("weight", "bias", "running_mean", "running_var")}
+        for attr in attrs.get(role, ()):
             t = getattr(m, attr, None)
             if isinstance(t, torch.Tensor) and t.dim() == 1:
-                total += t.element_size() * (t.numel() // group.size) * units
+                total += t.element_size() * sum(len(owned[u]) for u in units)
     return total
 
 
@@ -292,7 +295,8 @@ def eliminate(model: nn.Module, plans: Sequence[UnitPlan], groups: Sequence[Chan
     ``prune_channels`` (``masks`` sliced alike). Returns the bytes of per-unit vectors
     removed per group name, and the consumers that got a bias."""
     mods = dict(model.named_modules())
-    removed = {p.group.name: _unit_bytes(model, p.group, p.removed) for p in plans}
+    removed = {p.group.name: _unit_bytes(model, p.group, (*p.unused, *p.folded))
+               for p in plans}
     created = [name for p in plans for name, (cols, values) in p.folds.items()
                if _fold(mods[name], cols, values)]
     keep = {p.group.name: p.keep for p in plans if p.removed}
@@ -307,10 +311,12 @@ def _zero_small(model: nn.Module, groups: Sequence[ChannelGroup], tolerance: flo
     with torch.no_grad():
         for g in groups:
             no_out, no_in = dead_masks(model, g, tolerance)
-            for names, dim, dead in ((g.consumers, 1, no_out), (_chain(model, g), 0, no_in)):
+            for names, role, dead in ((g.consumers, "in", no_out),
+                                      (_chain(model, g), "out", no_in)):
                 for name in names:
-                    w = mods[name].weight.transpose(0, dim)  # a view: units along dim 0
-                    w.view(g.size, -1, *w.shape[1:])[dead] = 0
+                    owned = g.units(name, role)
+                    idx = [i for u in torch.nonzero(dead).flatten().tolist() for i in owned[u]]
+                    mods[name].weight.transpose(0, 0 if role == "out" else 1)[idx] = 0
 
 
 def _outputs(model: nn.Module, batches: Sequence[inputs.Inputs]) -> list[torch.Tensor]:
@@ -346,21 +352,23 @@ def _calibration(ctx: Context, count: int, device: torch.device) -> list[inputs.
 
 def _chosen(model: nn.Module, x: inputs.Inputs, config: DeadUnitsConfig,
             ctx: Context | None = None) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
-    """(all groups, the selected channel groups); ModelError if explicit patterns match no
-    group; other kinds are noted as left alone."""
+    """(all groups, the selected groups this technique handles). Groups named by explicit
+    ``layers`` patterns must exist and be handled (ModelError / UnsupportedLayerError);
+    with the default ``"*"`` the others are left alone, noted in ``ctx``."""
     found = channel_groups(model, x)
-    matched = select_groups(found, config.layers, config.exclude,
-                            ("channels", "hidden", "heads"))
-    if not matched and tuple(config.layers) != ("*",):
+    matched = select_groups(found, config.layers, config.exclude, tuple({g.kind for g in found}))
+    explicit = tuple(config.layers) != ("*",)
+    if not matched and explicit:
         raise ModelError(f"dead_units: layers={list(config.layers)}, exclude="
                          f"{list(config.exclude)} match no channel group; groups: "
                          f"{', '.join(g.name for g in found) or 'none'}")
-    if ctx is not None:
-        for g in matched:
-            if g.kind != "channels":
-                ctx.note(f"dead_units: {g.name} ({g.kind}) left alone: only channel groups "
-                         "of Linear / Conv layers are handled")
-    return found, [g for g in matched if g.kind == "channels"]
+    bad = {g.name: why for g in matched if (why := unsupported(model, g))}
+    if bad and explicit:
+        raise UnsupportedLayerError(f"dead_units cannot handle group(s) {', '.join(bad)}: "
+                                    f"{'; '.join(bad.values())}")
+    for name, why in bad.items() if ctx is not None else ():
+        ctx.note(f"dead_units: {name} left alone: {why}")
+    return found, [g for g in matched if g.name not in bad]
 
 
 @dataclass
@@ -433,7 +441,7 @@ def dead_units(model: nn.Module, config: DeadUnitsConfig, ctx: Context) -> nn.Mo
     device = next(model.parameters()).device
     x = inputs.to(example_input(ctx.data, 2), device)
     batches = _calibration(ctx, config.batches, device)
-    check_supported(model, _chosen(model, x, config, ctx)[1])  # refuse before any work
+    _chosen(model, x, config, ctx)  # refuse (or note what is left alone) before any work
     reference = _outputs(model, batches)
     work = copy.deepcopy(model)
     masks = {k: v.clone() for k, v in ctx.masks.items()}
