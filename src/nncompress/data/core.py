@@ -7,6 +7,10 @@ generator (never downloaded) and cached as ``.npz`` under ``cache_dir()/data``.
 Digits: the UCI 8x8 handwritten digits bundled with scikit-learn (1797 samples), pixel
 values scaled to ``[0, 1]``, each sample shaped ``(1, 8, 8)``.
 
+MNIST-1D tokens (``mnist1d-tokens``): the same signals as token ids of varying length with
+a padding mask, ``{"ids": int64 [40], "mask": bool [40]}`` per sample -- a text-like task
+for models with an Embedding and several inputs.
+
 User data: ``"package.module:function"`` names a function taking no arguments that returns
 ``(train_loader, test_loader)`` or ``(x_train, y_train, x_test, y_test)``.
 """
@@ -60,11 +64,12 @@ class Dataset:
 
 @dataclass(frozen=True)
 class _Arrays:
-    """A train/test split as tensors: x float32 ``[N, *shape]``, y int64 ``[N]``."""
+    """A train/test split as tensors: x ``[N, *shape]`` (or a dict / tuple of such),
+    y int64 ``[N]``."""
 
-    x_train: torch.Tensor
+    x_train: Inputs
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Inputs
     y_test: torch.Tensor
 
 
@@ -160,8 +165,33 @@ def _digits() -> _Arrays:
     return _Arrays(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x_tr, y_tr, x_te, y_te)))
 
 
+#: tokens of ``mnist1d-tokens``: 0 is padding, 1..TOKEN_BINS the quantised signal
+TOKEN_BINS = 32
+
+
+def _tokens(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """MNIST-1D signals ``[N, 1, 40]`` as token ids: each value quantised into one of
+    :data:`TOKEN_BINS` equal-width bins over [-3, 3] (ids 1..32), every sequence cut to a
+    seeded random length of 24..40 and padded with id 0; ``mask`` marks real tokens."""
+    values = x[:, 0]
+    ids = 1 + ((values.clamp(-3, 3) + 3) / 6 * TOKEN_BINS).long().clamp(max=TOKEN_BINS - 1)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(24, values.shape[1] + 1, (len(values),), generator=g)
+    mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]
+    return {"ids": torch.where(mask, ids, 0), "mask": mask}
+
+
+def _mnist1d_tokens() -> _Arrays:
+    """MNIST-1D as a text-like task: ``{"ids": int64 [40], "mask": bool [40]}`` per sample
+    (see :func:`_tokens`), for models with an Embedding and several inputs."""
+    base = _mnist1d()
+    return _Arrays(_tokens(base.x_train, 1), base.y_train, _tokens(base.x_test, 2),
+                   base.y_test)
+
+
 _BUNDLED: Registry[Callable[[], _Arrays]] = Registry("dataset", error=DataError)
 _BUNDLED.register("mnist1d", _mnist1d)
+_BUNDLED.register("mnist1d-tokens", _mnist1d_tokens)
 _BUNDLED.register("digits", _digits)
 
 
@@ -328,7 +358,8 @@ def _from_arrays(name: str, arrays: _Arrays, batch_size: int, seed: int) -> Data
     test = tensor_loader(arrays.x_test, arrays.y_test, batch_size=batch_size,
                          shuffle=False, seed=seed)
     top = max(int(arrays.y_train.max()), int(arrays.y_test.max()))
-    return Dataset(name, train, test, tuple(arrays.x_train.shape[1:]), top + 1)
+    shape = tuple(inputs.leaves(arrays.x_train)[0].shape[1:])
+    return Dataset(name, train, test, shape, top + 1)
 
 
 def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
@@ -347,7 +378,7 @@ def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
 
 
 def dataset_names() -> tuple[str, ...]:
-    """Names of the bundled datasets: ``("digits", "mnist1d")``."""
+    """Names of the bundled datasets: ``("digits", "mnist1d", "mnist1d-tokens")``."""
     return _BUNDLED.names()
 
 
