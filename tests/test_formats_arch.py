@@ -15,7 +15,7 @@ from nncompress.errors import FormatError
 from nncompress.formats import MODULE_TYPES
 from nncompress.formats.arch import build_module, describe, module_spec
 from nncompress.lowrank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankRNN
-from nncompress.share.hashing import HashedLinear
+from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
 
 class TinyMLP(nn.Module):
@@ -132,6 +132,7 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
     (LowRankRNN("LSTM", 5, 2, 6, proj_size=3), LowRankRNN("GRU", 5, 2, 6)),
     (nn.Identity(), nn.BatchNorm1d(3)),  # a folded / removed layer replaces the built one
     (HashedLinear(6, 5, 7, seed=3, bias=False), nn.Linear(6, 5)),
+    (HashedEmbedding(12, 3, 7, seed=2, padding_idx=1), nn.Embedding(12, 3)),
 ]
 
 

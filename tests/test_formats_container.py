@@ -270,6 +270,9 @@ def test_failing_encoder_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(ENCODINGS.get("sparse"), "encode", boom)
     with pytest.raises(RuntimeError, match="encoder failed"):
+        formats.save(nn.Linear(2, 2), tmp_path / "m.nnc", encodings={"weight": "sparse"})
+    monkeypatch.setattr(ENCODINGS.get("dense"), "encode", boom)  # the automatic choice's
+    with pytest.raises(RuntimeError, match="encoder failed"):
         formats.save(nn.Linear(2, 2), tmp_path / "m.nnc")
     assert list(tmp_path.iterdir()) == []
 

@@ -1,4 +1,8 @@
-"""Damaged and hostile .nnc files only ever raise FormatError with a one-line message."""
+"""Damaged and hostile .nnc files only ever raise FormatError with a one-line message.
+
+The header mutations here work on format-version-1 files (JSON headers), which
+``load`` still reads; ``test_formats_header.py`` mutates the version-2 binary table.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from torch import nn
 
 from nncompress import formats
 from nncompress.errors import FormatError
+from nncompress.formats.arch import describe
+from nncompress.formats.header import json_header, pack_chunks
 
 PREFIX = struct.Struct("<4sIQ")
 
@@ -47,7 +53,7 @@ def load(path: Path) -> nn.Module:
 
 
 def split(data: bytes) -> tuple[int, dict[str, Any], bytes]:
-    """(version, header, payload) of a file, parsed by the documented layout."""
+    """(version, header, payload) of a version-1 file, parsed by the documented layout."""
     _, version, length = PREFIX.unpack_from(data)
     return version, json.loads(data[16:16 + length]), data[16 + length:-32]
 
@@ -60,15 +66,28 @@ def resign(path: Path, payload: bytes, *, header: Any = None, raw: bytes | None 
     path.write_bytes(body + hashlib.sha256(body).digest())
 
 
+def write_v1(model: nn.Module, path: Path, **save_kwargs: Any) -> None:
+    """``model`` as the version-1 writer stored it: a JSON header recording every module
+    (the tensors are those the current writer encodes, at explicit offsets)."""
+    formats.save(model, path, **save_kwargs)
+    header = formats.read_header(path)
+    data = path.read_bytes()
+    length = PREFIX.unpack_from(data)[2]
+    header["format_version"] = 1
+    header["arch"] = describe(model)
+    path.write_bytes(b"".join(pack_chunks(json_header(header), [data[16 + length:-32]],
+                                          version=1)))
+
+
 @pytest.fixture()
 def saved(tmp_path: Path) -> Path:
-    """A small model file: fc1.weight 90% zero (stored sparse), the rest dense."""
+    """A small version-1 file: fc1.weight 90% zero (stored sparse), the rest dense."""
     torch.manual_seed(0)
     model = TinyMLP()
     with torch.no_grad():
         model.fc1.weight[torch.rand_like(model.fc1.weight) < 0.9] = 0.0
     path = tmp_path / "m.nnc"
-    formats.save(model, path, meta={"note": "fixture"}, encodings={"fc1.weight": "sparse"})
+    write_v1(model, path, meta={"note": "fixture"}, encodings={"fc1.weight": "sparse"})
     return path
 
 
@@ -83,7 +102,7 @@ def assert_format_error(call: Callable[[], object]) -> FormatError:
 def test_fixture_uses_the_documented_layout(saved: Path) -> None:
     data = saved.read_bytes()
     magic, version, length = PREFIX.unpack_from(data)
-    assert (magic, version) == (b"NNC1", formats.FORMAT_VERSION)
+    assert (magic, version) == (b"NNC1", 1)
     assert data[16:16 + length].startswith(b"{") and data[15 + length:16 + length] == b"}"
     assert hashlib.sha256(data[:-32]).digest() == data[-32:]
     _, header, payload = split(data)
@@ -315,7 +334,7 @@ def test_module_type_outside_allowlist_is_never_called(saved: Path,
 def test_user_model_header_rebuilds_only_through_skeleton(tmp_path: Path) -> None:
     """A header claiming a user class never imports it: a skeleton is required."""
     path = tmp_path / "u.nnc"
-    formats.save(nn.Linear(2, 2), path)
+    write_v1(nn.Linear(2, 2), path)
     _, header, payload = split(path.read_bytes())
     header["arch"]["builder"] = {"name": None, "class": "os.system"}
     resign(path, payload, header=header)

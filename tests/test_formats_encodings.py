@@ -50,7 +50,8 @@ def cases() -> list[tuple[str, str]]:
 
 def roundtrip(encoding: Encoding, tensor: torch.Tensor) -> tuple[torch.Tensor, bytes, dict]:
     data, params = encoding.encode(tensor)
-    assert isinstance(data, bytes)
+    assert isinstance(data, (bytes, memoryview))  # bytes-like: dense data is a view
+    data = bytes(data)
     out = encoding.decode(data, params, tuple(tensor.shape), tensor.dtype)
     return out, data, params
 

@@ -5,6 +5,7 @@ from nncompress import formats
 formats.save(model, "model.nnc", meta={"accuracy": 0.93})   # -> bytes written
 model = formats.load("model.nnc")                            # eval mode, same outputs
 formats.inspect("model.nnc")                                 # per-tensor bytes, sparsity
+formats.load("model.nnc", max_bytes=2**30)                   # refuse files needing more
 ```
 
 Layout and header schema: ``docs/FORMAT.md``. Adding an encoding: subclass
@@ -13,16 +14,20 @@ Layout and header schema: ``docs/FORMAT.md``. Adding an encoding: subclass
 
 from nncompress.formats import huffman, packed  # noqa: F401  (register their encodings)
 from nncompress.formats.arch import MODULE_TYPES
+from nncompress.formats.choose import (
+    choose_encoding,
+    encoded_sizes,
+    smallest_encoding,
+    smallest_sizes,
+)
 from nncompress.formats.container import (
     ContainerInfo,
     TensorInfo,
-    encoded_sizes,
     inspect,
     load,
     read_header,
     read_tensors,
     save,
-    smallest_encoding,
 )
 from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
 from nncompress.formats.header import FORMAT_VERSION, MAGIC
@@ -36,6 +41,7 @@ __all__ = [
     "ContainerInfo",
     "Encoding",
     "TensorInfo",
+    "choose_encoding",
     "encoded_sizes",
     "inspect",
     "load",
@@ -43,4 +49,5 @@ __all__ = [
     "read_tensors",
     "save",
     "smallest_encoding",
+    "smallest_sizes",
 ]

@@ -8,13 +8,15 @@ A record has two parts (see ``docs/FORMAT.md``):
   ``nncompress.models.ARCHITECTURES`` and is called as ``cls(**config)``. For any other
   ``nn.Module``: ``{"name": null, "class": "module.Class"}`` (informational only); loading
   it needs a freshly constructed ``skeleton``.
-- ``modules``: ``{path: {"type": ..., "args": ...}}`` for every submodule that directly owns
-  parameters or buffers. Types in :data:`MODULE_TYPES` record their constructor arguments;
-  on load, a module whose built spec differs from the recorded one (e.g. a structurally
-  pruned Linear with fewer ``out_features``, or a Linear recorded as the ``LowRankLinear``
-  that replaced it) is replaced by one constructed from the recorded, validated args,
-  parents before children. Other types record ``"args": null`` and must match the built
-  model's type exactly.
+- ``modules``: ``{path: {"type": ..., "args": ...}}`` for submodules that directly own
+  parameters or buffers (:func:`describe` lists them all; ``save`` keeps only those that
+  differ from the builder's own construction, see :mod:`nncompress.formats.assemble`).
+  Types in :data:`MODULE_TYPES` record their constructor arguments; on load, a module
+  whose built spec differs from the recorded one (e.g. a structurally pruned Linear with
+  fewer ``out_features``, or a Linear recorded as the ``LowRankLinear`` that replaced it)
+  is replaced by one constructed from the recorded, validated args, parents before
+  children. Other types record ``"args": null`` and must match the built model's type
+  exactly.
 
 Nothing from a file is ever imported, evaluated or unpickled: only classes named in
 :data:`MODULE_TYPES`, in ``builders`` or in the architecture registry are ever called.
@@ -22,9 +24,8 @@ Nothing from a file is ever imported, evaluated or unpickled: only classes named
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,6 @@ from nncompress.formats._checks import (
     check_keys,
     check_list,
     check_str,
-    clip,
     fail,
     short,
 )
@@ -53,8 +53,8 @@ from nncompress.lowrank.layers import (
 )
 from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
-__all__ = ["MODULE_TYPES", "ArchRecord", "assemble", "build_module", "describe", "module_spec",
-           "parse_record"]
+__all__ = ["ARCH_PROVIDERS", "MODULE_TYPES", "ArchRecord", "build_module", "describe",
+           "module_spec", "parse_record", "qualname"]
 
 Validator = Callable[[Any, str], Any]
 _MAX_WIDTH = 2**31
@@ -271,159 +271,3 @@ def parse_record(raw: Any) -> ArchRecord:
         else:
             modules[path] = (type_name, None)
     return ArchRecord(name, config, class_name, modules)
-
-
-def assemble(record: ArchRecord, tensors: Mapping[str, torch.Tensor], *,
-             skeleton: nn.Module | None,
-             builders: Mapping[str, Callable[..., nn.Module]] | None,
-             source: str) -> nn.Module:
-    """Build the recorded model (or adopt ``skeleton``), fix its layers, load ``tensors``.
-
-    ``skeleton`` is modified in place and returned. Every tensor is loaded strictly: a
-    missing or unexpected one, or a shape that does not fit, raises FormatError naming it.
-    """
-    if skeleton is not None:
-        model = skeleton
-    elif record.name is None:
-        fail(f"{source} holds a user model of class {str(record.class_name)[:160]}; pass "
-             "skeleton= (a freshly constructed instance) or give the class "
-             "arch_name/arch_config and pass builders=")
-    else:
-        model = _build(record, tensors, builders)
-    model = _replace_modules(model, record.modules, tensors)
-    _fit_tensors(model, tensors)
-    try:
-        with torch.no_grad():
-            model.load_state_dict(dict(tensors), strict=True)
-    except RuntimeError as exc:
-        fail(f"cannot load the tensors of {source}: {clip(str(exc), 200)}")
-    return model
-
-
-def _factory(name: str, builders: Mapping[str, Callable[..., nn.Module]] | None
-             ) -> Callable[..., nn.Module]:
-    if builders is not None and name in builders:
-        return builders[name]
-    try:
-        from nncompress.models import ARCHITECTURES
-    except ImportError:
-        known: tuple[str, ...] = ()
-    else:
-        for provider in ARCH_PROVIDERS:  # modules whose import registers architectures
-            if name in ARCHITECTURES:
-                break
-            importlib.import_module(provider)
-        if name in ARCHITECTURES:
-            return ARCHITECTURES.get(name)
-        known = ARCHITECTURES.names()
-    known += tuple(builders or ())
-    fail(f"file needs architecture {name!r}, which is not registered (known: "
-         f"{', '.join(sorted(known)) or 'none'}); pass builders={{{name!r}: YourClass}}")
-
-
-def _build(record: ArchRecord, tensors: Mapping[str, torch.Tensor],
-           builders: Mapping[str, Callable[..., nn.Module]] | None) -> nn.Module:
-    """``cls(**config)``, after a dry run on the meta device bounds its size by the file's."""
-    assert record.name is not None and record.config is not None
-    factory = _factory(record.name, builders)
-    held = sum(t.numel() for t in tensors.values())
-    limit = 4 * held + 2**20
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            probe = factory(**record.config)
-        size = sum(t.numel() for t in probe.state_dict().values())
-    except Exception:  # the dry run is only a guard; the real build reports errors
-        size = 0
-    if size > limit:
-        fail(f"arch config of {record.name!r} builds {size} elements but the file holds "
-             f"only {held}")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            model = factory(**record.config)
-    except Exception as exc:  # a hostile config may provoke anything from the builder
-        fail(f"cannot rebuild architecture {record.name!r} from its recorded config: "
-             f"{clip(str(exc), 200)}")
-    if not isinstance(model, nn.Module):
-        fail(f"builder of {record.name!r} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _replace_modules(model: nn.Module, modules: Mapping[str, tuple[str, dict | None]],
-                     tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    found = dict(model.named_modules(remove_duplicate=False))
-    for path, (type_name, args) in modules.items():
-        current = found.get(path)
-        if current is None:
-            fail(f"module {short(path)} recorded in the file is not in the model")
-        if args is None:
-            if qualname(type(current)) != type_name:
-                fail(f"module {short(path)} is recorded as {short(type_name, 160)} but the model "
-                     f"has {qualname(type(current))}")
-            continue
-        if module_spec(current) == {"type": type_name, "args": args}:
-            continue
-        new = _construct(path, type_name, args, tensors)
-        if not path:
-            model = new
-        else:
-            parent, _, leaf = path.rpartition(".")
-            setattr(found[parent], leaf, new)
-        # the old module's subtree is gone; the new one's children (recorded after their
-        # parent, e.g. ``fc.first`` of a LowRankLinear) are now found under ``path``
-        for stale in [p for p in found if p.startswith(f"{path}.") or (not path and p)]:
-            del found[stale]
-        found.update(new.named_modules(prefix=path, remove_duplicate=False))
-    return model
-
-
-def _construct(path: str, type_name: str, args: dict[str, Any],
-               tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A table module from validated args; shapes are checked on the meta device first."""
-    cls = MODULE_TYPES[type_name][0]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    # the probe skips weight init: meta-device init is slow to warm up (normal_ ~2 s)
-    probe_cls = type(f"{type_name}Probe", (cls,), {"reset_parameters": lambda self: None})
-    try:
-        probe = probe_cls(**kwargs, device="meta")
-    except Exception as exc:  # torch validates args with asserts and ValueErrors alike
-        fail(f"module {short(path)}: cannot construct {type_name} from its recorded args: "
-             f"{clip(str(exc), 120)}")
-    for leaf, tensor in probe.state_dict().items():
-        name = f"{path}.{leaf}" if path else leaf
-        if name not in tensors:
-            fail(f"module {short(path)} rebuilt as {type_name} needs tensor {short(name)}, "
-                 "which the file lacks")
-        if tensor.shape != tensors[name].shape:
-            fail(f"tensor {short(name)} has shape {list(tensors[name].shape)} in the file but "
-                 f"{list(tensor.shape)} in the {type_name} its module records")
-    with torch.random.fork_rng(devices=[]):
-        return cls(**kwargs)
-
-
-def _fit_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Check names strictly; give non-table tensors the file's shape and any dtype it has."""
-    own = model.state_dict(keep_vars=True)
-    for name in own:
-        if name not in tensors:
-            fail(f"tensor {short(name)} of the model is missing from the file")
-    owners = dict(model.named_modules(remove_duplicate=False))
-    for name, value in tensors.items():
-        current = own.get(name)
-        if not isinstance(current, torch.Tensor):
-            fail(f"file holds tensor {short(name)} that the model does not have")
-        if current.shape == value.shape and current.dtype == value.dtype:
-            continue
-        path, _, leaf = name.rpartition(".")
-        owner = owners[path]
-        if type(owner) in _TYPE_NAMES and current.shape != value.shape:
-            fail(f"tensor {short(name)} has shape {list(value.shape)} in the file but "
-                 f"{list(current.shape)} in the model")
-        if leaf in owner._parameters:
-            grad = current.requires_grad and (value.is_floating_point() or value.is_complex())
-            fresh = torch.empty(value.shape, dtype=value.dtype, device=current.device)
-            setattr(owner, leaf, nn.Parameter(fresh, requires_grad=grad))
-        elif leaf in owner._buffers:
-            setattr(owner, leaf, torch.empty(value.shape, dtype=value.dtype,
-                                             device=current.device))
-        else:
-            fail(f"tensor {short(name)} is neither a parameter nor a buffer of the model")

@@ -1,9 +1,14 @@
 """The ``.nnc`` container: ``save`` / ``load`` / ``read_header`` / ``inspect``.
 
-A ``.nnc`` file holds a JSON header (architecture record, user metadata, one entry per
-tensor) and the encoded tensors, framed by magic bytes, a format version and a SHA-256
-checksum (layout in :mod:`nncompress.formats.header` and ``docs/FORMAT.md``). It holds no
-pickle and no code: loading a hostile file raises :class:`~nncompress.errors.FormatError`.
+A ``.nnc`` file holds a header (architecture record, user metadata, one entry per tensor)
+and the encoded tensors, framed by magic bytes, a format version and a SHA-256 checksum
+(layout in :mod:`nncompress.formats.header` and ``docs/FORMAT.md``). It holds no pickle
+and no code: loading a hostile file raises :class:`~nncompress.errors.FormatError`, and
+bounds what it allocates (``max_bytes``, :mod:`nncompress.formats.limits`).
+
+Dense tensors go to disk as views of the model's memory and come back as views of the
+buffer the file is read into, so saving and loading a large dense model costs little
+more than its SHA-256 and the disk.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,16 +31,20 @@ from nncompress import __version__
 from nncompress.errors import FormatError
 from nncompress.formats import arch
 from nncompress.formats._checks import clip, fail, short
-from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding, dtype_info
+from nncompress.formats.assemble import build, recorded_modules
+from nncompress.formats.choose import Choice, choose_encoding, encoded_sizes, smallest_encoding
+from nncompress.formats.encodings import DTYPES, ENCODINGS, Buffer, Encoding, dtype_info
 from nncompress.formats.header import (
-    FORMAT_VERSION,
+    PREFIX_BYTES,
     Header,
     TensorEntry,
-    header_bytes,
+    header_length,
     pack_chunks,
     parse_header,
     unpack,
 )
+from nncompress.formats.limits import Budget
+from nncompress.formats.table import write_header
 from nncompress.registry import Registry
 
 __all__ = ["ContainerInfo", "TensorInfo", "encoded_sizes", "inspect", "load", "read_header",
@@ -140,34 +150,6 @@ def _check_choices(encodings: Mapping[str, str] | None,
     return choices
 
 
-def _candidates(tensor: torch.Tensor) -> Iterator[tuple[str, bytes, dict]]:
-    """``(name, data, params)`` under every lossless encoding the automatic choice uses."""
-    for name in ENCODINGS.names():
-        codec = ENCODINGS.get(name)
-        if codec.lossless and codec.auto and codec.supports(tensor.dtype):
-            yield (name, *codec.encode(tensor))
-
-
-def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
-    """Data bytes of ``tensor`` under every lossless encoding ``save`` may pick."""
-    return {name: len(data) for name, data, _ in _candidates(tensor)}
-
-
-def smallest_encoding(sizes: Mapping[str, int]) -> str:
-    """The encoding ``save`` picks from ``{name: bytes}``: the fewest bytes, dense on
-    ties, then by name."""
-    return min(sizes, key=lambda name: (sizes[name], name != "dense", name))
-
-
-def _encode(tensor: torch.Tensor, forced: Encoding | None) -> tuple[str, bytes, dict]:
-    """Encode with ``forced``, else with the smallest lossless auto encoding."""
-    if forced is not None:
-        return (forced.name, *forced.encode(tensor))
-    encoded = {name: (data, params) for name, data, params in _candidates(tensor)}
-    best = smallest_encoding({name: len(data) for name, (data, _) in encoded.items()})
-    return (best, *encoded[best])
-
-
 def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     if meta is None:
         return {}
@@ -179,39 +161,47 @@ def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
         raise FormatError(f"meta is not JSON-serialisable: {exc}") from None
 
 
+def _encode(name: str, tensor: torch.Tensor, forced: Encoding | None) -> Choice:
+    """``tensor`` in the ``forced`` encoding, else in the smallest lossless one."""
+    try:
+        if forced is not None:
+            return Choice(forced.name, *forced.encode(tensor))
+        return choose_encoding(tensor)
+    except FormatError as exc:
+        raise FormatError(f"tensor {name!r}: {exc}") from None
+
+
 def save(model: nn.Module, path: PathLike, *, meta: Mapping[str, Any] | None = None,
          encodings: Mapping[str, str] | None = None) -> int:
     """Write ``model`` to ``path`` as a ``.nnc`` file; return the bytes written.
 
     Each tensor is stored with ``encodings[name]`` when given (e.g. ``"fp16"``), else with
     the smallest lossless ``auto`` encoding (dense, sparse, codebook, relative-index, CSR,
-    Huffman-coded; see docs/FORMAT.md). ``meta`` is any JSON-able dict.
+    Huffman-coded; see docs/FORMAT.md), found from cheap statistics
+    (:mod:`nncompress.formats.choose`). ``meta`` is any JSON-able dict.
     The write is atomic: on any error no partial file remains and an existing file at
     ``path`` is left as it was.
     """
     target = _path(path)
     state = _state_tensors(model)
     choices = _check_choices(encodings, state)
-    entries, blobs, offset = [], [], 0
+    entries, blobs = [], []
     for name, tensor in state.items():
-        try:
-            encoding, data, params = _encode(tensor, choices.get(name))
-        except FormatError as exc:
-            raise FormatError(f"tensor {name!r}: {exc}") from None
-        entries.append(TensorEntry(name, tuple(tensor.shape), dtype_info(tensor.dtype).name,
-                                   encoding, params, offset, len(data)).to_json())
-        blobs.append(data)
-        offset += len(data)
-    header = {"format_version": FORMAT_VERSION, "writer": f"nncompress {__version__}",
-              "arch": arch.describe(model), "meta": _check_meta(meta), "tensors": entries}
+        choice = _encode(name, tensor, choices.get(name))
+        entries.append({"name": name, "shape": list(tensor.shape),
+                        "dtype": dtype_info(tensor.dtype).name, "encoding": choice.encoding,
+                        "params": choice.params, "length": choice.size})
+        blobs.append(choice.data)
+    record = arch.describe(model)
+    record["modules"] = recorded_modules(model, record)
     try:
-        raw = header_bytes(header)
+        raw = write_header(f"nncompress {__version__}", record, _check_meta(meta), entries)
     except (TypeError, ValueError) as exc:  # e.g. params of a faulty encoding
-        raise FormatError(f"header is not JSON-serialisable: {exc}") from None
+        raise FormatError(f"header is not JSON-serialisable: {clip(str(exc), 160)}") from None
     return _write_atomic(target, pack_chunks(raw, blobs))
 
 
-def _write_atomic(target: Path, chunks: Iterable[bytes]) -> int:
+def _write_atomic(target: Path, chunks: Iterable[Buffer]) -> int:
     """Write to a temp file beside ``target``, fsync, then ``os.replace`` it into place."""
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     written = 0
@@ -237,21 +227,58 @@ def _write_atomic(target: Path, chunks: Iterable[bytes]) -> int:
     return written
 
 
-def _read(target: Path) -> tuple[Header, memoryview, int, int]:
-    """(header, payload, file bytes, header bytes) of a checked file."""
+def _read_file(target: Path) -> np.ndarray:
+    """The file's bytes in a buffer placed so that its payload starts 64-byte aligned
+    (dense tensors then decode as views of it)."""
     try:
-        data = target.read_bytes()
+        with open(target, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(PREFIX_BYTES)
+            start = PREFIX_BYTES + (header_length(prefix) or 0)
+            room = np.empty(size + 64, dtype=np.uint8)
+            shift = -(room.ctypes.data + start) % 64
+            data = room[shift:shift + size]
+            data[:len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+            done = len(prefix)
+            while done < size:
+                got = handle.readinto(memoryview(data[done:]))
+                if not got:
+                    break
+                done += got
+            return data[:done]
     except FileNotFoundError:
         raise FormatError(f"no such file: {target}") from None
     except IsADirectoryError:
         raise FormatError(f"{target} is a folder, not a .nnc file") from None
     except OSError as exc:
         raise FormatError(f"cannot read {target}: {exc.strerror or exc}") from None
+
+
+def _read(target: Path) -> tuple[Header, np.ndarray, int, int]:
+    """(header, payload, file bytes, header bytes) of a checked file whose every tensor
+    declares no more elements than its data can describe."""
+    data = _read_file(target)
     version, raw, payload = unpack(data, str(target))
-    return parse_header(raw, version, len(payload)), payload, len(data), len(raw)
+    header = parse_header(raw, version, payload.size)
+    for entry in header.tensors:
+        codec = ENCODINGS.get(entry.encoding)
+        itemsize = DTYPES[entry.dtype].itemsize
+        most = codec.max_numel(entry.params, entry.length, entry.shape, itemsize, version)
+        if entry.numel > most:
+            fail(f"tensor {short(entry.name)} declares {entry.numel:,} elements but its "
+                 f"{entry.length:,} bytes of {entry.encoding!r} data can describe at most "
+                 f"{most:,}")
+    return header, payload, data.size, len(raw)
 
 
-def _decode(entry: TensorEntry, payload: memoryview) -> torch.Tensor:
+def _budget(header: Header, total: int, max_bytes: int | None, source: str) -> Budget:
+    """The load's budget, already charged with the decoded tensors."""
+    budget = Budget(max_bytes, total, source)
+    budget.spend(sum(e.nbytes for e in header.tensors), "decoded tensors")
+    return budget
+
+
+def _decode(entry: TensorEntry, payload: np.ndarray) -> torch.Tensor:
     codec = ENCODINGS.get(entry.encoding)
     dtype = DTYPES[entry.dtype].torch
     data = payload[entry.offset:entry.offset + entry.length]
@@ -269,8 +296,8 @@ def _decode(entry: TensorEntry, payload: memoryview) -> torch.Tensor:
 
 
 def load(path: PathLike, *, skeleton: nn.Module | None = None,
-         builders: Mapping[str, Callable[..., nn.Module]] | Registry | None = None
-         ) -> nn.Module:
+         builders: Mapping[str, Callable[..., nn.Module]] | Registry | None = None,
+         max_bytes: int | None = None) -> nn.Module:
     """Rebuild the model saved at ``path``, in eval mode, with the saved tensors.
 
     Reference models rebuild from the architecture registry; a user's ArchModule-like
@@ -278,6 +305,10 @@ def load(path: PathLike, *, skeleton: nn.Module | None = None,
     freshly constructed instance, modified in place and returned). ``builders`` may be a
     mapping or a :class:`~nncompress.registry.Registry`. Layers recorded with
     other constructor args than the skeleton's (structurally pruned ones) are rebuilt.
+
+    ``max_bytes`` caps what loading may allocate (decoded tensors plus the modules it
+    builds); by default ``max(64 MiB, 1024 x file size)``. A file that needs more raises
+    FormatError before anything of that size is allocated.
     """
     if skeleton is not None and not isinstance(skeleton, nn.Module):
         raise FormatError(f"skeleton must be an nn.Module, got {type(skeleton).__name__}")
@@ -287,25 +318,31 @@ def load(path: PathLike, *, skeleton: nn.Module | None = None,
         raise FormatError(f"builders must be a mapping or Registry, got "
                           f"{type(builders).__name__}")
     target = _path(path)
-    header, payload, _, _ = _read(target)
+    header, payload, total, _ = _read(target)
+    budget = _budget(header, total, max_bytes, str(target))
     record = arch.parse_record(header.arch)
-    tensors = {e.name: _decode(e, payload) for e in header.tensors}
-    model = arch.assemble(record, tensors, skeleton=skeleton, builders=builders,
-                          source=str(target))
+    shapes = {e.name: torch.empty(e.shape, dtype=DTYPES[e.dtype].torch, device="meta")
+              for e in header.tensors}
+    model = build(record, shapes, lambda: {e.name: _decode(e, payload) for e in header.tensors},
+                  skeleton=skeleton, builders=builders, budget=budget, source=str(target))
     return model.eval()
 
 
-def read_tensors(path: PathLike) -> dict[str, tuple[str, torch.Tensor]]:
+def read_tensors(path: PathLike, *, max_bytes: int | None = None
+                 ) -> dict[str, tuple[str, torch.Tensor]]:
     """Every tensor of the file, decoded, with the encoding it was stored in:
-    ``{name: (encoding, tensor)}`` (no model is built)."""
-    header, payload, _, _ = _read(_path(path))
+    ``{name: (encoding, tensor)}`` (no model is built; ``max_bytes`` as in :func:`load`)."""
+    target = _path(path)
+    header, payload, total, _ = _read(target)
+    _budget(header, total, max_bytes, str(target))
     arch.parse_record(header.arch)
     return {e.name: (e.encoding, _decode(e, payload)) for e in header.tensors}
 
 
 def read_header(path: PathLike) -> dict[str, Any]:
-    """The validated JSON header: format_version, writer, arch, meta, tensors (with
-    name, shape, dtype, encoding, params, offset, length each)."""
+    """The validated header: format_version, writer, arch (``{"builder", "modules"}``),
+    meta, tensors (with name, shape, dtype, encoding, params, offset, length each), in
+    the same shape for every format version."""
     header, *_ = _read(_path(path))
     arch.parse_record(header.arch)
     return header.to_json()
@@ -315,13 +352,15 @@ def _zero_fraction(tensor: torch.Tensor) -> float:
     return float((tensor == 0).sum()) / tensor.numel() if tensor.numel() else 0.0
 
 
-def inspect(path: PathLike) -> ContainerInfo:
-    """Per-tensor encodings, bytes and sparsity of a ``.nnc`` file (decodes every tensor)."""
-    header, payload, total, header_len = _read(_path(path))
+def inspect(path: PathLike, *, max_bytes: int | None = None) -> ContainerInfo:
+    """Per-tensor encodings, bytes and sparsity of a ``.nnc`` file (decodes every tensor;
+    ``max_bytes`` as in :func:`load`)."""
+    target = _path(path)
+    header, payload, total, header_len = _read(target)
+    _budget(header, total, max_bytes, str(target))
     record = arch.parse_record(header.arch)
     tensors = tuple(
-        TensorInfo(e.name, e.shape, e.dtype, e.encoding, e.length,
-                   math.prod(e.shape) * DTYPES[e.dtype].itemsize,
+        TensorInfo(e.name, e.shape, e.dtype, e.encoding, e.length, e.nbytes,
                    _zero_fraction(_decode(e, payload)))
         for e in header.tensors)
     summary = record.name if record.name is not None else f"user:{record.class_name}"

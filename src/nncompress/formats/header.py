@@ -1,16 +1,17 @@
-"""The byte layout of a ``.nnc`` file and the validation of its JSON header.
+"""The byte layout of a ``.nnc`` file and the validation of its header.
 
 Layout (all integers little-endian; see ``docs/FORMAT.md``)::
 
     offset 0   4 bytes   magic b"NNC1"
-    offset 4   u32       format version
+    offset 4   u32       format version (2; version-1 files are still read)
     offset 8   u64       header length H
-    offset 16  H bytes   UTF-8 JSON header
+    offset 16  H bytes   header: version 2 a compact JSON part + binary tensor table
+                         (:mod:`nncompress.formats.table`), version 1 UTF-8 JSON
     16 + H     P bytes   payload: the encoded tensors, at offsets relative to 16 + H
     end - 32   32 bytes  SHA-256 of every byte before it
 
 :func:`unpack` checks magic, version, header length and checksum, in that order;
-:func:`parse_header` then checks every field of the JSON header for type and range.
+:func:`parse_header` then checks every field of the header for type and range.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from nncompress.formats._checks import (
     MAX_ELEMENTS,
@@ -34,14 +37,16 @@ from nncompress.formats._checks import (
     fail,
     short,
 )
-from nncompress.formats.encodings import DTYPES, ENCODINGS
+from nncompress.formats.encodings import DTYPES, ENCODINGS, Buffer
+from nncompress.formats.table import read_header_v2
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "PREFIX_BYTES",
     "Header",
     "TensorEntry",
-    "header_bytes",
+    "json_header",
     "pack_chunks",
     "parse_header",
     "unpack",
@@ -49,8 +54,9 @@ __all__ = [
 
 MAGIC = b"NNC1"
 #: The format version this code writes and the newest it reads.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<4sIQ")
+PREFIX_BYTES = _PREFIX.size
 _DIGEST = 32
 _MAX_NDIM = 16
 _HEADER_KEYS = ("format_version", "writer", "arch", "meta", "tensors")
@@ -69,6 +75,15 @@ class TensorEntry:
     offset: int
     length: int
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded tensor."""
+        return self.numel * DTYPES[self.dtype].itemsize
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
                 "encoding": self.encoding, "params": self.params, "offset": self.offset,
@@ -77,7 +92,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header. ``arch`` is checked by :mod:`nncompress.formats.arch` on load."""
+    """A validated header. ``arch`` (in the version-1 shape, whatever the file's version)
+    is checked by :mod:`nncompress.formats.arch` on load."""
 
     format_version: int
     writer: str
@@ -91,24 +107,33 @@ class Header:
                 "tensors": [t.to_json() for t in self.tensors]}
 
 
-def header_bytes(header: dict[str, Any]) -> bytes:
-    """The header as compact UTF-8 JSON (NaN/inf are refused: they are not JSON)."""
+def json_header(header: dict[str, Any]) -> bytes:
+    """A version-1 header: compact UTF-8 JSON (NaN/inf are refused: they are not JSON)."""
     return json.dumps(header, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def pack_chunks(header: bytes, blobs: list[bytes]) -> Iterator[bytes]:
+def pack_chunks(header: bytes, blobs: Iterable[Buffer], version: int = FORMAT_VERSION
+                ) -> Iterator[Buffer]:
     """The file's bytes in order: prefix, header, payload blobs, then the SHA-256."""
     digest = hashlib.sha256()
-    for chunk in (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *blobs):
+    for chunk in (_PREFIX.pack(MAGIC, version, len(header)), header, *blobs):
         digest.update(chunk)
         yield chunk
     yield digest.digest()
 
 
-def unpack(data: bytes, source: str) -> tuple[int, bytes, memoryview]:
-    """Check the framing of a whole file; return (version, header JSON bytes, payload)."""
-    if len(data) < _PREFIX.size + _DIGEST:
-        fail(f"{source} is not a .nnc file: {len(data)} bytes is too short")
+def header_length(prefix: bytes) -> int | None:
+    """The header length a file's first 16 bytes declare (None when they cannot)."""
+    if len(prefix) < _PREFIX.size:
+        return None
+    return _PREFIX.unpack_from(prefix)[2]
+
+
+def unpack(data: np.ndarray | bytes, source: str) -> tuple[int, bytes, np.ndarray]:
+    """Check the framing of a whole file; return (version, header bytes, payload)."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    if data.size < _PREFIX.size + _DIGEST:
+        fail(f"{source} is not a .nnc file: {data.size} bytes is too short")
     magic, version, length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         fail(f"{source} is not a .nnc file: magic bytes are {magic!r}, expected {MAGIC!r}")
@@ -117,15 +142,14 @@ def unpack(data: bytes, source: str) -> tuple[int, bytes, memoryview]:
              "upgrade nncompress")
     if version < 1:
         fail(f"{source}: unsupported file format version {version}")
-    end = len(data) - _DIGEST
+    end = data.size - _DIGEST
     if length > end - _PREFIX.size:
         fail(f"{source}: header length {length} runs past the end of the file "
-             f"({len(data)} bytes); the file is truncated or corrupted")
-    if hashlib.sha256(memoryview(data)[:end]).digest() != data[end:]:
+             f"({data.size} bytes); the file is truncated or corrupted")
+    if hashlib.sha256(data[:end]).digest() != data[end:].tobytes():
         fail(f"checksum mismatch: file is corrupted ({source})")
-    view = memoryview(data)
-    return version, bytes(view[_PREFIX.size:_PREFIX.size + length]), view[
-        _PREFIX.size + length:end]
+    return version, data[_PREFIX.size:_PREFIX.size + length].tobytes(), \
+        data[_PREFIX.size + length:end]
 
 
 def _reject_constant(name: str) -> Any:
@@ -133,21 +157,25 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_header(raw: bytes, version: int, payload_len: int) -> Header:
-    """Decode and validate the JSON header against the file's version and payload size."""
-    try:
-        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        fail(f"header is not valid UTF-8 JSON: {clip(str(exc), 100)}")
-    header = check_keys(obj, "header", _HEADER_KEYS)
+    """Decode and validate the header against the file's version and payload size."""
+    if version >= 2:
+        header = read_header_v2(raw, payload_len)
+    else:
+        try:
+            obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            fail(f"header is not valid UTF-8 JSON: {clip(str(exc), 100)}")
+        header = check_keys(obj, "header", _HEADER_KEYS)
     found = check_int(header["format_version"], "header format_version")
     if found != version:
         fail(f"header format_version {found} disagrees with the file's version {version}")
     entries = check_list(header["tensors"], "header tensors")
     tensors = tuple(_parse_tensor(e, i, payload_len) for i, e in enumerate(entries))
-    names = [t.name for t in tensors]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        fail(f"header lists tensor {dup!r} twice")
+    seen: set[str] = set()
+    for tensor in tensors:
+        if tensor.name in seen:
+            fail(f"header lists tensor {short(tensor.name)} twice")
+        seen.add(tensor.name)
     return Header(format_version=version, writer=check_str(header["writer"], "header writer"),
                   arch=check_dict(header["arch"], "header arch"),
                   meta=check_dict(header["meta"], "header meta"), tensors=tensors)

@@ -15,7 +15,8 @@ size), so they are lossless for every dtype, ``-0.0`` and NaN payloads included;
 element is "non-zero" when any of its bits is set. Bit packing is little-endian: value
 ``i`` of width ``b`` occupies stream bits ``[i*b, (i+1)*b)``, least significant first, and
 stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``; padding bits are 0. Byte layouts and
-params are in ``docs/FORMAT.md``.
+params are in ``docs/FORMAT.md``. Packing and unpacking work in chunks, so their scratch
+memory stays a few bytes per element.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ import torch
 from nncompress.formats._checks import check_int, fail
 from nncompress.formats.encodings import (
     ENCODINGS,
+    WORDS,
+    Buffer,
     Encoding,
-    bytes_to_tensor,
+    TensorStats,
+    array_to_tensor,
     dtype_info,
     expect_params,
-    tensor_to_bytes,
+    int_param,
+    tensor_array,
 )
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "relative_diffs",
     "relative_positions",
     "unpack_bits",
+    "values_bytes",
     "words_to_tensor",
 ]
 
@@ -56,7 +62,11 @@ MAX_BITS = 32
 #: Relative-index widths the ``sparse_rel`` encoder tries (the decoder accepts 1..32).
 INDEX_BITS = range(1, 17)
 KEYS_WIDTH = ("ptr_bytes", "col_bytes")
-_WORD = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+#: Values packed or unpacked per step (a multiple of 8, so chunks end on byte boundaries).
+_CHUNK = 1 << 16
+_WORD = WORDS
+#: Elements sampled to guess whether a large tensor has few distinct values.
+_SAMPLE = 1 << 14
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -64,29 +74,47 @@ def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
+def _uint(bits: int) -> np.dtype:
+    """The narrowest little-endian unsigned dtype holding ``bits`` bits."""
+    return next(WORDS[n] for n in (1, 2, 4, 8) if bits <= 8 * n)
+
+
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Unsigned ``values`` (each ``< 2**bits``) packed little-endian, ``bits`` bits each."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bit width {bits} is outside 1..{MAX_BITS}")
-    values = np.asarray(values, dtype=np.uint64).ravel()
-    matrix = np.empty((values.size, bits), dtype=np.uint8)
-    for k in range(bits):
-        matrix[:, k] = (values >> np.uint64(k)) & np.uint64(1)
-    return np.packbits(matrix.ravel(), bitorder="little").tobytes()
+    values = np.asarray(values).reshape(-1)
+    if bits in (8, 16, 32):
+        return values.astype(_uint(bits), copy=False).tobytes()
+    parts = []
+    for start in range(0, values.size, _CHUNK):
+        chunk = values[start:start + _CHUNK].astype(WORDS[4])
+        planes = np.unpackbits(chunk.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        parts.append(np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes())
+    return b"".join(parts)
 
 
-def unpack_bits(data: bytes | memoryview, bits: int, count: int, what: str) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (uint64 array); checks the length and padding bits."""
+def unpack_bits(data: Buffer, bits: int, count: int, what: str) -> np.ndarray:
+    """Inverse of :func:`pack_bits` (the narrowest unsigned dtype holding ``bits``);
+    checks the length and padding bits."""
     need = packed_size(count, bits)
     if len(data) != need:
         fail(f"{what} is {len(data)} bytes; {count} values of {bits} bits need {need}")
-    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    if stream[count * bits:].any():
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if (count * bits) % 8 and int(raw[-1]) >> ((count * bits) % 8):
         fail(f"{what} has padding bits set")
-    values = np.zeros(count, dtype=np.uint64)
-    for k in range(bits):
-        values |= stream[k:count * bits:bits].astype(np.uint64) << np.uint64(k)
-    return values
+    word = _uint(bits)
+    if bits == 8 * word.itemsize:
+        return np.frombuffer(data, dtype=word)
+    out = np.empty(count, dtype=word)
+    for start in range(0, count, _CHUNK):
+        stop = min(count, start + _CHUNK)
+        planes = np.unpackbits(raw[start * bits // 8:packed_size(stop, bits)],
+                               count=(stop - start) * bits, bitorder="little")
+        wide = np.zeros((stop - start, 8 * word.itemsize), dtype=np.uint8)
+        wide[:, :bits] = planes.reshape(-1, bits)
+        out[start:stop] = np.packbits(wide, axis=1, bitorder="little").view(word).reshape(-1)
+    return out
 
 
 def bits_for(count: int) -> int:
@@ -96,23 +124,35 @@ def bits_for(count: int) -> int:
 
 def element_words(tensor: torch.Tensor) -> np.ndarray:
     """The elements in C order as unsigned integers of the dtype's size (bit patterns)."""
-    itemsize = dtype_info(tensor.dtype).itemsize
-    return np.frombuffer(tensor_to_bytes(tensor), dtype=_WORD[itemsize])
+    array = tensor_array(tensor)
+    return array.view(WORDS[array.itemsize])
 
 
 def words_to_tensor(words: np.ndarray, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`element_words` (a bool holding a byte other than 0/1 is refused)."""
-    word = _WORD[dtype_info(dtype).itemsize]
-    return bytes_to_tensor(np.ascontiguousarray(words, dtype=word).tobytes(), shape, dtype)
+    word = WORDS[dtype_info(dtype).itemsize]
+    return array_to_tensor(np.ascontiguousarray(words, dtype=word), shape, dtype)
 
 
 def build_codebook(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct words sorted ascending, index of each element into them)."""
+    """(distinct words sorted ascending, index of each element into them).
+
+    A large tensor with few distinct words (a weight-shared one) is indexed against the
+    distinct words of a sample, which avoids sorting it all; the result is the same.
+    """
+    words = words.reshape(-1)
+    if words.size > 1 << 16:
+        book = np.unique(words[::words.size // _SAMPLE + 1])
+        if book.size <= _SAMPLE // 16:
+            found = np.searchsorted(book, words)
+            np.minimum(found, book.size - 1, out=found)
+            if np.array_equal(book[found], words):
+                return book, found.astype(_uint(bits_for(book.size)))
     codebook, indices = np.unique(words, return_inverse=True)
-    return codebook, indices.ravel().astype(np.uint64)
+    return codebook, indices.reshape(-1).astype(_uint(bits_for(codebook.size)))
 
 
-def read_codebook(data: bytes | memoryview, codes: int, word: np.dtype) -> np.ndarray:
+def read_codebook(data: Buffer, codes: int, word: np.dtype) -> np.ndarray:
     """``codes`` distinct words, strictly ascending (as :func:`build_codebook` writes them)."""
     if len(data) != codes * word.itemsize:
         fail(f"codebook is {len(data)} bytes; {codes} codes need {codes * word.itemsize}")
@@ -122,7 +162,7 @@ def read_codebook(data: bytes | memoryview, codes: int, word: np.dtype) -> np.nd
     return book
 
 
-def split(data: bytes | memoryview, sizes: Sequence[int], what: str) -> list[memoryview]:
+def split(data: Buffer, sizes: Sequence[int], what: str) -> list[memoryview]:
     """Cut ``data`` into consecutive sections of ``sizes`` bytes; the total must match."""
     if len(data) != sum(sizes):
         fail(f"{what} data is {len(data)} bytes; its sections need {sum(sizes)}")
@@ -133,23 +173,38 @@ def split(data: bytes | memoryview, sizes: Sequence[int], what: str) -> list[mem
     return out
 
 
-def relative_diffs(positions: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _gaps(positions: np.ndarray, numel: int | None) -> np.ndarray:
+    """Zeros before each position (and, given ``numel``, after the last one)."""
+    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
+    if numel is None:
+        return gaps
+    last = int(positions[-1]) if positions.size else -1
+    return np.append(gaps, numel - 1 - last)
+
+
+def relative_diffs(positions: np.ndarray, index_bits: int,
+                   numel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Han et al. (2015) relative indexing of sorted ``positions`` with ``index_bits`` bits.
 
     Each entry stores the number of zeros skipped since the previous entry (the first one
     counts from the start), at most ``2**index_bits - 1``; a longer gap gets filler
-    entries (value zero) that each skip the maximum. Returns ``(diffs [m], real [m])``
-    where ``real`` marks the entries that are actual non-zeros (``m >= len(positions)``).
+    entries (value zero) that each skip the maximum. Given ``numel``, the zeros after the
+    last position get fillers too, so that fewer than ``2**index_bits`` remain (format
+    version 2). Returns ``(diffs [m], real [m])`` where ``real`` marks the actual
+    non-zeros.
     """
     span = 1 << index_bits
-    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
+    gaps = _gaps(positions, numel)
     fillers = gaps // span
     per = fillers + 1
+    if numel is not None:
+        per[-1] = fillers[-1]  # the trailing run has no real entry after its fillers
     ends = np.cumsum(per) - 1
-    diffs = np.full(int(per.sum()), span - 1, dtype=np.uint64)
-    diffs[ends] = (gaps - fillers * span).astype(np.uint64)
+    diffs = np.full(int(per.sum()), span - 1, dtype=_uint(index_bits))
     real = np.zeros(diffs.size, dtype=bool)
-    real[ends] = True
+    count = positions.size
+    diffs[ends[:count]] = gaps[:count] - fillers[:count] * span
+    real[ends[:count]] = True
     return diffs, real
 
 
@@ -159,6 +214,14 @@ def relative_positions(diffs: np.ndarray, numel: int, what: str) -> np.ndarray:
     if positions.size and int(positions[-1]) >= numel:
         fail(f"{what} points past the tensor's {numel} elements")
     return positions
+
+
+def values_bytes(count: int, codes: int, itemsize: int) -> int:
+    """Bytes of the values section for ``count`` values with ``codes`` distinct ones: the
+    smaller of raw words and codebook + packed indices (raw on ties, and when empty)."""
+    raw = count * itemsize
+    book = codes * itemsize + packed_size(count, bits_for(codes))
+    return raw if not count or raw <= book else book
 
 
 def values_size(words: np.ndarray) -> tuple[int, int]:
@@ -181,7 +244,7 @@ def encode_values(words: np.ndarray) -> tuple[bytes, int, int]:
     return codebook.tobytes() + pack_bits(indices, bits), int(codebook.size), bits
 
 
-def decode_values(data: bytes | memoryview, codes: int, value_bits: int, count: int,
+def decode_values(data: Buffer, codes: int, value_bits: int, count: int,
                   word: np.dtype, what: str) -> np.ndarray:
     """Inverse of :func:`encode_values` for ``count`` values of ``word``."""
     if codes == 0:
@@ -198,7 +261,7 @@ def decode_values(data: bytes | memoryview, codes: int, value_bits: int, count: 
     indices = unpack_bits(packed, value_bits, count, f"{what} value indices")
     if indices.size and int(indices.max()) >= codes:
         fail(f"{what} value index {int(indices.max())} is outside the {codes}-entry codebook")
-    return book[indices.astype(np.int64)]
+    return book[indices]
 
 
 def value_params(params: dict[str, Any], count: int, what: str) -> tuple[int, int]:
@@ -218,17 +281,19 @@ class Codebook(Encoding):
 
     name = "codebook"
     lossless = True
+    code = 3
+    param_keys = ("codes", "bits")
 
-    def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, tensor: torch.Tensor) -> tuple[Buffer, dict[str, Any]]:
         codebook, indices = build_codebook(element_words(tensor))
         bits = bits_for(codebook.size)
         return (codebook.tobytes() + pack_bits(indices, bits),
                 {"codes": int(codebook.size), "bits": bits})
 
-    def decode(self, data: bytes | memoryview, params: dict[str, Any], shape: Sequence[int],
+    def decode(self, data: Buffer, params: dict[str, Any], shape: Sequence[int],
                dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
-        expect_params(params, self.name, ("codes", "bits"))
+        expect_params(params, self.name, self.param_keys)
         codes = check_int(params["codes"], "codebook codes", lo=min(numel, 1), hi=numel)
         bits = check_int(params["bits"], "codebook bits", lo=1, hi=MAX_BITS)
         if bits != bits_for(codes):
@@ -240,18 +305,40 @@ class Codebook(Encoding):
         indices = unpack_bits(packed, bits, numel, "codebook indices")
         if indices.size and int(indices.max()) >= codes:
             fail(f"codebook index {int(indices.max())} is outside the {codes}-entry codebook")
-        return words_to_tensor(book[indices.astype(np.int64)], shape, dtype)
+        return words_to_tensor(book[indices], shape, dtype)
+
+    def max_numel(self, params: dict[str, Any], length: int, shape: Sequence[int],
+                  itemsize: int, version: int) -> int:
+        return 8 * length  # every index takes at least one bit
+
+    def min_size(self, stats: TensorStats) -> int:
+        if not stats.numel:
+            return 0
+        return (stats.distinct * stats.itemsize
+                + packed_size(stats.numel, bits_for(stats.distinct)))
 
 
-def best_index_bits(positions: np.ndarray, value_bytes: float) -> int:
+def best_index_bits(positions: np.ndarray, value_bytes: float, numel: int) -> int:
     """The ``sparse_rel`` index width in :data:`INDEX_BITS` giving the fewest bytes.
 
     ``value_bytes`` is the (estimated) cost of one stored value.
     """
-    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
+    gaps = _gaps(positions, numel)
     costs = [(positions.size + int((gaps >> b).sum())) * (b / 8 + value_bytes)
              for b in INDEX_BITS]
     return INDEX_BITS[int(np.argmin(costs))]
+
+
+def relative_bound(entries: int, index_bits: int, length: int) -> int:
+    """Elements ``entries`` relative indices of ``index_bits`` bits can span when the
+    zeros after the last entry are fewer than ``2**index_bits`` (format version 2); the
+    entries themselves take at least one bit of ``length`` bytes each."""
+    return (min(entries, 8 * length) + 1) * (1 << index_bits) - 1
+
+
+def min_entries(stats: TensorStats) -> int:
+    """Fewest relative-index entries (fillers included) any width up to 16 bits needs."""
+    return max(stats.nonzero, -(-(stats.numel + 1) // (1 << INDEX_BITS[-1])) - 1)
 
 
 class SparseRel(Encoding):
@@ -259,25 +346,27 @@ class SparseRel(Encoding):
 
     Layout: ``entries`` index differences of ``index_bits`` bits, bit-packed (each is the
     count of zeros skipped since the previous entry; a gap over ``2**index_bits - 1`` gets
-    filler entries of value zero), then the ``entries`` values: raw elements of the dtype
-    (``codes = value_bits = 0``) or ``codes`` distinct elements (ascending) + indices of
-    ``value_bits`` bits, bit-packed. ``params = {"entries", "index_bits", "codes",
-    "value_bits"}``. Trailing zeros are implied by the shape.
+    filler entries of value zero, and so does a trailing run of zeros), then the
+    ``entries`` values: raw elements of the dtype (``codes = value_bits = 0``) or
+    ``codes`` distinct elements (ascending) + indices of ``value_bits`` bits, bit-packed.
+    ``params = {"entries", "index_bits", "codes", "value_bits"}``.
     """
 
     name = "sparse_rel"
     lossless = True
+    code = 4
     KEYS = ("entries", "index_bits", "codes", "value_bits")
+    param_keys = KEYS
 
     def encode(self, tensor: torch.Tensor,
-               index_bits: int | None = None) -> tuple[bytes, dict[str, Any]]:
+               index_bits: int | None = None) -> tuple[Buffer, dict[str, Any]]:
         """``index_bits`` (1..32) forces the index width; by default the smallest wins."""
         words = element_words(tensor)
         positions = np.flatnonzero(words)
         if index_bits is None:
             value_bytes = min(values_size(words[positions])) / max(positions.size, 1)
-            index_bits = best_index_bits(positions, value_bytes)
-        diffs, real = relative_diffs(positions, index_bits)
+            index_bits = best_index_bits(positions, value_bytes, words.size)
+        diffs, real = relative_diffs(positions, index_bits, words.size)
         entry_words = np.zeros(diffs.size, dtype=words.dtype)
         entry_words[real] = words[positions]
         values, codes, value_bits = encode_values(entry_words)
@@ -285,7 +374,7 @@ class SparseRel(Encoding):
                   "value_bits": value_bits}
         return pack_bits(diffs, index_bits) + values, params
 
-    def decode(self, data: bytes | memoryview, params: dict[str, Any], shape: Sequence[int],
+    def decode(self, data: Buffer, params: dict[str, Any], shape: Sequence[int],
                dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
         expect_params(params, self.name, self.KEYS)
@@ -305,6 +394,18 @@ class SparseRel(Encoding):
         out = np.zeros(numel, dtype=word)
         out[positions] = values
         return words_to_tensor(out, shape, dtype)
+
+    def max_numel(self, params: dict[str, Any], length: int, shape: Sequence[int],
+                  itemsize: int, version: int) -> int:
+        entries = int_param(params, "entries", self.name)
+        bits = int_param(params, "index_bits", self.name, lo=1, hi=MAX_BITS)
+        return super().max_numel(params, length, shape, itemsize, version) if version < 2 \
+            else relative_bound(entries, bits, length)
+
+    def min_size(self, stats: TensorStats) -> int:
+        entries = min_entries(stats)
+        codes = max(stats.distinct_nonzero, 1)
+        return packed_size(entries, 1) + values_bytes(entries, codes, stats.itemsize)
 
 
 def csr_view(shape: Sequence[int]) -> tuple[int, int]:
@@ -331,9 +432,11 @@ class CSR(Encoding):
 
     name = "csr"
     lossless = True
+    code = 5
     KEYS = ("nnz", "ptr_bytes", "col_bytes", "codes", "value_bits")
+    param_keys = KEYS
 
-    def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+    def encode(self, tensor: torch.Tensor) -> tuple[Buffer, dict[str, Any]]:
         words = element_words(tensor)
         rows, cols = csr_view(tuple(tensor.shape))
         positions = np.flatnonzero(words)
@@ -345,7 +448,7 @@ class CSR(Encoding):
         return data, {"nnz": int(positions.size), "ptr_bytes": ptr_bytes,
                       "col_bytes": col_bytes, "codes": codes, "value_bits": value_bits}
 
-    def decode(self, data: bytes | memoryview, params: dict[str, Any], shape: Sequence[int],
+    def decode(self, data: Buffer, params: dict[str, Any], shape: Sequence[int],
                dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
         rows, cols = csr_view(shape)
@@ -373,6 +476,22 @@ class CSR(Encoding):
         out = np.zeros(numel, dtype=word)
         out[positions] = values
         return words_to_tensor(out, shape, dtype)
+
+    def max_numel(self, params: dict[str, Any], length: int, shape: Sequence[int],
+                  itemsize: int, version: int) -> int:
+        """Rows cost ``ptr_bytes`` each; columns are bounded by the width of a column
+        index only (a row of zeros costs nothing), so the cap on allocation does the rest."""
+        ptr_bytes = int_param(params, "ptr_bytes", self.name, lo=1, hi=8)
+        col_bytes = int_param(params, "col_bytes", self.name, lo=1, hi=8)
+        rows, cols = csr_view(shape)
+        if rows + 1 > length // ptr_bytes or cols > 1 << (8 * col_bytes):
+            return 0
+        return math.prod(shape)
+
+    def min_size(self, stats: TensorStats) -> int:
+        return ((stats.rows + 1) * uint_bytes(stats.nonzero)
+                + stats.nonzero * uint_bytes(max(stats.cols - 1, 0))
+                + values_bytes(stats.nonzero, stats.distinct_nonzero, stats.itemsize))
 
 
 ENCODINGS.register(Codebook.name, Codebook())

@@ -1,0 +1,353 @@
+"""Building the model a ``.nnc`` file describes (``load``), and what ``save`` records of it.
+
+Loading a builder-recorded model: the builder runs on the meta device under a
+:class:`~nncompress.formats.limits.CallGuard`, recorded modules replace the built ones
+(each probed on the meta device first), and every tensor is checked by name and shape --
+all before any memory is allocated. When nothing of the meta model lies outside its
+``state_dict`` (no non-persistent buffers, no shared parameters) the decoded tensors are
+assigned to it directly (no initialisation, no copy); otherwise its bytes are charged to
+the load's :class:`~nncompress.formats.limits.Budget` and the model is built for real.
+
+``save`` records only the modules that differ from the builder's own construction
+(:func:`recorded_modules`): a reference model rebuilds from its config alone, and a
+structurally pruned or factorised one records just its changed layers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from nncompress.errors import FormatError
+from nncompress.formats._checks import clip, fail, short
+from nncompress.formats.arch import (
+    ARCH_PROVIDERS,
+    MODULE_TYPES,
+    ArchRecord,
+    describe,
+    module_spec,
+    qualname,
+)
+from nncompress.formats.limits import (
+    Budget,
+    CallGuard,
+    TooMuchWork,
+    call_limit,
+    meta_tensors,
+    module_bytes,
+)
+
+__all__ = ["build", "recorded_modules"]
+
+Builders = Mapping[str, Callable[..., nn.Module]]
+Modules = Mapping[str, tuple[str, dict[str, Any] | None]]
+#: Integers in a builder config may not exceed this or the file's element count.
+CONFIG_INT_FLOOR = 1 << 24
+#: Recurrent types: (bias tensors per layer and direction, projection weight or not).
+_RNN_TYPES = {"GRU", "LSTM", "RNN"}
+
+
+def _guarded(call: Callable[[], Any], *, limit: int, what: str) -> Any:
+    """``call()`` on the meta device, RNG untouched, stopped past ``limit`` torch calls;
+    any failure is a FormatError naming ``what``."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), CallGuard(limit):
+            return call()
+    except FormatError:
+        raise
+    except TooMuchWork:
+        fail(f"{what} takes more than {limit} torch calls to build; the file is hostile "
+             "or corrupted")
+    except Exception as exc:  # a hostile record may provoke anything from a constructor
+        fail(f"{what}: {clip(f'{type(exc).__name__}: {exc}', 160)}")
+
+
+def _factory(name: str, builders: Builders | None) -> Callable[..., nn.Module]:
+    if builders is not None and name in builders:
+        return builders[name]
+    try:
+        from nncompress.models import ARCHITECTURES
+    except ImportError:
+        known: tuple[str, ...] = ()
+    else:
+        for provider in ARCH_PROVIDERS:  # modules whose import registers architectures
+            if name in ARCHITECTURES:
+                break
+            importlib.import_module(provider)
+        if name in ARCHITECTURES:
+            return ARCHITECTURES.get(name)
+        known = ARCHITECTURES.names()
+    known += tuple(builders or ())
+    fail(f"file needs architecture {name!r}, which is not registered (known: "
+         f"{', '.join(sorted(known)) or 'none'}); pass builders={{{name!r}: YourClass}}")
+
+
+def _check_config(value: Any, limit: int, what: str) -> None:
+    """Every integer in a builder config is at most ``limit`` (a count of 10**9 layers
+    would make a builder fill memory before building anything)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > limit:
+            fail(f"{what} holds the integer {item}, more than {limit:,} (the larger of "
+                 f"{CONFIG_INT_FLOOR:,} and the file's element count)")
+
+
+def _meta_builder_model(record: ArchRecord, builders: Builders | None,
+                        tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``cls(**config)`` on the meta device, after bounding the config's integers."""
+    assert record.name is not None and record.config is not None
+    factory = _factory(record.name, builders)
+    held = sum(t.numel() for t in tensors.values())
+    what = f"architecture {record.name!r}"
+    _check_config(record.config, max(CONFIG_INT_FLOOR, held), f"arch config of {what}")
+    model = _guarded(lambda: factory(**record.config), limit=call_limit(len(tensors)),
+                     what=f"cannot build {what} from its recorded config")
+    if not isinstance(model, nn.Module):
+        fail(f"builder of {record.name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _under(path: str, tensors: Mapping[str, torch.Tensor], *, direct: bool) -> list[str]:
+    prefix = f"{path}." if path else ""
+    names = [n for n in tensors if n.startswith(prefix)]
+    return [n for n in names if "." not in n[len(prefix):]] if direct else names
+
+
+def _check_rnn(path: str, type_name: str, args: dict[str, Any],
+               tensors: Mapping[str, torch.Tensor]) -> None:
+    """A recurrent module's tensor count follows from its args: refuse a mismatch before
+    constructing anything (a recorded ``num_layers`` of 20,000 builds nothing)."""
+    if type_name not in _RNN_TYPES:
+        return
+    per = 2 + 2 * bool(args["bias"]) + (type_name == "LSTM" and args.get("proj_size", 0) > 0)
+    need = args["num_layers"] * (1 + bool(args["bidirectional"])) * per
+    held = len(_under(path, tensors, direct=True))
+    if need != held:
+        fail(f"module {short(path)} records a {type_name} of {need} tensors (num_layers="
+             f"{args['num_layers']}) but the file holds {held} under it")
+
+
+def _probe(path: str, type_name: str, args: dict[str, Any],
+           tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The recorded module on the meta device, its tensor shapes checked against the file."""
+    _check_rnn(path, type_name, args, tensors)
+    cls = MODULE_TYPES[type_name][0]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    limit = call_limit(len(_under(path, tensors, direct=False)))
+    probe = _guarded(lambda: cls(**kwargs), limit=limit,
+                     what=f"module {short(path)}: cannot construct {type_name} from its "
+                          "recorded args")
+    for leaf, tensor in probe.state_dict().items():
+        name = f"{path}.{leaf}" if path else leaf
+        if name not in tensors:
+            fail(f"module {short(path)} rebuilt as {type_name} needs tensor {short(name)}, "
+                 "which the file lacks")
+        if tensor.shape != tensors[name].shape:
+            fail(f"tensor {short(name)} has shape {list(tensors[name].shape)} in the file but "
+                 f"{list(tensor.shape)} in the {type_name} its module records")
+    return probe
+
+
+def _swap(model: nn.Module, found: dict[str, nn.Module], path: str, new: nn.Module
+          ) -> nn.Module:
+    """Put ``new`` at ``path``; the old subtree is forgotten and the new one's children
+    (recorded after their parent, e.g. ``fc.first``) are found under ``path``."""
+    if not path:
+        model = new
+    else:
+        parent, _, leaf = path.rpartition(".")
+        setattr(found[parent], leaf, new)
+    for stale in [p for p in found if p.startswith(f"{path}.") or (not path and p)]:
+        del found[stale]
+    found.update(new.named_modules(prefix=path, remove_duplicate=False))
+    return model
+
+
+def _replace(model: nn.Module, modules: Modules,
+             make: Callable[[str, str, dict[str, Any]], nn.Module]) -> nn.Module:
+    """Apply the module records to ``model`` in order (parents first); ``make`` builds a
+    table module that differs from the one in place."""
+    found = dict(model.named_modules(remove_duplicate=False))
+    for path, (type_name, args) in modules.items():
+        current = found.get(path)
+        if current is None:
+            fail(f"module {short(path)} recorded in the file is not in the model")
+        if args is None:
+            if qualname(type(current)) != type_name:
+                fail(f"module {short(path)} is recorded as {short(type_name, 160)} but the model "
+                     f"has {qualname(type(current))}")
+            continue
+        if module_spec(current) != {"type": type_name, "args": args}:
+            model = _swap(model, found, path, make(path, type_name, args))
+    return model
+
+
+def _fit(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+         budget: Budget | None = None) -> None:
+    """Check names strictly; give non-table tensors the file's shape and any dtype it has
+    (charging ``budget`` for the new ones)."""
+    own = model.state_dict(keep_vars=True)
+    for name in own:
+        if name not in tensors:
+            fail(f"tensor {short(name)} of the model is missing from the file")
+    owners = dict(model.named_modules(remove_duplicate=False))
+    table = {cls for cls, _ in MODULE_TYPES.values()}
+    for name, value in tensors.items():
+        current = own.get(name)
+        if not isinstance(current, torch.Tensor):
+            fail(f"file holds tensor {short(name)} that the model does not have")
+        if current.shape == value.shape and current.dtype == value.dtype:
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = owners[path]
+        if type(owner) in table and current.shape != value.shape:
+            fail(f"tensor {short(name)} has shape {list(value.shape)} in the file but "
+                 f"{list(current.shape)} in the model")
+        if budget is not None and not current.is_meta:
+            budget.spend(value.numel() * value.element_size(), f"tensor {short(name)}")
+        fresh = torch.empty(value.shape, dtype=value.dtype, device=current.device)
+        if leaf in owner._parameters:
+            grad = current.requires_grad and (value.is_floating_point() or value.is_complex())
+            setattr(owner, leaf, nn.Parameter(fresh, requires_grad=grad))
+        elif leaf in owner._buffers:
+            setattr(owner, leaf, fresh)
+        else:
+            fail(f"tensor {short(name)} is neither a parameter nor a buffer of the model")
+
+
+def _assignable(model: nn.Module) -> bool:
+    """Every tensor of ``model`` is its own ``state_dict`` entry (no non-persistent
+    buffers, no parameter under two names), so assigning the file's tensors completes it."""
+    names, seen = set(model.state_dict()), set()
+    for name, tensor in (*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)):
+        if name not in names or id(tensor) in seen:
+            return False
+        seen.add(id(tensor))
+    return True
+
+
+def _load(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str, *,
+          assign: bool = False) -> nn.Module:
+    try:
+        with torch.no_grad():
+            model.load_state_dict(dict(tensors), strict=True, assign=assign)
+    except RuntimeError as exc:
+        fail(f"cannot load the tensors of {source}: {clip(str(exc), 200)}")
+    return model
+
+
+def build(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
+          decode: Callable[[], dict[str, torch.Tensor]], *, skeleton: nn.Module | None,
+          builders: Builders | None, budget: Budget, source: str) -> nn.Module:
+    """The recorded model (or ``skeleton``, modified in place) holding the decoded tensors.
+
+    ``shapes``: a meta tensor per file tensor (its shape and dtype); ``decode()`` gives the
+    tensors, called once everything else has been checked.
+    """
+    if skeleton is not None:
+        return _into_skeleton(record, shapes, decode, skeleton, builders, budget, source)
+    if record.name is None:
+        fail(f"{source} holds a user model of class {str(record.class_name)[:160]}; pass "
+             "skeleton= (a freshly constructed instance) or give the class "
+             "arch_name/arch_config and pass builders=")
+    meta = _meta_builder_model(record, builders, shapes)
+    cost = module_bytes(meta)
+    added: list[nn.Module] = []
+
+    def probe(path: str, type_name: str, args: dict[str, Any]) -> nn.Module:
+        added.append(_probe(path, type_name, args, shapes))
+        return added[-1]
+
+    meta = _replace(meta, record.modules, probe)
+    _fit(meta, shapes)
+    tensors = decode()
+    if _assignable(meta):
+        model = _load(meta, tensors, source, assign=True)
+        if not meta_tensors(model):
+            return model
+    budget.spend(cost + sum(module_bytes(m) for m in added),
+                 "the model's parameters and buffers")
+    factory = _factory(str(record.name), builders)
+    with torch.random.fork_rng(devices=[]):
+        model = factory(**(record.config or {}))
+        model = _replace(model, record.modules, lambda path, type_name, args:
+                         MODULE_TYPES[type_name][0](**_kwargs(args)))
+    _fit(model, tensors)
+    return _load(model, tensors, source)
+
+
+def _kwargs(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
+                   decode: Callable[[], dict[str, torch.Tensor]], skeleton: nn.Module,
+                   builders: Builders | None, budget: Budget, source: str) -> nn.Module:
+    """Apply the (expanded) module records to ``skeleton`` and load the tensors into it."""
+
+    def make(path: str, type_name: str, args: dict[str, Any]) -> nn.Module:
+        budget.spend(module_bytes(_probe(path, type_name, args, shapes)),
+                     f"module {short(path)}")
+        with torch.random.fork_rng(devices=[]):
+            return MODULE_TYPES[type_name][0](**_kwargs(args))
+
+    model = _replace(skeleton, _expanded(record, builders, shapes), make)
+    _fit(model, shapes, budget)
+    return _load(model, decode(), source)
+
+
+def _expanded(record: ArchRecord, builders: Builders | None,
+              shapes: Mapping[str, torch.Tensor]) -> Modules:
+    """Every module record: a file of format version 2 records only what differs from
+    its builder's own model, so a skeleton gets the rest from that model (when the
+    builder is known)."""
+    if record.name is None:
+        return record.modules
+    try:
+        meta = _meta_builder_model(record, builders, shapes)
+        meta = _replace(meta, record.modules,
+                        lambda path, type_name, args: _probe(path, type_name, args, shapes))
+    except FormatError:
+        return record.modules
+    full = describe(meta)["modules"]
+    return {path: (spec["type"], spec["args"]) for path, spec in full.items()}
+
+
+def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The module records ``save`` writes: those of ``record`` (:func:`describe`) that
+    differ from what the model's builder constructs from its config (all of them for a
+    model without a builder, or when the builder cannot run on the meta device)."""
+    modules = record["modules"]
+    builder = record["builder"]
+    if builder.get("name") is None:
+        return dict(modules)
+    try:
+        reference = _guarded(lambda: type(model)(**builder["config"]),
+                             limit=call_limit(len(model.state_dict())), what="reference")
+    except FormatError:
+        return dict(modules)
+    found = dict(reference.named_modules(remove_duplicate=False))
+    differing = {}
+    for path, spec in modules.items():
+        current = found.get(path)
+        same = current is not None and (module_spec(current) == spec if spec["args"] is not None
+                                        else qualname(type(current)) == spec["type"])
+        if same:
+            continue
+        differing[path] = spec
+        if current is not None and spec["args"] is not None:
+            cls = MODULE_TYPES[spec["type"]][0]
+            new = _guarded(lambda cls=cls, spec=spec: cls(**_kwargs(spec["args"])),
+                           limit=call_limit(0), what=f"module {short(path)}")
+            reference = _swap(reference, found, path, new)
+    return differing
