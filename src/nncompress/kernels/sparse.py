@@ -41,7 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nncompress import inputs
 from nncompress.errors import UnsupportedLayerError
+from nncompress.inputs import Inputs
 from nncompress.kernels._csr import CSRWeight
 from nncompress.kernels.sparse_conv import SparseConv, conv_unsupported
 
@@ -187,7 +189,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_PATHS]
 
 
-def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Size]:
+def _capture_inputs(model: nn.Module, example_input: Inputs) -> dict[str, torch.Size]:
     """Per-call input shape of every candidate layer (the first call if one runs twice)."""
     shapes: dict[str, torch.Size] = {}
     hooks = []
@@ -197,7 +199,7 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, 
         hooks.append(m.register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
-            model(example_input)
+            inputs.call(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -239,7 +241,7 @@ def _decide(name: str, layer: nn.Module, in_shape: torch.Size | None,
     return choice, sparse if faster else None
 
 
-def sparsify(model: nn.Module, example_input: torch.Tensor, *,
+def sparsify(model: nn.Module, example_input: Inputs, *,
              batch_sizes: Sequence[int] = (1,), min_sparsity: float = 0.8,
              repeats: int = 200, threads: int | None = 1,
              seed: int = 0) -> tuple[nn.Module, SparsifyReport]:
