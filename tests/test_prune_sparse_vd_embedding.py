@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress as nc
 from nncompress.data import Dataset
+from nncompress.prune.dns import DynamicSurgeryConfig, dynamic_surgery
 from nncompress.prune.magnitude import MagnitudePruneConfig, magnitude_prune
 from nncompress.prune.masks import find_prunable
 from nncompress.prune.variational import SparseVDConfig, SVDLayer, sparse_vd
@@ -110,3 +111,12 @@ def test_magnitude_pruning_prunes_embeddings() -> None:
     magnitude_prune(model, MagnitudePruneConfig(sparsity=0.5, layers=("emb.*",),
                                                 epochs_per_step=0), ctx)
     assert float((model.emb.weight == 0).float().mean()) >= 0.5
+
+
+def test_dynamic_surgery_prunes_embeddings() -> None:
+    model, data = trained_token_model()
+    ctx = Context(data, seed=0, progress=False)
+    dynamic_surgery(model, DynamicSurgeryConfig(sparsity=0.6, epochs=1, lr=0.01), ctx)
+    mask = ctx.masks["emb.weight"]
+    assert 0.4 < 1 - float(mask.float().mean()) < 0.8
+    assert torch.all(model.emb.weight[~mask] == 0) and torch.all(model.emb.weight[PAD] == 0)
