@@ -53,8 +53,9 @@ from nncompress.lowrank.layers import (
 )
 from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
-__all__ = ["ARCH_PROVIDERS", "MODULE_TYPES", "ArchRecord", "build_module", "describe",
-           "module_spec", "parse_record", "qualname"]
+__all__ = ["ARCH_PROVIDERS", "MODULE_TYPES", "ArchRecord", "build_module", "complete_args",
+           "describe", "inherited_args", "module_args", "module_spec", "parse_record",
+           "qualname"]
 
 Validator = Callable[[Any, str], Any]
 _MAX_WIDTH = 2**31
@@ -169,6 +170,8 @@ class ArchRecord:
     config: dict[str, Any] | None         # builder kwargs
     class_name: str | None                # informational class name of a user model
     modules: dict[str, tuple[str, dict[str, Any] | None]]   # path -> (type, args)
+    #: paths whose args are partial: the rest come from the module built at the path
+    partial: frozenset[str] = frozenset()
 
 
 def qualname(cls: type) -> str:
@@ -181,18 +184,50 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
+    """The constructor args of table type ``type_name`` as ``module`` has them: each from
+    the attribute of the same name (``bias``: whether it has one); absent ones left out."""
+    args = {}
+    for key in MODULE_TYPES[type_name][1]:
+        if not hasattr(module, key):
+            continue
+        value = getattr(module, key)
+        if key == "bias" and not isinstance(value, bool):
+            value = value is not None
+        args[key] = _json_value(value)
+    return args
+
+
 def module_spec(module: nn.Module) -> dict[str, Any]:
     """``{"type", "args"}`` of one module: args for table types, ``None`` for others."""
     name = _TYPE_NAMES.get(type(module))
     if name is None:
         return {"type": qualname(type(module)), "args": None}
-    args = {}
-    for key in MODULE_TYPES[name][1]:
-        value = getattr(module, key)
-        if key == "bias" and not isinstance(value, bool):
-            value = value is not None
-        args[key] = _json_value(value)
-    return {"type": name, "args": args}
+    return {"type": name, "args": module_args(module, name)}
+
+
+def inherited_args(current: nn.Module, type_name: str, has_bias: bool) -> dict[str, Any]:
+    """What a partial record of table type ``type_name`` takes from the module ``current``
+    at its path: the same-named attributes, except that ``bias`` follows the file
+    (``has_bias``: whether it holds the tensor ``<path>.bias``)."""
+    args = module_args(current, type_name)
+    if "bias" in MODULE_TYPES[type_name][1]:
+        args["bias"] = has_bias
+    return args
+
+
+def complete_args(path: str, type_name: str, partial: dict[str, Any], current: nn.Module,
+                  has_bias: bool) -> dict[str, Any]:
+    """Partial args of a module record completed from the module ``current`` at its path
+    and the file (see :func:`inherited_args`); every value validated."""
+    checks = MODULE_TYPES[type_name][1]
+    inherited = inherited_args(current, type_name, has_bias)
+    missing = [k for k in checks if k not in partial and k not in inherited]
+    if missing:
+        fail(f"module {short(path)}: its record omits {missing[0]!r}, which the "
+             f"{type(current).__name__} there does not have")
+    args = {**inherited, **partial}
+    return {k: checks[k](args[k], f"module {short(path)} {k}") for k in checks}
 
 
 def build_module(spec: Any, what: str) -> nn.Module:
@@ -256,18 +291,27 @@ def parse_record(raw: Any) -> ArchRecord:
         name = check_str(builder["name"], "arch builder name")
         config = check_dict(builder["config"], f"arch config of {short(name)}")
         class_name = None
-    modules = {}
+    modules, partial = {}, set()
     for path, spec in check_dict(record["modules"], "arch modules").items():
         what = f"module {short(path)}"
-        entry = check_keys(spec, what, ("type", "args"))
+        entry = check_keys(spec, what, ("type", "args"), ("partial",))
         type_name = check_str(entry["type"], f"{what} type")
+        if entry.get("partial", True) is not True:
+            fail(f"{what} partial must be true when present, got {short(entry['partial'])}")
         if type_name in MODULE_TYPES:
             checks = MODULE_TYPES[type_name][1]
-            args = check_keys(entry["args"], f"{what} args", checks)
-            modules[path] = (type_name, {k: checks[k](args[k], f"{what} {k}") for k in checks})
-        elif entry["args"] is not None:
+            if "partial" in entry:
+                partial.add(path)
+                args = check_keys(entry["args"], f"{what} args", (), checks)
+            else:
+                args = check_keys(entry["args"], f"{what} args", checks)
+            modules[path] = (type_name, {k: checks[k](v, f"{what} {k}") for k, v in args.items()})
+        elif entry["args"] is not None or "partial" in entry:
             fail(f"{what} records type {short(type_name)} with args, but only "
                  f"{', '.join(MODULE_TYPES)} can be constructed from a file")
         else:
             modules[path] = (type_name, None)
-    return ArchRecord(name, config, class_name, modules)
+    if partial and name is None:
+        fail(f"module {short(min(partial))} records partial args, which only a model with "
+             "a builder can complete")
+    return ArchRecord(name, config, class_name, modules, frozenset(partial))

@@ -16,7 +16,7 @@ structurally pruned or factorised one records just its changed layers.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,9 @@ from nncompress.formats.arch import (
     ARCH_PROVIDERS,
     MODULE_TYPES,
     ArchRecord,
+    complete_args,
     describe,
+    inherited_args,
     module_spec,
     qualname,
 )
@@ -173,9 +175,12 @@ def _swap(model: nn.Module, found: dict[str, nn.Module], path: str, new: nn.Modu
 
 
 def _replace(model: nn.Module, modules: Modules,
-             make: Callable[[str, str, dict[str, Any]], nn.Module]) -> nn.Module:
+             make: Callable[[str, str, dict[str, Any]], nn.Module],
+             partial: frozenset[str] = frozenset(),
+             held: Collection[str] = ()) -> nn.Module:
     """Apply the module records to ``model`` in order (parents first); ``make`` builds a
-    table module that differs from the one in place."""
+    table module that differs from the one in place. Records at ``partial`` paths take
+    the args they omit from the module in place (``bias`` from the names ``held``)."""
     found = dict(model.named_modules(remove_duplicate=False))
     for path, (type_name, args) in modules.items():
         current = found.get(path)
@@ -186,6 +191,9 @@ def _replace(model: nn.Module, modules: Modules,
                 fail(f"module {short(path)} is recorded as {short(type_name, 160)} but the model "
                      f"has {qualname(type(current))}")
             continue
+        if path in partial:
+            has_bias = f"{path}.bias" in held if path else "bias" in held
+            args = complete_args(path, type_name, args, current, has_bias)
         if module_spec(current) != {"type": type_name, "args": args}:
             model = _swap(model, found, path, make(path, type_name, args))
     return model
@@ -268,7 +276,7 @@ def build(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
         added.append(_probe(path, type_name, args, shapes))
         return added[-1]
 
-    meta = _replace(meta, record.modules, probe)
+    meta = _replace(meta, record.modules, probe, record.partial, shapes)
     _fit(meta, shapes)
     tensors = decode()
     if _assignable(meta):
@@ -281,7 +289,8 @@ def build(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
     with torch.random.fork_rng(devices=[]):
         model = factory(**(record.config or {}))
         model = _replace(model, record.modules, lambda path, type_name, args:
-                         MODULE_TYPES[type_name][0](**_kwargs(args)))
+                         MODULE_TYPES[type_name][0](**_kwargs(args)), record.partial,
+                         shapes)
     _fit(model, tensors)
     return _load(model, tensors, source)
 
@@ -301,26 +310,28 @@ def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
         with torch.random.fork_rng(devices=[]):
             return MODULE_TYPES[type_name][0](**_kwargs(args))
 
-    model = _replace(skeleton, _expanded(record, builders, shapes), make)
+    modules, partial = _expanded(record, builders, shapes)
+    model = _replace(skeleton, modules, make, partial, shapes)
     _fit(model, shapes, budget)
     return _load(model, decode(), source)
 
 
 def _expanded(record: ArchRecord, builders: Builders | None,
-              shapes: Mapping[str, torch.Tensor]) -> Modules:
-    """Every module record: a file of format version 2 records only what differs from
-    its builder's own model, so a skeleton gets the rest from that model (when the
-    builder is known)."""
+              shapes: Mapping[str, torch.Tensor]) -> tuple[Modules, frozenset[str]]:
+    """Every module record, complete: a file of format version 2 records only what
+    differs from its builder's own model, so a skeleton gets the rest from that model
+    (when the builder is known; else the records as they are, partial ones completed from
+    the skeleton's modules)."""
     if record.name is None:
-        return record.modules
+        return record.modules, record.partial
     try:
         meta = _meta_builder_model(record, builders, shapes)
-        meta = _replace(meta, record.modules,
-                        lambda path, type_name, args: _probe(path, type_name, args, shapes))
+        meta = _replace(meta, record.modules, lambda path, type_name, args: _probe(
+            path, type_name, args, shapes), record.partial, shapes)
     except FormatError:
-        return record.modules
+        return record.modules, record.partial
     full = describe(meta)["modules"]
-    return {path: (spec["type"], spec["args"]) for path, spec in full.items()}
+    return {path: (spec["type"], spec["args"]) for path, spec in full.items()}, frozenset()
 
 
 def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,6 +348,7 @@ def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, A
     except FormatError:
         return dict(modules)
     found = dict(reference.named_modules(remove_duplicate=False))
+    held = set(model.state_dict())
     differing = {}
     for path, spec in modules.items():
         current = found.get(path)
@@ -346,8 +358,18 @@ def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, A
             continue
         differing[path] = spec
         if current is not None and spec["args"] is not None:
+            has_bias = f"{path}.bias" in held if path else "bias" in held
+            differing[path] = _partial(spec, current, has_bias)
             cls = MODULE_TYPES[spec["type"]][0]
             new = _guarded(lambda cls=cls, spec=spec: cls(**_kwargs(spec["args"])),
                            limit=call_limit(0), what=f"module {short(path)}")
             reference = _swap(reference, found, path, new)
     return differing
+
+
+def _partial(spec: dict[str, Any], current: nn.Module, has_bias: bool) -> dict[str, Any]:
+    """``spec`` with only the args ``load`` cannot take from the module ``current`` the
+    builder put at its path and from the file (``has_bias``; see ``inherited_args``)."""
+    inherited = inherited_args(current, spec["type"], has_bias)
+    args = {k: v for k, v in spec["args"].items() if k not in inherited or inherited[k] != v}
+    return {"type": spec["type"], "args": args, "partial": True}

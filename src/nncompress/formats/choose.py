@@ -77,9 +77,24 @@ def _chao1(sample: np.ndarray, population: int) -> int:
     return int(min(population, counts.size + once * (once - 1) / (2 * (twice + 1))))
 
 
-def _distinct(words: np.ndarray) -> int:
-    """Exact number of distinct ``words`` (cheap when they are few)."""
-    return int(build_codebook(words)[0].size) if words.size else 0
+def _census(words: np.ndarray) -> tuple[int, float, int, float]:
+    """Distinct words and their entropy bits (see ``TensorStats``), of all and of the
+    non-zero words; exact (cheap when the words are few)."""
+    if not words.size:
+        return 0, 0.0, 0, 0.0
+    book, indices = build_codebook(words)
+    counts = np.bincount(indices, minlength=book.size)
+    nonzero = counts[1:] if book[0] == 0 else counts
+    return int(book.size), _bits(counts), int(nonzero.size), _bits(nonzero)
+
+
+def _bits(counts: np.ndarray) -> float:
+    """Empirical entropy times count of a histogram (slightly rounded down)."""
+    total = float(counts.sum())
+    if total <= 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return max(0.0, float(-(counts[counts > 0] * np.log2(p)).sum()) * (1 - 1e-9) - 1e-6)
 
 
 def tensor_stats(tensor: torch.Tensor) -> TensorStats:
@@ -95,14 +110,13 @@ def tensor_stats(tensor: torch.Tensor) -> TensorStats:
         distinct = _chao1(sample, numel)
         exact = distinct <= SAMPLE // 16  # few values: count them exactly
     if exact:
-        distinct = _distinct(words)
-        zero = nonzero < numel
-        return TensorStats(numel, itemsize, nonzero, distinct, distinct - zero, rows, cols,
-                           True)
+        distinct, bits, values, bits_nonzero = _census(words)
+        return TensorStats(numel, itemsize, nonzero, distinct, values, rows, cols, True, bits,
+                           bits_nonzero)
     if nonzero == numel:
         values = distinct
     elif nonzero <= EXACT_ELEMENTS:
-        values = _distinct(words[np.flatnonzero(words)])
+        values = _census(words[np.flatnonzero(words)])[0]
     else:
         values = _chao1(sample[sample != 0], nonzero)
     return TensorStats(numel, itemsize, nonzero, distinct, values, rows, cols, False)

@@ -110,7 +110,9 @@ class TensorStats:
 
     ``distinct`` / ``distinct_nonzero``: numbers of distinct element bit patterns (all /
     non-zero ones); exact when ``exact``, else estimated from a sample. ``rows`` x ``cols``
-    is the 2-D view CSR uses.
+    is the 2-D view CSR uses. ``entropy_bits`` / ``entropy_bits_nonzero``: the empirical
+    entropy of the elements' (non-zero elements') values times their count -- no prefix
+    code stores them in fewer bits (Shannon); 0.0 when not computed.
     """
 
     numel: int
@@ -121,6 +123,8 @@ class TensorStats:
     rows: int
     cols: int
     exact: bool
+    entropy_bits: float = 0.0
+    entropy_bits_nonzero: float = 0.0
 
 
 def tensor_array(tensor: torch.Tensor) -> np.ndarray:

@@ -155,8 +155,8 @@ class CodebookHuffman(Encoding):
     def min_size(self, stats: TensorStats) -> int:
         if not stats.numel:
             return 0
-        return (stats.distinct * stats.itemsize + table_size(stats.distinct)
-                + packed_size(stats.numel, 1))
+        stream = max(stats.numel, math.ceil(stats.entropy_bits))  # >= 1 bit a code
+        return stats.distinct * stats.itemsize + table_size(stats.distinct) + (stream + 7) // 8
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -291,7 +291,8 @@ class SparseRelHuffman(Encoding):
         if not entries:
             return index
         codes = max(stats.distinct_nonzero, 1)
-        coded = codes * stats.itemsize + table_size(codes) + packed_size(entries, 1)
+        stream = max(entries, math.ceil(stats.entropy_bits_nonzero))
+        coded = codes * stats.itemsize + table_size(codes) + (stream + 7) // 8
         return index + min(entries * stats.itemsize, coded)
 
 

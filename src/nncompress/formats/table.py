@@ -3,8 +3,9 @@
 ::
 
     varint J, J bytes   JSON object: "w" writer, "b" + "c" builder name and config or "u"
-                        user class, "d" module records {path: [type, [args] | null]}
-                        (optional), "m" meta (optional)
+                        user class, "d" module records {path: [type, [args] | {args} |
+                        null] | type} and "i" paths of Identity modules (optional),
+                        "m" meta (optional)
     varint T            tensors, then T entries:
         varint shared, varint n, n bytes   the name: ``shared`` bytes of the previous
                                            name's UTF-8, then ``n`` new bytes
@@ -44,7 +45,7 @@ __all__ = ["compact_arch", "expand_arch", "read_header_v2", "write_header"]
 
 MAX_NDIM = 16
 _NAMED = 15  # encoding code: the name follows
-_JSON_KEYS = ("w", "b", "c", "u", "d", "m")
+_JSON_KEYS = ("w", "b", "c", "u", "d", "i", "m")
 
 
 def varint(value: int) -> bytes:
@@ -110,14 +111,22 @@ def compact_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     builder = arch["builder"]
     out: dict[str, Any] = ({"b": builder["name"], "c": builder["config"]}
                            if builder.get("name") is not None else {"u": builder["class"]})
-    modules = {}
+    modules: dict[str, Any] = {}
+    removed = []
     for path, spec in arch["modules"].items():
-        args = spec["args"]
-        if args is not None and spec["type"] in MODULE_TYPES:
-            args = [args[k] for k in MODULE_TYPES[spec["type"]][1]]
-        modules[path] = [spec["type"], args]
+        args, type_name = spec["args"], spec["type"]
+        if type_name == "Identity" and args is not None:
+            removed.append(path)  # no children: recorded after every other module
+        elif args is None or (spec.get("partial") and not args):
+            modules[path] = type_name
+        elif spec.get("partial"):
+            modules[path] = [type_name, dict(args)]
+        else:
+            modules[path] = [type_name, [args[k] for k in MODULE_TYPES[type_name][1]]]
     if modules:
         out["d"] = modules
+    if removed:
+        out["i"] = removed
     return out
 
 
@@ -133,19 +142,33 @@ def expand_arch(obj: Mapping[str, Any]) -> dict[str, Any]:
         builder = {"name": obj["b"], "config": obj["c"]}
     modules = {}
     for path, spec in check_dict(obj.get("d", {}), "header module records").items():
-        what = f"module {short(path)}"
-        spec = check_list(spec, what, max_len=2)
-        if len(spec) != 2:
-            fail(f"{what} record must be [type, args], got {short(spec)}")
-        type_name, args = check_str(spec[0], f"{what} type"), spec[1]
-        if args is not None and type_name in MODULE_TYPES:
-            keys = list(MODULE_TYPES[type_name][1])
-            values = check_list(args, f"{what} args", max_len=len(keys))
-            if len(values) != len(keys):
-                fail(f"{what} records {len(values)} args; {type_name} takes {len(keys)}")
-            args = dict(zip(keys, values, strict=True))
-        modules[path] = {"type": type_name, "args": args}
+        modules[path] = _expand_module(spec, f"module {short(path)}")
+    for path in check_list(obj.get("i", []), "header removed modules"):
+        path = check_str(path, "header removed module path")
+        if path in modules:
+            fail(f"header records module {short(path)} twice")
+        modules[path] = {"type": "Identity", "args": {}}
     return {"builder": builder, "modules": modules}
+
+
+def _expand_module(spec: Any, what: str) -> dict[str, Any]:
+    """One compact module record as ``{"type", "args"}`` (+ ``"partial": true``)."""
+    if isinstance(spec, str):  # the type alone: no args, or all from the built module
+        return ({"type": spec, "args": {}, "partial": True} if spec in MODULE_TYPES
+                else {"type": spec, "args": None})
+    spec = check_list(spec, what, max_len=2)
+    if len(spec) != 2:
+        fail(f"{what} record must be [type, args], got {short(spec)}")
+    type_name, args = check_str(spec[0], f"{what} type"), spec[1]
+    if isinstance(args, dict):
+        return {"type": type_name, "args": args, "partial": True}
+    if args is not None and type_name in MODULE_TYPES:
+        keys = list(MODULE_TYPES[type_name][1])
+        values = check_list(args, f"{what} args", max_len=len(keys))
+        if len(values) != len(keys):
+            fail(f"{what} records {len(values)} args; {type_name} takes {len(keys)}")
+        args = dict(zip(keys, values, strict=True))
+    return {"type": type_name, "args": args}
 
 
 def write_header(writer: str, arch: Mapping[str, Any], meta: Mapping[str, Any],
