@@ -148,3 +148,21 @@ def test_bidirectional_projected_lstm_and_cells_are_all_covered() -> None:
               lstm_ctx)
     assert list(lstm_ctx.masks) == ["rnn.weight_hr_l1_reverse"]
     assert any("weight_hr_l1_reverse (LSTM): proj" in x for x in lstm_ctx.log)
+
+
+@pytest.mark.slow
+def test_deep_compression_recipe_runs_on_a_gru() -> None:
+    # the default recipe used to refuse every recurrent parameter in its sparse_vd stage
+    torch.manual_seed(0)
+    model = models.build("gru", (3, 6), 3, hidden=8)
+    data = seq_data()
+    nc.train.fit(model, data, epochs=3, lr=0.02, progress=False)
+    result = nc.compress(model, "deep-compression", data, progress=False,
+                         measure_latency=False)
+    out = result.model
+    assert all(type(m) is nn.GRU for m in out.layers)
+    for name, p in out.named_parameters():
+        if "weight" in name:
+            assert len(set(p[p != 0].tolist())) <= 32, name
+    assert any("(GRU): r" in line for line in result.log)
+    assert result.final.artifact_bytes < result.baseline.artifact_bytes
