@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -57,14 +57,17 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 CONSTANT_TOLERANCE = 1e-6  # max spread of a "constant" input, relative to max(1, |c|)
 VERIFY_TOLERANCE = 1e-5    # max |output change| per round, relative to max(1, max |output|)
 MAX_ROUNDS = 16
+Fold = tuple[str, torch.Tensor, torch.Tensor]  # consumer, its input columns, constants
 
 
 class DeadUnitsConfig(TechniqueConfig):
     """Parameters of ``dead_units``.
 
     - ``layers`` / ``exclude``: fnmatch patterns over channel-group names (the group's
-      first producer, e.g. ``"layers.fc1"``); only ``"channels"`` groups (Linear / Conv
-      units) are handled, RNN hidden units and attention heads are left alone (noted).
+      first producer, e.g. ``"layers.fc1"``). Handled: ``"channels"`` groups of Linear /
+      ungrouped or depthwise Conv layers with BatchNorm between; with the default ``"*"``
+      other groups (RNN hidden units, heads, LayerNorm, grouped convs) are left alone and
+      noted, a group named explicitly must be handled (else UnsupportedLayerError).
     - ``tolerance``: a weight with ``|w| <= tolerance`` counts as dead. ``0`` (default)
       means exact: the outputs do not change. Above 0 the dead units' small weights are
       zeroed first, which changes the outputs by what they contributed (reported).
@@ -80,14 +83,14 @@ class DeadUnitsConfig(TechniqueConfig):
 @dataclass(frozen=True)
 class UnitPlan:
     """One group's dead units (indices): ``unused`` (no live outgoing weight), ``folded``
-    (no live incoming weight; ``folds``: consumer -> (input columns, constant of each)),
+    (no live incoming weight; ``folds``: (consumer, its input columns, their constants)),
     ``left`` (no live incoming weight but kept, and why)."""
 
     group: ChannelGroup
     unused: tuple[int, ...] = ()
     folded: tuple[int, ...] = ()
     left: tuple[tuple[int, str], ...] = ()
-    folds: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    folds: tuple[Fold, ...] = ()
 
     @property
     def keep(self) -> list[int]:
@@ -170,16 +173,16 @@ def consumer_stats(model: nn.Module, names: Sequence[str],
         for h in handles:
             h.remove()
     out = {}
-    for name, parts in seen.items():
-        every = torch.stack(parts)
-        out[name] = torch.stack([every[:, 0].amin(0), every[:, 1].amax(0),
-                                 every[:, 2].sum(0) / every[:, 3].sum(0)])
+    for name, parts in seen.items():  # a consumer the batches never reach has no entry
+        if parts:
+            every = torch.stack(parts)
+            out[name] = torch.stack([every[:, 0].amin(0), every[:, 1].amax(0),
+                                     every[:, 2].sum(0) / every[:, 3].sum(0)])
     return out
 
 
 def _zero_padded(m: nn.Module) -> bool:
-    """True for a convolution that pads with zeros (a constant input is not constant at
-    its borders)."""
+    """True for a convolution that pads with zeros (so reads 0, not c, at its borders)."""
     if not isinstance(m, CONV) or m.padding_mode != "zeros":
         return False
     if isinstance(m.padding, str):
@@ -200,9 +203,6 @@ def _constant_of(m: nn.Module, name: str, stats: torch.Tensor,
     return mean, ""
 
 
-Fold = tuple[str, torch.Tensor, torch.Tensor]  # consumer, its input columns, constants
-
-
 def _unit_constants(mods: Mapping[str, nn.Module], group: ChannelGroup, j: int,
                     stats: Mapping[str, torch.Tensor]) -> list[Fold] | str:
     """(consumer, its columns of unit ``j``, the constant of each) for every consumer, or
@@ -210,6 +210,8 @@ def _unit_constants(mods: Mapping[str, nn.Module], group: ChannelGroup, j: int,
     found = []
     for c in group.consumers:
         cols = torch.tensor(group.units(c, "in")[j], dtype=torch.long)
+        if c not in stats:
+            return f"{c} did not run on the calibration batches"
         value, why = _constant_of(mods[c], c, stats[c], cols)
         if value is None:
             return why
@@ -235,23 +237,15 @@ def _plan_group(model: nn.Module, group: ChannelGroup, stats: Mapping[str, torch
         else:
             left.append((min(folded), "the group keeps at least one unit"))
             del folded[min(folded)]
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for found in folded.values():
-        for c, cols, value in found:
-            parts.setdefault(c, []).append((cols, value))
-    folds = {c: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps]))
-             for c, ps in parts.items()}
+    folds = tuple(f for found in folded.values() for f in found)
     return UnitPlan(group, tuple(unused), tuple(folded), tuple(left), folds)
 
 
 def find_dead_units(model: nn.Module, groups: Sequence[ChannelGroup],
                     batches: Sequence[inputs.Inputs]) -> list[UnitPlan]:
     """Analysis only (the model is not changed): each group's exactly dead units, with the
-    constants of the no-incoming ones measured on ``batches``."""
-    bad = {g.name: why for g in groups if (why := unsupported(model, g))}
-    if bad:
-        raise UnsupportedLayerError(f"dead_units cannot handle group(s) {', '.join(bad)}: "
-                                    f"{'; '.join(bad.values())}")
+    constants of the no-incoming ones measured on ``batches``. Every group must be one
+    this technique handles (:func:`unsupported` gives None)."""
     masks = {g.name: dead_masks(model, g) for g in groups}
     needed = sorted({c for g in groups if bool((masks[g.name][1] & ~masks[g.name][0]).any())
                      for c in g.consumers})
@@ -297,7 +291,7 @@ def eliminate(model: nn.Module, plans: Sequence[UnitPlan], groups: Sequence[Chan
     mods = dict(model.named_modules())
     removed = {p.group.name: _unit_bytes(model, p.group, (*p.unused, *p.folded))
                for p in plans}
-    created = [name for p in plans for name, (cols, values) in p.folds.items()
+    created = [name for p in plans for name, cols, values in p.folds
                if _fold(mods[name], cols, values)]
     keep = {p.group.name: p.keep for p in plans if p.removed}
     if keep:
