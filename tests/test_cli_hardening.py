@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nncompress import api, cli
+from nncompress.cli_inputs import printable
 from nncompress.models.mlp import MLP
 
 DATA = textwrap.dedent('''
@@ -113,9 +114,9 @@ def test_main_keeps_the_current_folder_off_sys_path_and_restores_it(
 
 
 def evil_model() -> nn.Module:
+    """Module names a terminal would obey: an ANSI colour and a right-to-left override."""
     model = nn.Module()
     model.add_module("\x1b[31mred\x1b[0m", nn.Linear(2, 2))
-    model.add_module("bad\udcffname", nn.Linear(2, 2))
     model.add_module("\u202eevil", nn.Linear(2, 2))
     return model
 
@@ -124,12 +125,26 @@ def test_inspect_escapes_names_from_the_file(work: Path, capsys) -> None:
     api.save(evil_model(), work / "evil.nnc")
     code, out, err = run_cli(capsys, "inspect", "evil.nnc")
     assert code == 0, err
-    assert "\x1b" not in out and "\u202e" not in out and "\udcff" not in out
-    assert "\\x1b[31mred\\x1b[0m.weight" in out and "bad\\udcffname.bias" in out
-    assert "\\u202eevil.weight" in out
-    out.encode("utf-8")                       # printable to any UTF-8 terminal
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[31mred\\x1b[0m.weight" in out and "\\u202eevil.weight" in out
     code, out, _ = run_cli(capsys, "inspect", "evil.nnc", "--json")
     assert code == 0 and "\x1b" not in out and "\\u001b[31mred" in out
+
+
+def test_lone_surrogates_are_escaped_not_an_internal_error(work: Path, capsys) -> None:
+    """An undecodable file name arrives as a lone surrogate (surrogateescape); printing
+    one to a UTF-8 stream raised UnicodeEncodeError ("internal error")."""
+    line = one_line_error(capsys, "inspect", "bad\udcffname.nnc")
+    assert "bad\\udcffname.nnc" in line and "\udcff" not in line
+    (work / "noop.yaml").write_text("name: noop\nstages: [{evaluate: {}}]\n")
+    code, out, err = run_cli(capsys, "compress", "--model", "tiny.nnc", "--data",
+                             "hardata:load", "--recipe", "noop.yaml", "--out",
+                             "out\udcff.nnc", "--no-progress", "--no-latency")
+    assert code == 0, err
+    assert "saved" in out and "out\\udcff.nnc" in out and "\udcff" not in out
+    assert printable("a\udcffb\x1b[0m\u202e\U000e0001\n") == \
+        "a\\udcffb\\x1b[0m\\u202e\\U000e0001\\x0a"
+    assert printable("table\nrow", newlines=True) == "table\nrow"
 
 
 def test_errors_quoting_file_content_are_escaped(work: Path, capsys) -> None:

@@ -61,6 +61,7 @@ def _run(argv: Sequence[str] | None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         _say("nncompress: interrupted")
+        _forget_interrupt()
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`nncompress inspect x.nnc | head`)
         _silence_stdout()
@@ -71,6 +72,17 @@ def _run(argv: Sequence[str] | None) -> int:
         msg = " ".join(f"{type(exc).__name__}: {exc}".split())
         _say(f"nncompress: internal error: {msg} (rerun with --debug for a traceback)")
         return EXIT_INTERNAL
+
+
+def _forget_interrupt() -> None:
+    """Make the exit status the 130 we return, under ``python -m`` too.
+
+    CPython notes a KeyboardInterrupt that escapes code run from a string (``exec`` of
+    the methods ``dataclass`` and ``namedtuple`` generate, often mid-import at Ctrl-C)
+    and, under ``python -m``, then ends the process by re-raising SIGINT even though the
+    exception was handled. Running any string resets that note.
+    """
+    exec("pass", {})
 
 
 def _silence_stdout() -> None:
