@@ -172,8 +172,8 @@ class CentroidModel(nn.Module):
         return {n: self.shared[n].weight(c) for n, c in zip(self.names, self.centroids,
                                                                   strict=True)}
 
-    def forward(self, *args: Any) -> Any:
-        return functional_call(self.model, self.current(), args)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, self.current(), args, kwargs)
 
 
 def _bits_for(module: nn.Module, config: WeightSharingConfig, name: str) -> int:
