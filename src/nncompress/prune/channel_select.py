@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from nncompress.data import example_input
-from nncompress.errors import ConstraintError
+from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.prune import reconstruct as rc
 from nncompress.prune.structured import (
@@ -177,6 +177,12 @@ def _run(method: str, chooser: Chooser, model: nn.Module, cfg: ChannelSelectConf
         ctx.note(f"{method}: no single Linear/Conv consumer to reconstruct, {what}: "
                  + ", ".join(f"{g.name} ({g.kind})" for g in others))
     chosen = eligible + (others if cfg.fallback == "l1" else [])
+    if not chosen and others:
+        raise UnsupportedLayerError(
+            f"{method}: no group has a single Linear / ungrouped Conv consumer reading each "
+            f"unit as consecutive columns, which the reconstruction needs: "
+            f"{', '.join(f'{g.name} ({g.kind})' for g in others)}; fallback='l1' prunes "
+            "them by L1 norm instead")
     if not chosen:
         raise ConstraintError(f"{method}: no prunable channel group matches layers="
                               f"{list(cfg.layers)} exclude={list(cfg.exclude)}")
