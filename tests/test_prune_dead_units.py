@@ -21,13 +21,16 @@ from nncompress.technique import TECHNIQUES, Context
 
 
 def data_for(shape: tuple[int, ...], n: int = 64, classes: int = 3) -> Dataset:
-    """Seeded random samples of ``shape`` (labels from the first features)."""
+    """Seeded random samples of ``shape`` (labels from the first features); the test split
+    (where outputs are compared) holds other samples than the calibration (train) one."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *shape, generator=g)
-    y = x.flatten(1)[:, :classes].argmax(dim=1)
-    ds = TensorDataset(x, y)
-    train = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator())
-    return Dataset("rand", train, DataLoader(ds, batch_size=32), shape, classes)
+
+    def split() -> TensorDataset:
+        x = torch.randn(n, *shape, generator=g)
+        return TensorDataset(x, x.flatten(1)[:, :classes].argmax(dim=1))
+
+    train = DataLoader(split(), batch_size=16, shuffle=True, generator=torch.Generator())
+    return Dataset("rand", train, DataLoader(split(), batch_size=32), shape, classes)
 
 
 def run(model: nn.Module, data: Dataset, masks: dict | None = None,
