@@ -313,7 +313,19 @@ def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
     modules, partial = _expanded(record, builders, shapes)
     model = _replace(skeleton, modules, make, partial, shapes)
     _fit(model, shapes, budget)
-    return _load(model, decode(), source)
+    return _load(model, decode(), source, assign=_adoptable(model))
+
+
+def _adoptable(model: nn.Module) -> bool:
+    """Whether the file's tensors may simply replace ``model``'s (CPU tensors, none shared
+    under two names) instead of being copied into them."""
+    seen = set()
+    for _, tensor in (*model.named_parameters(remove_duplicate=False),
+                      *model.named_buffers(remove_duplicate=False)):
+        if id(tensor) in seen or tensor.device.type != "cpu":
+            return False
+        seen.add(id(tensor))
+    return True
 
 
 def _expanded(record: ArchRecord, builders: Builders | None,

@@ -14,11 +14,13 @@ more than its SHA-256 and the disk.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,11 +229,15 @@ def _write_atomic(target: Path, chunks: Iterable[Buffer]) -> int:
     return written
 
 
-def _read_file(target: Path) -> np.ndarray:
-    """The file's bytes in a buffer placed so that its payload starts 64-byte aligned
-    (dense tensors then decode as views of it)."""
+_READ_CHUNK = 1 << 23
+
+
+def _read_file(target: Path) -> tuple[np.ndarray, bytes]:
+    """The file's bytes, in a buffer placed so that its payload starts 64-byte aligned
+    (dense tensors then decode as views of it), and the SHA-256 of all but its last 32
+    bytes, computed in a second thread while the rest is read."""
     try:
-        with open(target, "rb") as handle:
+        with open(target, "rb") as handle, ThreadPoolExecutor(1) as hasher:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(PREFIX_BYTES)
             start = PREFIX_BYTES + (header_length(prefix) or 0)
@@ -239,13 +245,16 @@ def _read_file(target: Path) -> np.ndarray:
             shift = -(room.ctypes.data + start) % 64
             data = room[shift:shift + size]
             data[:len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-            done = len(prefix)
+            digest, done = hashlib.sha256(), len(prefix)
+            hashed = hasher.submit(digest.update, data[:min(done, size - 32)])
             while done < size:
-                got = handle.readinto(memoryview(data[done:]))
+                got = handle.readinto(memoryview(data[done:done + _READ_CHUNK]))
                 if not got:
                     break
+                hashed = hasher.submit(digest.update, data[done:min(done + got, size - 32)])
                 done += got
-            return data[:done]
+            hashed.result()
+            return data[:done], digest.digest() if done == size else b""
     except FileNotFoundError:
         raise FormatError(f"no such file: {target}") from None
     except IsADirectoryError:
@@ -257,8 +266,8 @@ def _read_file(target: Path) -> np.ndarray:
 def _read(target: Path) -> tuple[Header, np.ndarray, int, int]:
     """(header, payload, file bytes, header bytes) of a checked file whose every tensor
     declares no more elements than its data can describe."""
-    data = _read_file(target)
-    version, raw, payload = unpack(data, str(target))
+    data, digest = _read_file(target)
+    version, raw, payload = unpack(data, str(target), digest or None)
     header = parse_header(raw, version, payload.size)
     for entry in header.tensors:
         codec = ENCODINGS.get(entry.encoding)

@@ -129,8 +129,13 @@ def header_length(prefix: bytes) -> int | None:
     return _PREFIX.unpack_from(prefix)[2]
 
 
-def unpack(data: np.ndarray | bytes, source: str) -> tuple[int, bytes, np.ndarray]:
-    """Check the framing of a whole file; return (version, header bytes, payload)."""
+def unpack(data: np.ndarray | bytes, source: str, digest: bytes | None = None
+           ) -> tuple[int, bytes, np.ndarray]:
+    """Check the framing of a whole file; return (version, header bytes, payload).
+
+    ``digest``: the SHA-256 of all but the file's last 32 bytes, when the caller computed
+    it while reading.
+    """
     data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     if data.size < _PREFIX.size + _DIGEST:
         fail(f"{source} is not a .nnc file: {data.size} bytes is too short")
@@ -146,7 +151,9 @@ def unpack(data: np.ndarray | bytes, source: str) -> tuple[int, bytes, np.ndarra
     if length > end - _PREFIX.size:
         fail(f"{source}: header length {length} runs past the end of the file "
              f"({data.size} bytes); the file is truncated or corrupted")
-    if hashlib.sha256(data[:end]).digest() != data[end:].tobytes():
+    if digest is None:
+        digest = hashlib.sha256(data[:end]).digest()
+    if digest != data[end:].tobytes():
         fail(f"checksum mismatch: file is corrupted ({source})")
     return version, data[_PREFIX.size:_PREFIX.size + length].tobytes(), \
         data[_PREFIX.size + length:end]

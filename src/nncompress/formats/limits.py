@@ -101,9 +101,9 @@ class CallGuard(TorchFunctionMode):
 
 
 def call_limit(tensors: int) -> int:
-    """Torch calls a construction owning ``tensors`` tensors may make (about 4 a tensor
-    for the reference models; generously more)."""
-    return 4096 + 64 * tensors
+    """Torch calls a construction owning ``tensors`` tensors may make (the reference
+    models make about 4 a tensor; this allows 8 times that, and 1024 more)."""
+    return 1024 + 32 * tensors
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -58,17 +58,19 @@ def torch_save_bytes(model: nn.Module) -> int:
 
 def weight_bytes(model: nn.Module) -> tuple[TensorBytes, ...]:
     """Per weight tensor: bytes under the best plain and the best entropy-coded lossless
-    encoding -- the stages of Han et al.'s (2015) Deep Compression table."""
-    from nncompress.formats import ENCODINGS, encoded_sizes, smallest_encoding
+    encoding -- the stages of Han et al.'s (2015) Deep Compression table.
+
+    Found as ``save`` finds its choice (:func:`nncompress.formats.smallest_sizes`): from
+    cheap statistics, encoding only what can win, so a large dense weight costs a count
+    of its non-zeros and a look at a sample of it.
+    """
+    from nncompress.formats import smallest_sizes
 
     rows = []
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
-        sizes = encoded_sizes(p.detach())
-        plain = smallest_encoding({n: b for n, b in sizes.items()
-                                   if not ENCODINGS.get(n).entropy_coded})
-        coded = smallest_encoding(sizes)
+        plain, coded = smallest_sizes(p.detach())
         rows.append(TensorBytes(name, p.numel(), int(torch.count_nonzero(p.detach())),
-                                sizes[plain], plain, sizes[coded], coded))
+                                plain.size, plain.encoding, coded.size, coded.encoding))
     return tuple(rows)
