@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import nncompress as nc
+from helpers import tiny_data
 from nncompress.graph import ChannelGroup, analyse, channel_groups
 from nncompress.prune.structured import (
     l1_importance,
@@ -22,7 +23,6 @@ from nncompress.prune.structured import (
     select_by_ratio,
 )
 from nncompress.technique import Context
-from helpers import tiny_data
 
 
 class BiGRU(nn.Module):
