@@ -120,15 +120,26 @@ def test_transformer_linear_and_attention_weights_are_prunable() -> None:
             "linear2.weight"} == names
 
 
+class Scale(nn.Module):
+    """A user layer with a weight of its own that no pruning rule knows."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
 def test_unknown_parameterised_layers_are_reported_by_name() -> None:
-    model = nn.Sequential(nn.Embedding(10, 12), nn.Flatten(), nn.Linear(12, 3))
+    model = nn.Sequential(nn.Flatten(), Scale(12), nn.Linear(12, 3))
     found = find_prunable(model)
     assert found.names == ("2.weight",)
-    assert found.unsupported == ("0.weight (Embedding)",)
+    assert found.unsupported == ("1.weight (Scale)",)
     ctx = Context(data=tiny_data())
     magnitude_prune(model, MagnitudePruneConfig(sparsity=0.5, epochs_per_step=0), ctx)
-    assert any("0.weight (Embedding)" in line for line in ctx.log)
-    assert zero_fraction(model[0].weight) == 0.0
+    assert any("1.weight (Scale)" in line for line in ctx.log)
+    assert zero_fraction(model[1].weight) == 0.0
 
 
 def test_layers_and_exclude_patterns_choose_weights() -> None:
