@@ -114,11 +114,6 @@ def _chain(model: nn.Module, group: ChannelGroup) -> list[str]:
     return [p for p in group.producers if _depthwise(mods[p])] or list(group.producers)
 
 
-def _indices(group: ChannelGroup, name: str, role: str) -> list[torch.Tensor]:
-    """Per unit, the indices it owns in member ``name`` (rows for "out", columns for "in")."""
-    return [torch.tensor(u, dtype=torch.long) for u in group.units(name, role)]
-
-
 def dead_masks(model: nn.Module, group: ChannelGroup,
                tolerance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(no_outgoing, no_incoming)`` bool ``[group.size]``: every consumer column of the
@@ -132,7 +127,7 @@ def dead_masks(model: nn.Module, group: ChannelGroup,
         for name in names:  # per row (dim 0) / column (dim 1): every weight in it dead
             w = mods[name].weight.detach().abs().transpose(0, dim)
             each = (w.reshape(w.shape[0], -1) <= tolerance).all(dim=1)
-            out &= torch.stack([each[idx].all() for idx in _indices(group, name, role)])
+            out &= torch.stack([each[list(idx)].all() for idx in group.units(name, role)])
         return out
 
     return dead(group.consumers, "in"), dead(_chain(model, group), "out")
@@ -172,13 +167,9 @@ def consumer_stats(model: nn.Module, names: Sequence[str],
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, parts in seen.items():  # a consumer the batches never reach has no entry
-        if parts:
-            every = torch.stack(parts)
-            out[name] = torch.stack([every[:, 0].amin(0), every[:, 1].amax(0),
-                                     every[:, 2].sum(0) / every[:, 3].sum(0)])
-    return out
+    every = {n: torch.stack(p) for n, p in seen.items() if p}  # a consumer never run: none
+    return {n: torch.stack([e[:, 0].amin(0), e[:, 1].amax(0), e[:, 2].sum(0) / e[:, 3].sum(0)])
+            for n, e in every.items()}
 
 
 def _zero_padded(m: nn.Module) -> bool:
