@@ -325,5 +325,5 @@ def test_payload_must_match_the_table(tmp_path: Path) -> None:
     path = tmp_path / "m.nnc"
     raw, payload = saved_tiny(path)
     resign(path, raw, payload + b"\x00")
-    with pytest.raises(FormatError, match="tensor lengths add up to .* payload holds"):
+    with pytest.raises(FormatError, match=r"tensor lengths add up to .* payload holds"):
         formats.read_header(path)

@@ -200,9 +200,10 @@ def _replace(model: nn.Module, modules: Modules,
 
 
 def _fit(model: nn.Module, tensors: Mapping[str, torch.Tensor],
-         budget: Budget | None = None) -> None:
+         budget: Budget | None = None, *, placeholders: bool = False) -> None:
     """Check names strictly; give non-table tensors the file's shape and any dtype it has
-    (charging ``budget`` for the new ones)."""
+    (charging ``budget`` for the new ones; ``placeholders``: on the meta device, for
+    tensors the file's will replace)."""
     own = model.state_dict(keep_vars=True)
     for name in own:
         if name not in tensors:
@@ -220,9 +221,10 @@ def _fit(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         if type(owner) in table and current.shape != value.shape:
             fail(f"tensor {short(name)} has shape {list(value.shape)} in the file but "
                  f"{list(current.shape)} in the model")
-        if budget is not None and not current.is_meta:
+        device = "meta" if placeholders else current.device
+        if budget is not None and device != "meta" and not current.is_meta:
             budget.spend(value.numel() * value.element_size(), f"tensor {short(name)}")
-        fresh = torch.empty(value.shape, dtype=value.dtype, device=current.device)
+        fresh = torch.empty(value.shape, dtype=value.dtype, device=device)
         if leaf in owner._parameters:
             grad = current.requires_grad and (value.is_floating_point() or value.is_complex())
             setattr(owner, leaf, nn.Parameter(fresh, requires_grad=grad))
@@ -312,8 +314,9 @@ def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
 
     modules, partial = _expanded(record, builders, shapes)
     model = _replace(skeleton, modules, make, partial, shapes)
-    _fit(model, shapes, budget)
-    return _load(model, decode(), source, assign=_adoptable(model))
+    adopt = _adoptable(model)
+    _fit(model, shapes, budget, placeholders=adopt)
+    return _load(model, decode(), source, assign=adopt)
 
 
 def _adoptable(model: nn.Module) -> bool:

@@ -231,20 +231,21 @@ _THREE, _SEVEN = np.uint64(3), np.uint64(7)
 
 
 def huffman_decode(data: Buffer, lengths: np.ndarray, count: int, what: str) -> np.ndarray:
-    """Inverse of :func:`huffman_encode`: exactly ``count`` symbols filling ``data``
-    (int64); a truncated, overlong or badly padded stream raises FormatError."""
+    """Inverse of :func:`huffman_encode`: exactly ``count`` symbols filling ``data`` (the
+    narrowest unsigned dtype holding the alphabet); a truncated, overlong or badly
+    padded stream raises FormatError."""
     check_lengths(lengths, what)
     if count == 0 or not (lengths > 0).any():
         if len(data) or count:
             fail(f"{what} holds {len(data)} bytes for {count} symbols of an empty code")
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=_index_dtype(lengths.size))
     if len(data) > (count * MAX_LENGTH + 7) // 8 or len(data) < (count + 7) // 8:
         fail(f"{what} is {len(data)} bytes, impossible for {count} symbols")
     code = _Code.of(lengths)
     raw = np.frombuffer(data, dtype=np.uint8)
     total = 8 * raw.size
     fixed = int(lengths[lengths > 0].min()) == code.top
-    out = np.empty(count, dtype=np.int64)
+    out = np.empty(count, dtype=_index_dtype(lengths.size))
     filled, entry, last = 0, 0, 0
     for lo in range(0, total, _SEGMENT):
         if filled == count:
@@ -276,6 +277,12 @@ def _read_symbols(seg: _Segment, code: _Code, starts: np.ndarray, out: np.ndarra
         out[lo:lo + _READ] = code.symbol(windows)
 
 
+def _index_dtype(alphabet: int) -> np.dtype:
+    """The narrowest unsigned dtype holding symbols ``0 .. alphabet - 1``."""
+    return next(np.dtype(t) for t in ("u1", "u2", "u4", "u8") if alphabet <= 1 << (
+        8 * np.dtype(t).itemsize))
+
+
 def _check_end(raw: np.ndarray, filled: int, count: int, end: int, what: str) -> None:
     """The ``count``-th code must end in the last byte, followed by zero padding bits."""
     total = 8 * raw.size
@@ -290,7 +297,7 @@ def _check_end(raw: np.ndarray, filled: int, count: int, end: int, what: str) ->
 
 
 #: Bits decoded per segment (all of a segment's blocks at once, in cache) and per block.
-_SEGMENT = 1 << 21
+_SEGMENT = 1 << 20
 _BLOCK = 512
 #: Code lengths (of the longest code) each speculative lane decodes before its block.
 _WARM = 2
@@ -312,7 +319,7 @@ def _segment_starts(seg: _Segment, code: _Code, entry: int) -> np.ndarray:
     marks[_ranges(begin, meets.astype(np.uint64))] = False
     late = np.flatnonzero(meets > entries)
     _run_lanes(seg, code, entries[late], meets[late], marks, mark=True)
-    return np.flatnonzero(marks[:span]).astype(np.uint64)
+    return np.flatnonzero(marks[:span]).view(np.uint64)
 
 
 def _ranges(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
