@@ -119,15 +119,18 @@ def test_eval_copy_is_made_once_and_follows_the_buckets() -> None:
     x = torch.randn(2, 6)
     with torch.inference_mode():
         first = layer(x)
-    cached = layer._cache[1]
+    cached = layer._cache[3]
     with torch.no_grad():
-        assert torch.equal(layer(x), first) and layer._cache[1] is cached   # reused
+        assert torch.equal(layer(x), first) and layer._cache[3] is cached   # reused
         layer.hashed_weight.mul_(2.0)                                      # in place
         assert torch.allclose(layer(x), F.linear(x, layer.virtual_weight(), layer.bias))
-        assert layer._cache[1] is not cached
+        assert layer._cache[3] is not cached
     layer.load_state_dict({"hashed_weight": torch.zeros(5), "bias": torch.zeros(4)})
     with torch.no_grad():
         assert torch.equal(layer(x), torch.zeros(2, 4))
+    layer.hashed_weight = nn.Parameter(torch.ones(5))                       # another tensor
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.sign.float()))
     layer.train()
     assert layer._cache is None
     assert set(layer.state_dict()) == {"hashed_weight", "bias"}

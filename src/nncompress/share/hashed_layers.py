@@ -102,7 +102,8 @@ class HashedLayer(nn.Module):
     """
 
     hashed_weight: nn.Parameter
-    _cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+    #: (the hashed_weight it was made from, its data_ptr, its _version, V) or None
+    _cache: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
 
     def hashes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index int64, sign int8)``, both shaped like the virtual matrix."""
@@ -118,12 +119,13 @@ class HashedLayer(nn.Module):
         if self.training:
             return self.virtual_weight()
         w = self.hashed_weight
-        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
-        if self._cache is None or self._cache[0] != key:
+        cache = self._cache
+        if (cache is None or cache[0] is not w or cache[1] != w.data_ptr()
+                or cache[2] != w._version):
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.virtual_weight())
-        cached = self._cache[1]
-        if torch.is_grad_enabled() and w.requires_grad:
+                cache = self._cache = (w, w.data_ptr(), w._version, self.virtual_weight())
+        cached = cache[3]
+        if w.requires_grad and torch.is_grad_enabled():
             return _CachedVirtual.apply(w, cached, self)
         return cached
 
