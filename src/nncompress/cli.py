@@ -3,8 +3,8 @@
 Bad input gives one line on stderr (``nncompress: error: ...``) and exit status 2; Ctrl-C
 gives ``nncompress: interrupted`` and 130; a bug gives one ``internal error`` line and 1
 (``--debug`` shows its traceback). The parser is in :mod:`nncompress.cli_parser`, the
-subcommands in :mod:`nncompress.cli_commands`, input and output checks in
-:mod:`nncompress.cli_inputs`.
+subcommands in :mod:`nncompress.cli_commands` (those over several models in
+:mod:`nncompress.cli_multi`), input and output checks in :mod:`nncompress.cli_inputs`.
 
 The current folder is never searched for our own imports: ``main`` takes it off
 ``sys.path`` (``python -m`` puts it first) before torch, numpy, yaml or pydantic are
@@ -52,10 +52,11 @@ def _run(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         from nncompress.cli_commands import HANDLERS
+        from nncompress.cli_multi import HANDLERS as MULTI_HANDLERS
         from nncompress.cli_parser import build_parser
 
         args = build_parser().parse_args(argv)
-        return HANDLERS[args.handler](args)
+        return {**HANDLERS, **MULTI_HANDLERS}[args.handler](args)
     except NNCError as exc:
         _say(f"nncompress: error: {exc}")
         return exc.exit_code

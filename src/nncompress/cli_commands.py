@@ -20,6 +20,7 @@ from nncompress.cli_inputs import (
     looks_like_file,
     printable,
     quoted,
+    refuse_pickled,
 )
 from nncompress.cli_parser import model_spec
 
@@ -60,6 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nncompress import api, models
 
     check_output_file(args.out)
+    refuse_pickled(args.model)
     models.spec(args.model)  # an unknown name fails before any data is loaded
     data = None if args.data is None else load_data(args.data, seed=args.seed)
     model, data = models.load(args.model, data, seed=args.seed, epochs=args.epochs,
@@ -81,6 +83,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
     from nncompress import models
 
     spec: str = args.model
+    refuse_pickled(spec)
     if looks_like_file(spec) or is_reference(spec):
         if args.data is None:
             raise CLIError(f"--data is required with --model {quoted(spec)} (only a "
@@ -115,19 +118,24 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from nncompress import api
+    from nncompress.cli_multi import eval_target, routed_macs
     from nncompress.report import fmt_bytes, fmt_count, fmt_ms, fmt_pct
 
     spec = model_spec(args)
-    model = load_model(spec, args.model_class)
+    model = load_model(spec, args.model_class, "MODEL")
     data = load_data(args.data, seed=0)
+    model, data = eval_target(model, spec, args, data)
     engine = _sparsify(model, data) if args.sparsify else None
     m = api.measure(model, data, with_latency=not args.no_latency)
+    routed = routed_macs(model, data)
     file_bytes = Path(spec).stat().st_size if looks_like_file(spec) else m.artifact_bytes
     if args.json:
         lat = [] if m.latency is None else [
             {"batch": r.batch, "median_ms": r.median_ms} for r in m.latency.results]
         out = {"accuracy": m.accuracy, "file_bytes": file_bytes, "params": m.params.total,
                "nonzero_params": m.params.nonzero, "macs": m.macs.total, "latency": lat}
+        if routed is not None:
+            out["routed_macs"] = routed
         if engine is not None:
             out["sparse_engine"] = [{"layer": c.name, "sparsity": c.sparsity,
                                      "dense_us": c.dense_us[0], "sparse_us": c.sparse_us[0],
@@ -139,6 +147,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ["parameters (non-zero)",
              f"{fmt_count(m.params.total)} ({fmt_count(m.params.nonzero)})"],
             ["MACs per sample", fmt_count(m.macs.total)]]
+    if routed is not None:
+        rows[-1] = ["MACs per sample (average as routed on the test split)", fmt_count(routed)]
     if m.latency is not None:
         rows += [[f"latency batch {r.batch} (median, {m.latency.threads} threads)",
                   fmt_ms(r.median_ms)] for r in m.latency.results]
@@ -169,6 +179,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from nncompress.cli_inputs import check_input_file
 
     spec = model_spec(args)
+    refuse_pickled(spec, "MODEL")
     if looks_like_file(spec):
         _inspect_file(check_input_file(Path(spec), "model file"), args, saved=False)
         return 0
@@ -226,11 +237,16 @@ def _entropy_table(path: Path) -> str:
 
 
 def _cmd_techniques(args: argparse.Namespace) -> int:
-    from nncompress.technique import all_techniques
+    from nncompress.technique import all_multi_model_methods, all_techniques
 
     reg = all_techniques()
     rows = [[t.name, t.category, t.paper] for t in (reg.get(n) for n in reg.names())]
     emit(_table(["technique", "survey category", "paper"], rows))
+    multi = all_multi_model_methods()
+    emit("\nmethods over several models (not recipe stages; each is its own command):")
+    emit(_table(["method", "command", "survey category", "takes", "paper"],
+                [[m.name, f"nncompress {m.command}", m.category, m.inputs, m.paper]
+                 for m in (multi.get(n) for n in multi.names())]))
     return 0
 
 

@@ -10,6 +10,8 @@
 - :func:`load_model` / :func:`load_data`: ``--model`` (a reference model's name, a
   ``.nnc`` file, or ``module:function``), ``--model-class module:Class`` for a ``.nnc`` of
   a user model, and ``--data``.
+- :func:`refuse_pickled`: a model file in a pickle-based format (``.pt2``, ``.pt``,
+  ``.pth``, ...) is refused by its name, before anything opens it (design principle 7).
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ if TYPE_CHECKING:
 
     from nncompress.data import Dataset
 
-__all__ = ["CLIError", "check_input_file", "check_output_file", "import_reference",
-           "is_reference", "load_data", "load_model", "printable", "user_import_path"]
+__all__ = ["PICKLED_SUFFIXES", "CLIError", "check_input_file", "check_output_file",
+           "import_reference", "is_reference", "load_data", "load_model", "printable",
+           "refuse_pickled", "user_import_path"]
+
+#: model file suffixes whose loaders unpickle (run code from) the file: suffix -> why
+PICKLED_SUFFIXES: dict[str, str] = {
+    ".pt2": "torch.export.load unpickles data from it (weights saved with use_pickle go "
+            "through torch.load(weights_only=False))",
+    ".pt": "torch.load unpickles it", ".pth": "torch.load unpickles it",
+    ".ckpt": "checkpoints are pickles", ".pkl": "it is a pickle",
+    ".pickle": "it is a pickle",
+}
 
 
 class CLIError(NNCError):
@@ -207,6 +219,7 @@ def skeleton_from_class(ref: str) -> nn.Module:
 
 def load_model_file(path: Path, model_class: str | None) -> nn.Module:
     """A ``.nnc`` file as a runnable module; a user model needs ``--model-class``."""
+    import nncompress.share.composite  # noqa: F401  (registers the multi-model architectures)
     from nncompress import api, formats
 
     check_input_file(path, "model file")
@@ -221,14 +234,29 @@ def load_model_file(path: Path, model_class: str | None) -> nn.Module:
     return api.load(path)
 
 
+def refuse_pickled(spec: str, option: str = "--model") -> None:
+    """A model named by a file of a pickle-based format is refused, with what to do
+    instead: nncompress never unpickles a file a user hands it (it could run any code)."""
+    suffix = os.path.splitext(spec)[1].lower()
+    why = PICKLED_SUFFIXES.get(suffix)
+    if why is not None:
+        raise ModelError(
+            f"{option} {quoted(spec)}: nncompress does not load {suffix} files ({why}), and "
+            "it never unpickles a file it is handed, since unpickling can run any code; "
+            "save the model with nncompress.save (a .nnc file), or give "
+            f"{option} package.module:function, a function that builds the model and loads "
+            "its state dict with torch.load(path, weights_only=True) in your own code")
+
+
 def looks_like_file(text: str) -> bool:
     """A ``--model`` value that names a file: it ends in ``.nnc`` or exists on disk."""
     return text.endswith(".nnc") or os.path.lexists(text)
 
 
-def load_model(spec: str, model_class: str | None) -> nn.Module:
+def load_model(spec: str, model_class: str | None, option: str = "--model") -> nn.Module:
     """``spec`` as a ``.nnc`` path or ``module:function`` (what ``eval`` / ``inspect`` and
-    ``compress`` with a user model take)."""
+    ``compress`` with a user model take); a pickle-based file is refused."""
+    refuse_pickled(spec, option)
     if looks_like_file(spec):
         return load_model_file(Path(spec), model_class)
     if model_class is not None:

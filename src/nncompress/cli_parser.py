@@ -8,6 +8,7 @@ not argparse's two-line usage message.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +20,8 @@ __all__ = ["MAX_SEED", "build_parser"]
 DATA_HELP = "dataset: mnist1d, digits or package.module:function (found in this folder too)"
 MODEL_REF_HELP = ("a .nnc file, or package.module:function: a function taking no arguments "
                   "that returns an nn.Module (found in this folder too)")
+MULTI_MODEL_HELP = ("a reference model name (trained here on its task), a .nnc file, or "
+                    "package.module:function returning an nn.Module")
 CLASS_HELP = ("package.module:Class of the user model a .nnc file holds; Class() builds "
               "the skeleton its tensors load into")
 #: seeds go to torch, numpy and Python's RNGs; numpy's take 0 .. 2**32 - 1
@@ -62,6 +65,71 @@ def model_names(text: str) -> list[str]:
     return names
 
 
+def _float_in(option: str, low: float, high: float | None = None, *,
+              open_low: bool = False, open_high: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in the range, else a CLIError naming it."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise CLIError(f"{option} must be a number (got {printable(repr(text))[:60]})") \
+                from None
+        below = value <= low if open_low else value < low
+        above = high is not None and (value >= high if open_high else value > high)
+        if not math.isfinite(value) or below or above:
+            lo, hi = ("(" if open_low else "[") + f"{low:g}", \
+                ("inf)" if high is None else f"{high:g}" + (")" if open_high else "]"))
+            raise CLIError(f"{option} must be in {lo}, {hi} (got {printable(text)[:60]})")
+        return value
+
+    parse.__name__ = option
+    return parse
+
+
+def share_fractions(text: str) -> tuple[float, ...]:
+    """``--share 1.0,0.5``: one fraction in [0, 1] per zipped layer."""
+    check = _float_in("--share", 0.0, 1.0)
+    return tuple(check(part.strip()) for part in text.split(","))
+
+
+def class_list(text: str) -> tuple[int, ...]:
+    """``--tasks`` items: classes as ``0-4``, ``5,7,9`` or ``0-2,8`` (at least two)."""
+    classes: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())) or \
+                (dash and int(high) < int(low)) or len(part) > 24:
+            raise CLIError(f"--tasks {printable(repr(text))[:60]}: expected classes such as "
+                           "0-4 or 5,7,9")
+        classes += range(int(low), int(high if dash else low) + 1)
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise CLIError(f"--tasks {printable(repr(text))[:60]}: a task needs two or more "
+                       "distinct classes")
+    return tuple(classes)
+
+
+def model_list(text: str) -> list[str]:
+    """``--models small.nnc,big.nnc``: two or more distinct models, cheapest first."""
+    names = [n.strip() for n in text.split(",")]
+    if len(names) < 2 or not all(names):
+        raise CLIError(f"--models {printable(repr(text))[:80]}: expected two or more "
+                       "comma-separated models, cheapest first, such as small.nnc,big.nnc")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CLIError(f"--models names {printable(repr(twice[0]))} twice")
+    return names
+
+
+def budget_macs(text: str) -> tuple[float, bool]:
+    """``--budget-macs``: MACs per input (``120000``, ``1.2e5``) or a percentage of the
+    most expensive model's (``50%``); returns ``(value, is_percent)``."""
+    percent = text.strip().endswith("%")
+    number = text.strip().removesuffix("%")
+    value = _float_in("--budget-macs", 0.0, None, open_low=True)(number)
+    return value, percent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; every subcommand sets ``handler`` (a name in :mod:`cli_commands`)."""
     parser = OneLineParser(
@@ -71,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_model_commands(sub)
-    for name, text in (("techniques", "list every registered technique"),
+    _add_multi_commands(sub)
+    for name, text in (("techniques", "list every registered technique and multi-model "
+                                      "method"),
                        ("models", "list the reference models"),
                        ("recipes", "list the named recipes")):
         _common(sub.add_parser(name, help=text), handler=name)
@@ -116,6 +186,12 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--task", type=_int_in("--task", 0), default=None,
+                   help="for a model answering several tasks (nncompress zip / branches): "
+                        "which output to measure, from 0")
+    p.add_argument("--classes", type=class_list, default=None,
+                   help="with --task: the classes of --data that task holds, e.g. 5-9 "
+                        "(as given to --tasks)")
     p.add_argument("--sparsify", action="store_true",
                    help="swap sparse Linear layers for CSR kernels where they measure faster "
                         "at batch 1 (nncompress.kernels.sparsify) and report each choice")
@@ -128,6 +204,89 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--entropy", action="store_true",
                    help="also compare each Huffman-coded stream with its entropy")
     _common(p, handler="inspect")
+
+
+def _add_multi_commands(sub: Any) -> None:
+    """``zip``, ``cascade``, ``router`` and ``branches``: methods over several models."""
+    p = sub.add_parser("zip", help="multi-task zipping (He, Zhou & Thiele 2018): merge two "
+                                   "models on one input into one .nnc")
+    p.add_argument("--model-a", required=True, help="task A's model: " + MULTI_MODEL_HELP)
+    p.add_argument("--model-b", required=True, help="task B's model: " + MULTI_MODEL_HELP)
+    p.add_argument("--data-a", default=None, help="task A's data: " + DATA_HELP)
+    p.add_argument("--data-b", default=None, help="task B's data: " + DATA_HELP)
+    p.add_argument("--data", default=None,
+                   help="instead of --data-a / --data-b: one dataset cut into two tasks by "
+                        "--tasks; " + DATA_HELP)
+    _tasks_option(p, "two, with --data")
+    p.add_argument("--share", type=share_fractions, default=(1.0,),
+                   help="fraction of units merged per hidden layer from the input side, "
+                        "e.g. 1.0,0.5 (one number: every layer; default 1)")
+    p.add_argument("--criterion", choices=("hessian", "euclidean"), default="hessian",
+                   help="merge cost: MTZ's Hessian-based one, or Euclidean (an ablation)")
+    p.add_argument("--retrain-epochs", type=_int_in("--retrain-epochs", 0), default=2,
+                   help="epochs re-training both tasks after each merged layer (default 2)")
+    p.add_argument("--final-epochs", type=_int_in("--final-epochs", 0), default=5,
+                   help="epochs re-training both tasks at the end (default 5)")
+    p.add_argument("--lr", type=_float_in("--lr", 0.0, open_low=True), default=1e-3,
+                   help="re-training learning rate (default 0.001)")
+    _multi_common(p, "zip", "zipped model (.nnc; its forward returns both tasks' logits)")
+
+    for name, text in (("cascade", "confidence cascade (Eshratifar & Pedram 2020): "
+                                   "smallest model first, larger ones while it is unsure"),
+                       ("router", "learned router (Eshratifar & Pedram 2020): a small "
+                                  "network picks one model per input")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--models", type=model_list, required=True,
+                       help="comma-separated models of one task, cheapest first; each "
+                            + MULTI_MODEL_HELP)
+        p.add_argument("--data", required=True, help=DATA_HELP)
+        p.add_argument("--budget-macs", type=budget_macs, required=True,
+                       help="average MACs per input allowed, e.g. 120000, or a percentage "
+                            "of the most expensive model's, e.g. 50%%")
+        p.add_argument("--held-out", type=_float_in("--held-out", 0.0, 1.0, open_low=True,
+                                                     open_high=True), default=0.2,
+                       help="fraction of the training split held out (seeded by --seed) to "
+                            "calibrate on; reference models train on the rest; models given "
+                            "as files must not have trained on it (default 0.2)")
+        if name == "router":
+            p.add_argument("--router-hidden", type=_int_in("--router-hidden", 1), default=32,
+                           help="hidden units of the router MLP (default 32)")
+            p.add_argument("--router-epochs", type=_int_in("--router-epochs", 1), default=60,
+                           help="router training epochs (default 60)")
+        _multi_common(p, name, f"{name} (.nnc holding every model)")
+
+    p = sub.add_parser("branches", help="shared frozen backbone with one trained head per "
+                                        "task")
+    p.add_argument("--backbone", required=True,
+                   help="a classifier whose Linear output layer is replaced by task heads: "
+                        + MULTI_MODEL_HELP)
+    p.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                   help="one dataset per task (same input), or one with --tasks; " + DATA_HELP)
+    _tasks_option(p, "one head per task, with one --data (a reference model backbone trains "
+                     "on the first --data, all classes)")
+    p.add_argument("--head-epochs", type=_int_in("--head-epochs", 1), default=10,
+                   help="epochs training each head (default 10)")
+    p.add_argument("--head-hidden", type=_int_in("--head-hidden", 0), default=0,
+                   help="hidden units of each head (default 0: one Linear layer)")
+    p.add_argument("--lr", type=_float_in("--lr", 0.0, open_low=True), default=1e-2,
+                   help="head learning rate (default 0.01)")
+    _multi_common(p, "branches", "backbone and heads (.nnc; forward returns every task's "
+                                 "logits)")
+
+
+def _tasks_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--tasks", type=class_list, nargs="+", default=None, metavar="CLASSES",
+                   help="tasks as class subsets of --data, e.g. 0-4 5-9 (relabelled 0..k-1); "
+                        + text)
+
+
+def _multi_common(p: argparse.ArgumentParser, handler: str, out: str) -> None:
+    p.add_argument("--epochs", type=_int_in("--epochs", 1), default=None,
+                   help="training epochs of models given as reference model names "
+                        "(default: the model's)")
+    p.add_argument("--out", type=Path, required=True, help="output file: " + out)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(p, seed=True, handler=handler)
 
 
 def _model_argument(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,13 @@ technique package so the registry is complete.
 
 Categories follow the survey's families of compression methods: pruning, sparse
 representation, bits precision, knowledge distillation and miscellaneous.
+
+Methods that work on several models at once (multi-task zipping, multiplexing, a shared
+backbone) are not recipe stages: they are :class:`MultiModelMethod` s in the second
+registry :data:`MULTI_MODEL_METHODS` (filled by :mod:`nncompress.share.methods`), listed
+by ``nncompress techniques`` after the single-model techniques and run by their own
+subcommands (``nncompress zip``, ...). Naming one where a technique is expected gives a
+RecipeError that says so (:func:`multi_model_hint`).
 """
 
 from __future__ import annotations
@@ -30,11 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATEGORIES",
+    "MULTI_MODEL_METHODS",
     "TECHNIQUES",
     "Context",
+    "MultiModelMethod",
     "Technique",
     "TechniqueConfig",
+    "all_multi_model_methods",
     "all_techniques",
+    "multi_model_hint",
 ]
 
 #: The survey's families of compression techniques; every technique names one.
@@ -49,6 +60,8 @@ CATEGORIES: tuple[str, ...] = (
 #: Packages whose import registers techniques (one line per technique package).
 TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank",
                                         "nncompress.quant", "nncompress.share")
+#: Modules whose import registers multi-model methods.
+MULTI_MODEL_PACKAGES: tuple[str, ...] = ("nncompress.share.methods",)
 
 
 class TechniqueConfig(BaseModel):
@@ -126,23 +139,73 @@ class Technique:
     apply: Apply
 
     def __post_init__(self) -> None:
-        if not self.name or not isinstance(self.name, str):
-            raise ValueError(f"technique name must be a non-empty string, got {self.name!r}")
-        if self.category not in CATEGORIES:
-            raise ValueError(f"technique {self.name!r}: category {self.category!r} is not "
-                             f"one of {', '.join(CATEGORIES)}")
-        if not (isinstance(self.config, type) and issubclass(self.config, BaseModel)):
-            raise TypeError(f"technique {self.name!r}: config must be a pydantic model class")
-        cfg = self.config.model_config
-        if not cfg.get("frozen") or cfg.get("extra") != "forbid":
-            raise TypeError(f"technique {self.name!r}: config must set frozen=True and "
-                            "extra='forbid'")
-        if not callable(self.apply):
-            raise TypeError(f"technique {self.name!r}: apply must be callable")
+        _check_record("technique", self.name, self.category, self.config,
+                      ("apply", self.apply))
+
+
+def _check_record(kind: str, name: object, category: str, config: object,
+                  function: tuple[str, object]) -> None:
+    """The checks a technique and a multi-model method share (``function``: its field name
+    and value)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
+    if category not in CATEGORIES:
+        raise ValueError(f"{kind} {name!r}: category {category!r} is not "
+                         f"one of {', '.join(CATEGORIES)}")
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise TypeError(f"{kind} {name!r}: config must be a pydantic model class")
+    cfg = config.model_config
+    if not cfg.get("frozen") or cfg.get("extra") != "forbid":
+        raise TypeError(f"{kind} {name!r}: config must set frozen=True and extra='forbid'")
+    if not callable(function[1]):
+        raise TypeError(f"{kind} {name!r}: {function[0]} must be callable")
+
+
+@dataclass(frozen=True)
+class MultiModelMethod:
+    """A method over several models at once (not a recipe stage): a name, where it comes
+    from, what it takes, its config and its function.
+
+    ``command`` is the ``nncompress`` subcommand that runs it; ``inputs`` says in a few
+    words what it takes (e.g. "two models on one input, one task each"). ``config`` is a
+    frozen pydantic model forbidding unknown keys (use :class:`TechniqueConfig`);
+    ``run(inputs, config)`` returns the method's result (see
+    :mod:`nncompress.share.methods` for the inputs and result types).
+    """
+
+    name: str
+    command: str
+    category: str
+    paper: str
+    summary: str
+    inputs: str
+    config: type[BaseModel]
+    run: Callable[[Any, Any], Any]
+
+    def __post_init__(self) -> None:
+        _check_record("multi-model method", self.name, self.category, self.config,
+                      ("run", self.run))
+        if not self.command or not self.inputs:
+            raise ValueError(f"multi-model method {self.name!r}: command and inputs must be "
+                             "non-empty")
+
+
+class _TechniqueRegistry(Registry[Technique]):
+    """The technique registry; an unknown name that is a multi-model method says so."""
+
+    def get(self, name: str) -> Technique:
+        try:
+            return super().get(name)
+        except RecipeError as exc:
+            hint = multi_model_hint(name) if isinstance(name, str) else None
+            raise RecipeError(f"{exc}; {hint}" if hint else str(exc)) from None
 
 
 #: technique name -> Technique; filled when the technique packages are imported.
-TECHNIQUES: Registry[Technique] = Registry("technique", error=RecipeError)
+TECHNIQUES: Registry[Technique] = _TechniqueRegistry("technique", error=RecipeError)
+#: method name -> MultiModelMethod; filled when :data:`MULTI_MODEL_PACKAGES` are imported.
+MULTI_MODEL_METHODS: Registry[MultiModelMethod] = Registry("multi-model method",
+                                                           error=RecipeError)
 
 
 def all_techniques() -> Registry[Technique]:
@@ -150,3 +213,23 @@ def all_techniques() -> Registry[Technique]:
     for package in TECHNIQUE_PACKAGES:
         importlib.import_module(package)
     return TECHNIQUES
+
+
+def all_multi_model_methods() -> Registry[MultiModelMethod]:
+    """Import the modules that register multi-model methods; return their registry."""
+    for package in MULTI_MODEL_PACKAGES:
+        importlib.import_module(package)
+    return MULTI_MODEL_METHODS
+
+
+def multi_model_hint(name: str) -> str | None:
+    """For a multi-model method's name (or its subcommand's), one sentence saying that it is
+    not a recipe stage and how to run it; ``None`` for any other name."""
+    methods = all_multi_model_methods()
+    method = next((methods.get(n) for n in methods.names()
+                   if name in (n, methods.get(n).command)), None)
+    if method is None:
+        return None
+    return (f"{name!r} is a multi-model method ({method.summary}; {method.inputs}), not a "
+            f"recipe stage: run it with `nncompress {method.command}` (see `nncompress "
+            f"{method.command} --help`)")
