@@ -19,8 +19,16 @@ from nncompress.report.writer import staged_folder
 if TYPE_CHECKING:
     from nncompress.recipe import Recipe
 
-DEMO_RECIPES: tuple[str, ...] = ("magnitude-prune", "deep-compression", "l1-filter-prune",
-                                 "low-rank", "layer-prune")
+#: recipe -> the reference models the demo shows it on: each family once, on the models
+#: where it matters (every model x every recipe is `make bench`'s job)
+DEMO_PLAN: dict[str, tuple[str, ...]] = {
+    "magnitude-prune": ("mlp", "cnn2d"),
+    "deep-compression": ("mlp", "cnn1d"),
+    "l1-filter-prune": ("cnn1d", "gru", "rescnn"),
+    "low-rank": ("lstm", "transformer"),
+    "layer-prune": ("rescnn", "transformer"),
+}
+DEMO_RECIPES: tuple[str, ...] = tuple(DEMO_PLAN)
 #: the model whose per-group pruning sensitivity the report plots
 SENSITIVITY_MODEL = "cnn1d"
 QUICK_EPOCHS = 1
@@ -48,9 +56,12 @@ class DemoResult:
 
 
 def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
-             recipes: Sequence[str] = DEMO_RECIPES, quick: bool = False, seed: int = 0,
+             recipes: Sequence[str] | None = None, quick: bool = False, seed: int = 0,
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Run the main job and write ``report.md``, ``results.json`` and plots to ``out_dir``.
+
+    By default each model runs the recipes :data:`DEMO_PLAN` lists it under; ``recipes``
+    runs those on every selected model instead.
 
     The folder is built beside ``out_dir`` and renamed into place at the end
     (:func:`~nncompress.report.writer.staged_folder`): an error or Ctrl-C half-way leaves
@@ -64,9 +75,12 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     names = list(models) if models else list(zoo.model_names())
     for name in names:
         zoo.spec(name)  # unknown names fail before any work starts
-    plans = [Recipe.resolve(r) for r in recipes]
+    wanted = recipes if recipes is not None else DEMO_RECIPES
+    plans = [Recipe.resolve(r) for r in wanted]
+    chosen = {name: [p for p in plans if recipes is not None or name in DEMO_PLAN[p.name]]
+              for name in names}
     with staged_folder(out_dir) as stage:
-        rows, skipped, sparsity, sections = _run_models(names, plans, stage, quick=quick,
+        rows, skipped, sparsity, sections = _run_models(chosen, stage, quick=quick,
                                                         seed=seed, progress=progress,
                                                         echo=echo)
         echo("")
@@ -82,11 +96,11 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
                       seconds=seconds)
 
 
-def _run_models(names: Sequence[str], plans: Sequence[Recipe], out_dir: Path, *,
+def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
                 quick: bool, seed: int, progress: bool, echo: Callable[[str], None]
                 ) -> tuple[list[ResultRow], list[Skipped], dict[str, list[tuple[str, float]]],
                            list[str]]:
-    """Every model with every recipe (files into ``out_dir``); returns the rows, the
+    """Every model with its recipes (files into ``out_dir``); returns the rows, the
     refusals, per-layer sparsity for the plot and the report's extra sections."""
     from nncompress import api
     from nncompress import models as zoo
@@ -98,6 +112,7 @@ def _run_models(names: Sequence[str], plans: Sequence[Recipe], out_dir: Path, *,
     skipped: list[Skipped] = []
     sections: list[str] = []
     stage_bytes: list[str] = []
+    names = list(chosen)
     for i, name in enumerate(names, 1):
         echo(f"[{i}/{len(names)}] {name}: training or loading from cache")
         model, data = zoo.load(name, seed=seed, progress=progress,
@@ -107,7 +122,7 @@ def _run_models(names: Sequence[str], plans: Sequence[Recipe], out_dir: Path, *,
             sections.append(_sensitivity_section(model, data, out_dir))
         baseline = api.measure(model, data)  # one baseline for every recipe's row
         rows.append(ResultRow.build(name, data.name, "baseline (fp32)", baseline, baseline))
-        for recipe in plans:
+        for recipe in chosen[name]:
             echo(f"[{i}/{len(names)}] {name}: compressing with {recipe.name}")
             try:
                 result = api.compress(model, recipe, data, seed=seed, progress=progress,
