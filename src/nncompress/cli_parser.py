@@ -186,10 +186,10 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--task", type=_int_in("--task", 0), default=None,
+    p.add_argument("--task", type=_int_in("--task", 0), default=None, metavar="I",
                    help="for a model answering several tasks (nncompress zip / branches): "
                         "which output to measure, from 0")
-    p.add_argument("--classes", type=class_list, default=None,
+    p.add_argument("--classes", type=class_list, default=None, metavar="CLASSES",
                    help="with --task: the classes of --data that task holds, e.g. 5-9 "
                         "(as given to --tasks)")
     p.add_argument("--sparsify", action="store_true",
@@ -210,25 +210,27 @@ def _add_multi_commands(sub: Any) -> None:
     """``zip``, ``cascade``, ``router`` and ``branches``: methods over several models."""
     p = sub.add_parser("zip", help="multi-task zipping (He, Zhou & Thiele 2018): merge two "
                                    "models on one input into one .nnc")
-    p.add_argument("--model-a", required=True, help="task A's model: " + MULTI_MODEL_HELP)
-    p.add_argument("--model-b", required=True, help="task B's model: " + MULTI_MODEL_HELP)
-    p.add_argument("--data-a", default=None, help="task A's data: " + DATA_HELP)
-    p.add_argument("--data-b", default=None, help="task B's data: " + DATA_HELP)
-    p.add_argument("--data", default=None,
+    p.add_argument("--model-a", required=True, metavar="MODEL",
+                   help="task A's model: " + MULTI_MODEL_HELP)
+    p.add_argument("--model-b", required=True, metavar="MODEL",
+                   help="task B's model: " + MULTI_MODEL_HELP)
+    p.add_argument("--data-a", default=None, metavar="DATA", help="task A's data: " + DATA_HELP)
+    p.add_argument("--data-b", default=None, metavar="DATA", help="task B's data: " + DATA_HELP)
+    p.add_argument("--data", default=None, metavar="DATA",
                    help="instead of --data-a / --data-b: one dataset cut into two tasks by "
                         "--tasks; " + DATA_HELP)
     _tasks_option(p, "two, with --data")
-    p.add_argument("--share", type=share_fractions, default=(1.0,),
+    p.add_argument("--share", type=share_fractions, default=(1.0,), metavar="F[,F...]",
                    help="fraction of units merged per hidden layer from the input side, "
                         "e.g. 1.0,0.5 (one number: every layer; default 1)")
     p.add_argument("--criterion", choices=("hessian", "euclidean"), default="hessian",
                    help="merge cost: MTZ's Hessian-based one, or Euclidean (an ablation)")
-    p.add_argument("--retrain-epochs", type=_int_in("--retrain-epochs", 0), default=2,
+    p.add_argument("--retrain-epochs", type=_int_in("--retrain-epochs", 0), default=2, metavar="N",
                    help="epochs re-training both tasks after each merged layer (default 2)")
-    p.add_argument("--final-epochs", type=_int_in("--final-epochs", 0), default=5,
+    p.add_argument("--final-epochs", type=_int_in("--final-epochs", 0), default=5, metavar="N",
                    help="epochs re-training both tasks at the end (default 5)")
     p.add_argument("--lr", type=_float_in("--lr", 0.0, open_low=True), default=1e-3,
-                   help="re-training learning rate (default 0.001)")
+                   metavar="LR", help="re-training learning rate (default 0.001)")
     _multi_common(p, "zip", "zipped model (.nnc; its forward returns both tasks' logits)")
 
     for name, text in (("cascade", "confidence cascade (Eshratifar & Pedram 2020): "
@@ -236,40 +238,41 @@ def _add_multi_commands(sub: Any) -> None:
                        ("router", "learned router (Eshratifar & Pedram 2020): a small "
                                   "network picks one model per input")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--models", type=model_list, required=True,
+        p.add_argument("--models", type=model_list, required=True, metavar="MODEL,MODEL[,...]",
                        help="comma-separated models of one task, cheapest first; each "
                             + MULTI_MODEL_HELP)
-        p.add_argument("--data", required=True, help=DATA_HELP)
-        p.add_argument("--budget-macs", type=budget_macs, required=True,
+        p.add_argument("--data", required=True, metavar="DATA", help=DATA_HELP)
+        p.add_argument("--budget-macs", type=budget_macs, required=True, metavar="MACS|P%",
                        help="average MACs per input allowed, e.g. 120000, or a percentage "
                             "of the most expensive model's, e.g. 50%%")
         p.add_argument("--held-out", type=_float_in("--held-out", 0.0, 1.0, open_low=True,
                                                      open_high=True), default=0.2,
+                       metavar="F",
                        help="fraction of the training split held out (seeded by --seed) to "
                             "calibrate on; reference models train on the rest; models given "
                             "as files must not have trained on it (default 0.2)")
         if name == "router":
             p.add_argument("--router-hidden", type=_int_in("--router-hidden", 1), default=32,
-                           help="hidden units of the router MLP (default 32)")
+                           metavar="N", help="hidden units of the router MLP (default 32)")
             p.add_argument("--router-epochs", type=_int_in("--router-epochs", 1), default=60,
-                           help="router training epochs (default 60)")
+                           metavar="N", help="router training epochs (default 60)")
         _multi_common(p, name, f"{name} (.nnc holding every model)")
 
     p = sub.add_parser("branches", help="shared frozen backbone with one trained head per "
                                         "task")
-    p.add_argument("--backbone", required=True,
+    p.add_argument("--backbone", required=True, metavar="MODEL",
                    help="a classifier whose Linear output layer is replaced by task heads: "
                         + MULTI_MODEL_HELP)
     p.add_argument("--data", required=True, nargs="+", metavar="DATA",
                    help="one dataset per task (same input), or one with --tasks; " + DATA_HELP)
     _tasks_option(p, "one head per task, with one --data (a reference model backbone trains "
                      "on the first --data, all classes)")
-    p.add_argument("--head-epochs", type=_int_in("--head-epochs", 1), default=10,
+    p.add_argument("--head-epochs", type=_int_in("--head-epochs", 1), default=10, metavar="N",
                    help="epochs training each head (default 10)")
-    p.add_argument("--head-hidden", type=_int_in("--head-hidden", 0), default=0,
+    p.add_argument("--head-hidden", type=_int_in("--head-hidden", 0), default=0, metavar="N",
                    help="hidden units of each head (default 0: one Linear layer)")
     p.add_argument("--lr", type=_float_in("--lr", 0.0, open_low=True), default=1e-2,
-                   help="head learning rate (default 0.01)")
+                   metavar="LR", help="head learning rate (default 0.01)")
     _multi_common(p, "branches", "backbone and heads (.nnc; forward returns every task's "
                                  "logits)")
 
@@ -281,7 +284,7 @@ def _tasks_option(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def _multi_common(p: argparse.ArgumentParser, handler: str, out: str) -> None:
-    p.add_argument("--epochs", type=_int_in("--epochs", 1), default=None,
+    p.add_argument("--epochs", type=_int_in("--epochs", 1), default=None, metavar="N",
                    help="training epochs of models given as reference model names "
                         "(default: the model's)")
     p.add_argument("--out", type=Path, required=True, help="output file: " + out)

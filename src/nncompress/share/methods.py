@@ -50,7 +50,8 @@ from nncompress.share.multi_io import (
 from nncompress.technique import MULTI_MODEL_METHODS, MultiModelMethod, TechniqueConfig
 
 __all__ = ["BranchesConfig", "CascadeConfig", "MultiInputs", "MultiResult", "RouterConfig",
-           "Row", "ZipConfig", "check_fits", "configure", "task_outputs"]
+           "Row", "ZipConfig", "check_fits", "check_zippable", "configure", "run_branches",
+           "run_cascade", "run_router", "run_zip", "task_outputs"]
 
 
 # --------------------------------------------------------------------------- configs
