@@ -225,7 +225,10 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         return _resign(version, head, _byte_edits(payload, rng))
     if kind < 0.52 and version == 2:
         reader = Reader(head)
-        text = reader.take(reader.varint("J"), "json")
+        try:
+            text = reader.take(reader.varint("J"), "json")
+        except FormatError:  # an earlier mutation broke the framing of the JSON part
+            return _resign(version, _byte_edits(head, rng), payload)
         edited = _byte_edits(text, rng)
         return _resign(2, varint(len(edited)) + edited + head[reader.pos:], payload)
     return _structured(data, rng)

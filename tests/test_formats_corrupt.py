@@ -23,6 +23,7 @@ from nncompress import formats
 from nncompress.errors import FormatError
 from nncompress.formats.arch import describe
 from nncompress.formats.header import json_header, pack_chunks
+from nncompress.formats.table import read_header_v2
 
 PREFIX = struct.Struct("<4sIQ")
 
@@ -53,9 +54,15 @@ def load(path: Path) -> nn.Module:
 
 
 def split(data: bytes) -> tuple[int, dict[str, Any], bytes]:
-    """(version, header, payload) of a version-1 file, parsed by the documented layout."""
+    """(version, header, payload) of a file, parsed by the documented layout; a version-2
+    header comes back as the equivalent version-1 JSON header (to edit and ``resign``)."""
     _, version, length = PREFIX.unpack_from(data)
-    return version, json.loads(data[16:16 + length]), data[16 + length:-32]
+    raw, payload = data[16:16 + length], data[16 + length:-32]
+    if version == 1:
+        return version, json.loads(raw), payload
+    header = read_header_v2(raw, len(payload))
+    header["format_version"] = 1
+    return version, header, payload
 
 
 def resign(path: Path, payload: bytes, *, header: Any = None, raw: bytes | None = None,

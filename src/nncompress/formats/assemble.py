@@ -59,8 +59,8 @@ def _guarded(call: Callable[[], Any], *, limit: int, what: str) -> Any:
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"), CallGuard(limit):
             return call()
-    except FormatError:
-        raise
+    except FormatError as exc:  # e.g. a builder validating specs from its config
+        fail(f"{what}: {clip(str(exc), 240)}")
     except TooMuchWork:
         fail(f"{what} takes more than {limit} torch calls to build; the file is hostile "
              "or corrupted")
