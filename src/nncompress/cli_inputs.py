@@ -41,11 +41,11 @@ __all__ = ["PICKLED_SUFFIXES", "CLIError", "check_input_file", "check_output_fil
 
 #: model file suffixes whose loaders unpickle (run code from) the file: suffix -> why
 PICKLED_SUFFIXES: dict[str, str] = {
-    ".pt2": "torch.export.load unpickles data from it (weights saved with use_pickle go "
-            "through torch.load(weights_only=False))",
-    ".pt": "torch.load unpickles it", ".pth": "torch.load unpickles it",
-    ".ckpt": "checkpoints are pickles", ".pkl": "it is a pickle",
-    ".pickle": "it is a pickle",
+    ".pt2": "torch.export.load unpickles data from them, through "
+            "torch.load(weights_only=False) for weights saved with use_pickle",
+    ".pt": "torch.load unpickles them", ".pth": "torch.load unpickles them",
+    ".ckpt": "checkpoints are pickles", ".pkl": "they are pickles",
+    ".pickle": "they are pickles",
 }
 
 
@@ -241,8 +241,8 @@ def refuse_pickled(spec: str, option: str = "--model") -> None:
     why = PICKLED_SUFFIXES.get(suffix)
     if why is not None:
         raise ModelError(
-            f"{option} {quoted(spec)}: nncompress does not load {suffix} files ({why}), and "
-            "it never unpickles a file it is handed, since unpickling can run any code; "
+            f"{option} {quoted(spec)}: nncompress does not load {suffix} files ({why}) and "
+            "never unpickles a file it is handed, since unpickling can run any code; "
             "save the model with nncompress.save (a .nnc file), or give "
             f"{option} package.module:function, a function that builds the model and loads "
             "its state dict with torch.load(path, weights_only=True) in your own code")

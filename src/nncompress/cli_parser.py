@@ -208,6 +208,12 @@ def _add_model_commands(sub: Any) -> None:
 
 def _add_multi_commands(sub: Any) -> None:
     """``zip``, ``cascade``, ``router`` and ``branches``: methods over several models."""
+    _add_zip(sub)
+    _add_multiplexers(sub)
+    _add_branches(sub)
+
+
+def _add_zip(sub: Any) -> None:
     p = sub.add_parser("zip", help="multi-task zipping (He, Zhou & Thiele 2018): merge two "
                                    "models on one input into one .nnc")
     p.add_argument("--model-a", required=True, metavar="MODEL",
@@ -233,6 +239,8 @@ def _add_multi_commands(sub: Any) -> None:
                    metavar="LR", help="re-training learning rate (default 0.001)")
     _multi_common(p, "zip", "zipped model (.nnc; its forward returns both tasks' logits)")
 
+
+def _add_multiplexers(sub: Any) -> None:
     for name, text in (("cascade", "confidence cascade (Eshratifar & Pedram 2020): "
                                    "smallest model first, larger ones while it is unsure"),
                        ("router", "learned router (Eshratifar & Pedram 2020): a small "
@@ -258,6 +266,8 @@ def _add_multi_commands(sub: Any) -> None:
                            metavar="N", help="router training epochs (default 60)")
         _multi_common(p, name, f"{name} (.nnc holding every model)")
 
+
+def _add_branches(sub: Any) -> None:
     p = sub.add_parser("branches", help="shared frozen backbone with one trained head per "
                                         "task")
     p.add_argument("--backbone", required=True, metavar="MODEL",
