@@ -155,8 +155,8 @@ def test_python_errors_name_the_technique_and_value() -> None:
     with pytest.raises(RecipeError, match=r"unknown parameter 'sparsty' \(did you mean "
                                           r"'sparsity'\?\); known: sparsity, scope"):
         Stage.technique("magnitude_prune", sparsty=0.5)
-    with pytest.raises(RecipeError, match="unknown technique 'zip'"):
-        Stage.technique("zip")
+    with pytest.raises(RecipeError, match="unknown technique 'zap'"):
+        Stage.technique("zap")
     with pytest.raises(RecipeError, match="has no stages"):
         Recipe("empty", [])
     with pytest.raises(RecipeError, match="expected a Stage"):
@@ -174,3 +174,8 @@ def test_yaml_is_safe_loaded() -> None:
     text = "name: !!python/object/apply:os.system ['echo hacked']\nstages: [{evaluate: {}}]\n"
     with pytest.raises(RecipeError, match=r"invalid YAML at line 1.*constructor"):
         Recipe.from_yaml(text)
+
+
+def test_a_multi_model_method_in_a_recipe_says_how_to_run_it() -> None:
+    with pytest.raises(RecipeError, match=r"multi-model method.*nncompress zip"):
+        Recipe.from_dict({"name": "r", "stages": [{"technique": "multi_task_zipping"}]})

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from nncompress._yaml import DEFAULT_LIMITS, describe_error, load_bounded, read_text_file
 from nncompress.errors import RecipeError
-from nncompress.technique import TechniqueConfig, all_techniques
+from nncompress.technique import TechniqueConfig, all_techniques, multi_model_hint
 
 __all__ = ["EvaluateConfig", "FineTuneConfig", "Recipe", "Stage"]
 
@@ -187,6 +187,9 @@ class Stage:
                               f"(got {_got(name)})")
         registry = all_techniques()
         if name not in registry:
+            hint = multi_model_hint(name)
+            if hint is not None:
+                raise RecipeError(f"{_where(index, None)}: {hint}")
             known = ", ".join(registry.names()) or "none"
             raise RecipeError(f"{_where(index, None)}: unknown technique {name!r}; "
                               f"known: {known}")

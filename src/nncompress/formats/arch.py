@@ -159,7 +159,7 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
 #: modules that register architectures outside ``nncompress.models`` (imported on demand)
-ARCH_PROVIDERS = ("nncompress.share.zipped",)
+ARCH_PROVIDERS = ("nncompress.share.zipped", "nncompress.share.composite")
 
 
 @dataclass(frozen=True)
