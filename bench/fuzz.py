@@ -1,20 +1,17 @@
 """Fuzzing the ``.nnc`` reader: seeded mutations of saved files, each loaded in a forked
 child under a time bound, its peak memory measured.
 
-Every case must end in a loaded model or a one-line
-:class:`~nncompress.errors.FormatError`. Seed files: small reference models (mlp,
-cnn1d, gru, lstm, rescnn, transformer; dense, pruned + weight-shared with BatchNorm
-folded, Huffman-coded, fp16), a user model loaded into a skeleton, a HashedNets layer,
-and a version-1 file. Mutations (1-3 per case): bit flips and truncations (caught by the
-checksum), byte edits of the header or of the payload behind a recomputed checksum, and
-structure-aware edits that parse the header, change shapes, dtypes, encodings, params,
-lengths, names, tensor order, builder configs and module records (to values such as 0,
-2**26, 2**31), and write it back.
+Every case must end in a loaded model or a one-line FormatError. Seed files: small
+reference models (dense; pruned, weight-shared, BatchNorm folded), a user model with an
+fp16 tensor, a HashedLinear, a version-1 file. Mutations (1-3 per case): bit flips and
+truncations (the checksum catches them), byte edits of the header or payload behind a
+recomputed checksum, and structure-aware edits of shapes, dtypes, encodings, params,
+lengths, names, tensor order, builder configs and module records (to 0, 2**26, 2**31...).
 
 Usage: ``python bench/fuzz.py [--cases 10000] [--seed 0]``. ``SECTIONS`` lists the
-fuzzers this page shows (``title, bench(echo, cases, seed), markdown(result)``): add a
-section there (the recipe reader's fuzzer is ``bench/fuzz_recipes.py``). The test suite
-runs a few hundred of these cases in-process (``tests/test_formats_fuzz.py``).
+fuzzers this page shows, ``(title, bench(echo, cases, seed), markdown(result))``; the
+recipe reader's (``bench/fuzz_recipes.py``) can join it. ``tests/test_formats_fuzz.py``
+runs a few hundred of these cases in-process.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import select
 import signal
 import tempfile
 import time
@@ -38,7 +36,7 @@ from nncompress import models as zoo
 from nncompress.errors import FormatError
 from nncompress.formats import DTYPES, ENCODINGS, MODULE_TYPES
 from nncompress.formats.arch import describe
-from nncompress.formats.header import json_header, pack_chunks
+from nncompress.formats.header import json_header, pack_chunks, parse_header, unpack
 from nncompress.formats.table import Reader, varint, write_header
 from nncompress.share.hashing import HashedLinear
 
@@ -61,11 +59,14 @@ def _user_model() -> nn.Module:
 
 
 def _compress(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """BatchNorm folded, 85 % of every weight matrix zeroed, the rest on 16 values."""
-    from nncompress.quant.fold import _fold_one, fold_pairs
+    """BatchNorms removed as folding does (each layer before one gains a bias), 85 % of
+    every weight matrix zeroed, the rest on 16 values."""
+    from nncompress.quant.fold import fold_pairs
 
     for layer, norm in fold_pairs(model, torch.randn(4, *shape)):
-        _fold_one(model.get_submodule(layer), model.get_submodule(norm))
+        conv = model.get_submodule(layer)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.randn(conv.weight.shape[0]))
         model.set_submodule(norm, nn.Identity())
     with torch.no_grad():
         for p in model.parameters():
@@ -101,7 +102,7 @@ def seed_files(folder: Path) -> list[tuple[str, Path, Callable[[], nn.Module] | 
     header["format_version"], header["arch"] = 1, describe(
         zoo.build("mlp", SHAPES["digits"], 10, **SMALL["mlp"]))
     (folder / "v1.nnc").write_bytes(b"".join(pack_chunks(json_header(header), [
-        _payload(out[0][1].read_bytes())], version=1)))
+        _split(out[0][1].read_bytes())[2]], version=1)))
     out.append(("mlp, format version 1", folder / "v1.nnc", None))
     return out
 
@@ -109,10 +110,6 @@ def seed_files(folder: Path) -> list[tuple[str, Path, Callable[[], nn.Module] | 
 def _split(data: bytes) -> tuple[int, bytes, bytes]:
     length = int.from_bytes(data[8:16], "little")
     return int.from_bytes(data[4:8], "little"), data[16:16 + length], data[16 + length:-32]
-
-
-def _payload(data: bytes) -> bytes:
-    return _split(data)[2]
 
 
 def _resign(version: int, header: bytes, payload: bytes) -> bytes:
@@ -161,8 +158,8 @@ def _edit_fields(header: dict[str, Any], blobs: list[bytes], rng: random.Random)
         elif action == 1:
             del tensors[i], blobs[i]
         else:
-            tensors[i], tensors[j], blobs[i], blobs[j] = tensors[j], tensors[i], blobs[j], \
-                blobs[i]
+            tensors[i], tensors[j] = tensors[j], tensors[i]
+            blobs[i], blobs[j] = blobs[j], blobs[i]
     elif kind == 6 and header["arch"]["builder"].get("config"):
         _edit_json(header["arch"]["builder"]["config"], rng)
     elif kind == 7:
@@ -236,13 +233,10 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 def _structured(data: bytes, rng: random.Random) -> bytes:
     version, head, payload = _split(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "s.nnc"
-        path.write_bytes(data)
-        try:
-            header = formats.read_header(path)
-        except FormatError:  # an earlier mutation broke it: edit bytes instead
-            return _resign(version, _byte_edits(head, rng), payload)
+    try:
+        header = parse_header(*unpack(data, "case")[1:2], version, len(payload)).to_json()
+    except FormatError:  # an earlier mutation broke it: edit bytes instead
+        return _resign(version, _byte_edits(head, rng), payload)
     blobs = [payload[t["offset"]:t["offset"] + t["length"]] for t in header["tensors"]]
     for _ in range(rng.randint(1, 3)):
         _edit_fields(header, blobs, rng)
@@ -276,8 +270,7 @@ def load_case(path: Path, skeleton: Callable[[], nn.Module] | None) -> None:
 
 
 def classify(run: Callable[[], None]) -> tuple[str, str]:
-    """(outcome, detail) of one load; the outcome is one of :data:`OUTCOMES` but
-    ``over_time`` (the caller's to judge)."""
+    """(outcome, detail) of one load (any outcome but ``over_time``)."""
     try:
         run()
         return "loaded", ""
@@ -309,46 +302,79 @@ def _measured(run: Callable[[], None]) -> tuple[str, str, int]:
     return outcome, detail, max(0, _status("VmHWM") - start)
 
 
-def run_forked(run: Callable[[], None], bound: float) -> tuple[str, float, int, str]:
-    """(outcome, seconds, peak extra bytes resident, detail) of ``run()`` in a child
-    killed at twice ``bound``."""
-    reader, writer = os.pipe()
-    start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(reader)
-        code = 0
+class _CaseTimeout(BaseException):
+    """Raised in a child's case that runs past twice the bound."""
+
+
+def _expire(*_: object) -> None:
+    raise _CaseTimeout
+
+
+def _child(runs: list[Callable[[], None]], first: int, writer: int, bound: float) -> None:
+    """Run cases ``first..`` one after the other, one JSON line per case to ``writer``."""
+    signal.signal(signal.SIGALRM, _expire)
+    for k in range(first, len(runs)):
+        start = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, 2 * bound)
         try:
-            os.write(writer, json.dumps(_measured(run)).encode()[:60000])
-        except BaseException:
-            code = 1
+            outcome, detail, peak = _measured(runs[k])
+        except _CaseTimeout:
+            outcome, detail, peak = "over_time", "interrupted", 0
         finally:
-            os._exit(code)
-    os.close(writer)
-    status = None
-    while status is None:
-        done, status_ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = status_
-        elif time.perf_counter() - start > 2 * bound:
-            os.kill(pid, signal.SIGKILL)
-            status = os.waitpid(pid, 0)[1]
-        else:
-            time.sleep(0.0005)
-    seconds = time.perf_counter() - start
-    raw = os.read(reader, 65536)
-    os.close(reader)
-    outcome, detail, peak = json.loads(raw) if raw else (
-        "over_time" if seconds > bound else "other_exception", f"exit status {status}", 0)
-    if seconds > bound:
-        outcome = "over_time"
-    return outcome, seconds, peak, detail
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        line = [k, outcome, time.perf_counter() - start, peak, detail[:300]]
+        os.write(writer, (json.dumps(line) + "\n").encode())
+
+
+def run_cases(runs: list[Callable[[], None]], bound: float
+              ) -> list[tuple[str, float, int, str]]:
+    """(outcome, seconds, peak extra bytes resident, detail) of every ``run()``, run in
+    forked children (a new one after a child had to be killed or died)."""
+    results: list[Any] = [None] * len(runs)
+    k = 0
+    while k < len(runs):
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(reader)
+            try:
+                _child(runs, k, writer, bound)
+            finally:
+                os._exit(0)
+        os.close(writer)
+        k = _collect(reader, pid, results, k, bound)
+    return results
+
+
+def _collect(reader: int, pid: int, results: list[Any], k: int, bound: float) -> int:
+    """Read a child's results; kill it if it goes silent. Returns the next case to run."""
+    buffer = b""
+    with os.fdopen(reader, "rb", buffering=0) as stream:
+        while True:
+            if not select.select([stream], [], [], 3 * bound)[0]:  # stuck past its alarm
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                results[k] = ("over_time", 3 * bound, 0, "killed")
+                return k + 1
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                index, outcome, seconds, peak, detail = json.loads(line)
+                results[index] = (outcome, seconds, peak, detail)
+                k = index + 1
+    os.waitpid(pid, 0)
+    if k < len(results):  # the child died in case k
+        results[k] = ("other_exception", 0.0, 0, "the process died")
+        k += 1
+    return k
 
 
 def bench_fuzz_files(echo: Callable[[str], None], cases: int = 10_000,
                      seed: int = 0) -> dict[str, Any]:
-    """Load ``cases`` seeded mutations of the seed files, each in a forked child; count
-    the outcomes. Returns ``{"cases", "seed", "seeds", "time_bound_s", "counts": {outcome:
+    """Load ``cases`` seeded mutations of the seed files in forked children; count the
+    outcomes. Returns ``{"cases", "seed", "seeds", "time_bound_s", "counts": {outcome:
     n}, "max_seconds", "slowest", "max_peak_bytes", "biggest", "by_seed": {label:
     counts}, "failures": [...]}`` (up to 20 cases that were neither loaded nor a one-line
     FormatError)."""
@@ -365,11 +391,16 @@ def bench_fuzz_files(echo: Callable[[str], None], cases: int = 10_000,
         by_seed = {label: dict.fromkeys(OUTCOMES, 0) for label, _, _ in seeds}
         echo(f"fuzzing the .nnc reader: {len(cases_list)} cases from {len(seeds)} seed files "
              f"(seed {seed})")
-        target = folder / "case.nnc"
-        for k, (label, data) in enumerate(cases_list):
-            target.write_bytes(data)
-            outcome, seconds, peak, detail = run_forked(
-                lambda label=label: load_case(target, skeletons[label]), TIME_BOUND)
+        def case(label: str, data: bytes) -> Callable[[], None]:
+            def run() -> None:
+                target = folder / f"case-{os.getpid()}.nnc"
+                target.write_bytes(data)
+                load_case(target, skeletons[label])
+            return run
+
+        results = run_cases([case(label, data) for label, data in cases_list], TIME_BOUND)
+        for k, ((label, _), (outcome, seconds, peak, detail)) in enumerate(
+                zip(cases_list, results, strict=True)):
             counts[outcome] += 1
             by_seed[label][outcome] += 1
             slowest = max(slowest, (seconds, f"case {k} ({label})"))
@@ -377,8 +408,6 @@ def bench_fuzz_files(echo: Callable[[str], None], cases: int = 10_000,
             if outcome in ("other_exception", "over_time") and len(failures) < 20:
                 failures.append({"case": k, "seed_file": label, "outcome": outcome,
                                  "seconds": seconds, "detail": detail[:200]})
-            if k and k % 1000 == 0:
-                echo(f"  {k} cases loaded")
     return {"cases": len(cases_list), "seed": seed, "seeds": [s[0] for s in seeds],
             "time_bound_s": TIME_BOUND, "counts": counts, "max_seconds": slowest[0],
             "slowest": slowest[1], "max_peak_bytes": biggest[0], "biggest": biggest[1],
@@ -393,10 +422,10 @@ def fuzz_markdown(result: dict[str, Any]) -> str:
              "other_exception": "other exception", "over_time": "over the time bound"}
     lines = [
         f"`.nnc` reader (`formats.load`), {result['cases']} seeded mutations (seed "
-        f"{result['seed']}) of {len(result['seeds'])} saved files, each loaded in a forked "
-        f"child. Time bound {result['time_bound_s']:.0f} s per case; slowest case "
-        f"{result['max_seconds']:.2f} s ({result['slowest']}); largest peak memory above "
-        f"the parent's resident size {result['max_peak_bytes'] / 2**20:.1f} MiB "
+        f"{result['seed']}) of {len(result['seeds'])} saved files, loaded in forked "
+        f"children. Time bound {result['time_bound_s']:.0f} s per case; slowest case "
+        f"{result['max_seconds']:.2f} s ({result['slowest']}); largest growth of the "
+        f"resident peak during a case {result['max_peak_bytes'] / 2**20:.1f} MiB "
         f"({result['biggest']}).", "", "| outcome | cases | share |", "|---|---:|---:|"]
     lines += [f"| {names[k]} | {n} | {100 * n / total:.1f} % |"
               for k, n in result["counts"].items()]

@@ -272,7 +272,10 @@ def _read(target: Path) -> tuple[Header, np.ndarray, int, int]:
     for entry in header.tensors:
         codec = ENCODINGS.get(entry.encoding)
         itemsize = DTYPES[entry.dtype].itemsize
-        most = codec.max_numel(entry.params, entry.length, entry.shape, itemsize, version)
+        try:
+            most = codec.max_numel(entry.params, entry.length, entry.shape, itemsize, version)
+        except FormatError as exc:
+            raise FormatError(f"tensor {short(entry.name)}: {exc}") from None
         if entry.numel > most:
             fail(f"tensor {short(entry.name)} declares {entry.numel:,} elements but its "
                  f"{entry.length:,} bytes of {entry.encoding!r} data can describe at most "

@@ -29,8 +29,19 @@ import numpy as np
 import torch
 
 from nncompress.formats._checks import check_int, fail
+from nncompress.formats.bits import (
+    INDEX_BITS,
+    min_entries,
+    pack_bits,
+    packed_size,
+    relative_bound,
+    relative_diffs,
+    relative_positions,
+    unpack_bits,
+)
 from nncompress.formats.encodings import (
     ENCODINGS,
+    WORDS,
     Buffer,
     Encoding,
     TensorStats,
@@ -39,19 +50,10 @@ from nncompress.formats.encodings import (
     int_param,
 )
 from nncompress.formats.packed import (
-    _WORD,
-    INDEX_BITS,
     build_codebook,
     element_words,
-    min_entries,
-    pack_bits,
-    packed_size,
     read_codebook,
-    relative_bound,
-    relative_diffs,
-    relative_positions,
     split,
-    unpack_bits,
     words_to_tensor,
 )
 from nncompress.formats.prefix_code import (
@@ -59,9 +61,9 @@ from nncompress.formats.prefix_code import (
     MAX_LENGTH,
     check_lengths,
     code_lengths,
-    huffman_decode,
     huffman_encode,
 )
+from nncompress.formats.prefix_decode import huffman_decode
 
 __all__ = [
     "MAX_LENGTH",
@@ -139,7 +141,7 @@ class CodebookHuffman(Encoding):
         codes = check_int(params["codes"], "codebook_huffman codes", lo=min(numel, 1),
                           hi=numel)
         _check_crc(data, params["crc32"], self.name)
-        word = _WORD[dtype_info(dtype).itemsize]
+        word = WORDS[dtype_info(dtype).itemsize]
         head = [codes * word.itemsize, table_size(codes)]
         if len(data) < sum(head):
             fail(f"codebook_huffman data is {len(data)} bytes; its tables need {sum(head)}")
@@ -256,7 +258,7 @@ class SparseRelHuffman(Encoding):
         codes = check_int(params["codes"], f"{what} codes", hi=entries)
         index_bytes = check_int(params["index_bytes"], f"{what} index_bytes", hi=len(data))
         _check_crc(data, params["crc32"], what)
-        word = _WORD[dtype_info(dtype).itemsize]
+        word = WORDS[dtype_info(dtype).itemsize]
         head = [codes * word.itemsize, table_size(1 << index_bits), table_size(codes),
                 index_bytes]
         if len(data) < sum(head):

@@ -14,9 +14,8 @@ All work on the bit patterns of the elements (viewed as unsigned integers of the
 size), so they are lossless for every dtype, ``-0.0`` and NaN payloads included; an
 element is "non-zero" when any of its bits is set. Bit packing is little-endian: value
 ``i`` of width ``b`` occupies stream bits ``[i*b, (i+1)*b)``, least significant first, and
-stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``; padding bits are 0. Byte layouts and
-params are in ``docs/FORMAT.md``. Packing and unpacking work in chunks, so their scratch
-memory stays a few bytes per element.
+stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``; padding bits are 0 (``bits.py``).
+Byte layouts and params are in ``docs/FORMAT.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +28,20 @@ import numpy as np
 import torch
 
 from nncompress.formats._checks import check_int, fail
+from nncompress.formats.bits import (
+    INDEX_BITS,
+    MAX_BITS,
+    bits_for,
+    min_entries,
+    pack_bits,
+    packed_size,
+    relative_bound,
+    relative_diffs,
+    relative_positions,
+    uint_dtype,
+    unpack_bits,
+    zero_gaps,
+)
 from nncompress.formats.encodings import (
     ENCODINGS,
     WORDS,
@@ -44,6 +57,8 @@ from nncompress.formats.encodings import (
 
 __all__ = [
     "CSR",
+    "INDEX_BITS",
+    "MAX_BITS",
     "Codebook",
     "SparseRel",
     "bits_for",
@@ -57,69 +72,10 @@ __all__ = [
     "words_to_tensor",
 ]
 
-#: Widest bit-packed field (codebook indices, relative indices).
-MAX_BITS = 32
-#: Relative-index widths the ``sparse_rel`` encoder tries (the decoder accepts 1..32).
-INDEX_BITS = range(1, 17)
 KEYS_WIDTH = ("ptr_bytes", "col_bytes")
-#: Values packed or unpacked per step (a multiple of 8, so chunks end on byte boundaries).
-_CHUNK = 1 << 16
 _WORD = WORDS
 #: Elements sampled to guess whether a large tensor has few distinct values.
 _SAMPLE = 1 << 14
-
-
-def packed_size(count: int, bits: int) -> int:
-    """Bytes of ``count`` values of ``bits`` bits each, bit-packed."""
-    return (count * bits + 7) // 8
-
-
-def _uint(bits: int) -> np.dtype:
-    """The narrowest little-endian unsigned dtype holding ``bits`` bits."""
-    return next(WORDS[n] for n in (1, 2, 4, 8) if bits <= 8 * n)
-
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Unsigned ``values`` (each ``< 2**bits``) packed little-endian, ``bits`` bits each."""
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bit width {bits} is outside 1..{MAX_BITS}")
-    values = np.asarray(values).reshape(-1)
-    if bits in (8, 16, 32):
-        return values.astype(_uint(bits), copy=False).tobytes()
-    parts = []
-    for start in range(0, values.size, _CHUNK):
-        chunk = values[start:start + _CHUNK].astype(WORDS[4])
-        planes = np.unpackbits(chunk.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-        parts.append(np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes())
-    return b"".join(parts)
-
-
-def unpack_bits(data: Buffer, bits: int, count: int, what: str) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (the narrowest unsigned dtype holding ``bits``);
-    checks the length and padding bits."""
-    need = packed_size(count, bits)
-    if len(data) != need:
-        fail(f"{what} is {len(data)} bytes; {count} values of {bits} bits need {need}")
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if (count * bits) % 8 and int(raw[-1]) >> ((count * bits) % 8):
-        fail(f"{what} has padding bits set")
-    word = _uint(bits)
-    if bits == 8 * word.itemsize:
-        return np.frombuffer(data, dtype=word)
-    out = np.empty(count, dtype=word)
-    for start in range(0, count, _CHUNK):
-        stop = min(count, start + _CHUNK)
-        planes = np.unpackbits(raw[start * bits // 8:packed_size(stop, bits)],
-                               count=(stop - start) * bits, bitorder="little")
-        wide = np.zeros((stop - start, 8 * word.itemsize), dtype=np.uint8)
-        wide[:, :bits] = planes.reshape(-1, bits)
-        out[start:stop] = np.packbits(wide, axis=1, bitorder="little").view(word).reshape(-1)
-    return out
-
-
-def bits_for(count: int) -> int:
-    """Smallest width ``b >= 1`` with ``2**b >= count`` (indices into ``count`` codes)."""
-    return max(1, (max(count, 1) - 1).bit_length())
 
 
 def element_words(tensor: torch.Tensor) -> np.ndarray:
@@ -147,9 +103,9 @@ def build_codebook(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             found = np.searchsorted(book, words)
             np.minimum(found, book.size - 1, out=found)
             if np.array_equal(book[found], words):
-                return book, found.astype(_uint(bits_for(book.size)))
+                return book, found.astype(uint_dtype(bits_for(book.size)))
     codebook, indices = np.unique(words, return_inverse=True)
-    return codebook, indices.reshape(-1).astype(_uint(bits_for(codebook.size)))
+    return codebook, indices.reshape(-1).astype(uint_dtype(bits_for(codebook.size)))
 
 
 def read_codebook(data: Buffer, codes: int, word: np.dtype) -> np.ndarray:
@@ -171,49 +127,6 @@ def split(data: Buffer, sizes: Sequence[int], what: str) -> list[memoryview]:
         out.append(view[start:start + size])
         start += size
     return out
-
-
-def _gaps(positions: np.ndarray, numel: int | None) -> np.ndarray:
-    """Zeros before each position (and, given ``numel``, after the last one)."""
-    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
-    if numel is None:
-        return gaps
-    last = int(positions[-1]) if positions.size else -1
-    return np.append(gaps, numel - 1 - last)
-
-
-def relative_diffs(positions: np.ndarray, index_bits: int,
-                   numel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Han et al. (2015) relative indexing of sorted ``positions`` with ``index_bits`` bits.
-
-    Each entry stores the number of zeros skipped since the previous entry (the first one
-    counts from the start), at most ``2**index_bits - 1``; a longer gap gets filler
-    entries (value zero) that each skip the maximum. Given ``numel``, the zeros after the
-    last position get fillers too, so that fewer than ``2**index_bits`` remain (format
-    version 2). Returns ``(diffs [m], real [m])`` where ``real`` marks the actual
-    non-zeros.
-    """
-    span = 1 << index_bits
-    gaps = _gaps(positions, numel)
-    fillers = gaps // span
-    per = fillers + 1
-    if numel is not None:
-        per[-1] = fillers[-1]  # the trailing run has no real entry after its fillers
-    ends = np.cumsum(per) - 1
-    diffs = np.full(int(per.sum()), span - 1, dtype=_uint(index_bits))
-    real = np.zeros(diffs.size, dtype=bool)
-    count = positions.size
-    diffs[ends[:count]] = gaps[:count] - fillers[:count] * span
-    real[ends[:count]] = True
-    return diffs, real
-
-
-def relative_positions(diffs: np.ndarray, numel: int, what: str) -> np.ndarray:
-    """Inverse of :func:`relative_diffs`: entry positions; each must lie below ``numel``."""
-    positions = np.cumsum(diffs.astype(np.int64) + 1) - 1
-    if positions.size and int(positions[-1]) >= numel:
-        fail(f"{what} points past the tensor's {numel} elements")
-    return positions
 
 
 def values_bytes(count: int, codes: int, itemsize: int) -> int:
@@ -323,22 +236,10 @@ def best_index_bits(positions: np.ndarray, value_bytes: float, numel: int) -> in
 
     ``value_bytes`` is the (estimated) cost of one stored value.
     """
-    gaps = _gaps(positions, numel)
+    gaps = zero_gaps(positions, numel)
     costs = [(positions.size + int((gaps >> b).sum())) * (b / 8 + value_bytes)
              for b in INDEX_BITS]
     return INDEX_BITS[int(np.argmin(costs))]
-
-
-def relative_bound(entries: int, index_bits: int, length: int) -> int:
-    """Elements ``entries`` relative indices of ``index_bits`` bits can span when the
-    zeros after the last entry are fewer than ``2**index_bits`` (format version 2); the
-    entries themselves take at least one bit of ``length`` bytes each."""
-    return (min(entries, 8 * length) + 1) * (1 << index_bits) - 1
-
-
-def min_entries(stats: TensorStats) -> int:
-    """Fewest relative-index entries (fillers included) any width up to 16 bits needs."""
-    return max(stats.nonzero, -(-(stats.numel + 1) // (1 << INDEX_BITS[-1])) - 1)
 
 
 class SparseRel(Encoding):
