@@ -26,7 +26,6 @@ from nncompress.formats.header import pack_chunks
 from nncompress.formats.limits import DEFAULT_FLOOR, default_max_bytes
 from nncompress.formats.packed import pack_bits
 from nncompress.formats.table import write_header
-from nncompress.share.hashing import HashedLinear
 
 models = pytest.importorskip("nncompress.models")
 
@@ -184,10 +183,8 @@ def resident(field: str) -> int:
 
 
 def test_few_kilobyte_files_declaring_gigabytes_are_refused_quickly(tmp_path: Path) -> None:
-    """Refused within 5 s, numpy and Python allocating under 32 MiB (tracemalloc) and the
-    process's resident peak growing under 64 MiB (torch included)."""
-    with torch.device("meta"):  # warm torch's meta kernels (a one-off cost per process)
-        HashedLinear(4, 4, 2)
+    """Refused within a second, numpy and Python allocating under 32 MiB (tracemalloc) and
+    the process's resident peak growing under 64 MiB (torch included)."""
     for case, (path, says) in hostile_files(tmp_path).items():
         assert path.stat().st_size < 8000, case
         growth = resident_peak()
@@ -200,7 +197,7 @@ def test_few_kilobyte_files_declaring_gigabytes_are_refused_quickly(tmp_path: Pa
         tracemalloc.stop()
         message = str(info.value)
         assert "\n" not in message and says in message, (case, message)
-        assert seconds < 5, (case, seconds)
+        assert seconds < 1, (case, seconds)
         assert peak < 32 * 2**20, (case, peak)
         assert growth() < 64 * 2**20, (case, growth())
 
@@ -212,10 +209,7 @@ import torch
 from torch import nn
 from nncompress import formats
 from nncompress.errors import FormatError
-from nncompress.share.hashing import HashedLinear
 torch.set_num_threads(1)
-with torch.device("meta"):
-    HashedLinear(4, 4, 2)
 class Holder(nn.Module):
     def __init__(self):
         super().__init__()

@@ -78,10 +78,41 @@ _META_NOOPS = frozenset({
 })
 
 
+#: Elementwise operators whose result on meta tensors follows from broadcasting and type
+#: promotion alone; the first of them on the meta device costs torch about a second
+#: (it imports its Python decompositions), so they are answered here (hash buffers of a
+#: hashed layer are built from a dozen such operations).
+_META_ELEMENTWISE = frozenset({
+    *(f"__{prefix}{op}__" for op in ("add", "sub", "mul", "mod", "and", "or", "xor",
+                                     "floordiv", "lshift", "rshift") for prefix in ("", "r")),
+    "add", "sub", "mul", "remainder", "bitwise_and", "bitwise_or", "bitwise_xor"})
+
+
+def _meta_result(name: str, args: tuple) -> torch.Tensor | None:
+    """The meta result of an elementwise operator on meta tensors, or of ``arange`` of
+    integers (the guard only runs constructions on the meta device); None otherwise."""
+    if name == "arange" and args and all(type(a) is int for a in args):
+        return torch.empty(len(range(*args)), dtype=torch.int64, device="meta")
+    if name not in _META_ELEMENTWISE or len(args) != 2:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(t.is_meta for t in tensors) or not all(
+            isinstance(a, (torch.Tensor, int, float, bool)) for a in args):
+        return None
+    shapes = [tuple(t.shape) for t in tensors]
+    size = max(len(s) for s in shapes)
+    padded = [(1,) * (size - len(s)) + s for s in shapes]
+    if any(len({d for d in dims if d != 1}) > 1 for dims in zip(*padded, strict=True)):
+        return None  # not broadcastable: let torch say so
+    shape = tuple(max(dims) if 0 not in dims else 0 for dims in zip(*padded, strict=True))
+    return torch.empty(shape, dtype=torch.result_type(*args), device="meta")
+
+
 class CallGuard(TorchFunctionMode):
-    """Counts torch calls during a construction; past ``limit`` raises TooMuchWork (a
-    hostile record asking for thousands of layers stops within milliseconds).
-    Initialisers of meta tensors are skipped: they compute nothing."""
+    """Counts torch calls during a construction on the meta device; past ``limit``
+    raises TooMuchWork (a hostile record asking for thousands of layers stops within
+    milliseconds). Initialisers of meta tensors are skipped (they compute nothing), and
+    elementwise operators on them and integer ``arange`` answered from shapes and dtypes."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -93,11 +124,15 @@ class CallGuard(TorchFunctionMode):
         self.calls += 1
         if self.calls > self.limit:
             raise TooMuchWork(f"more than {self.limit} torch calls")
+        name = getattr(func, "__name__", "")
         target = args[0] if args else kwargs.get("tensor")
-        if (getattr(func, "__name__", "") in _META_NOOPS and isinstance(target, torch.Tensor)
-                and target.is_meta):
+        if name in _META_NOOPS and isinstance(target, torch.Tensor) and target.is_meta:
             return target
-        return func(*args, **kwargs)
+        plain = not kwargs or (set(kwargs) <= {"dtype", "device"} and name == "arange"
+                               and kwargs.get("dtype", torch.int64) == torch.int64
+                               and kwargs.get("device") in (None, "meta"))
+        result = _meta_result(name, args) if plain else None
+        return func(*args, **kwargs) if result is None else result
 
 
 def call_limit(tensors: int) -> int:
