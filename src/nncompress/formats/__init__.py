@@ -8,8 +8,10 @@ formats.inspect("model.nnc")                                 # per-tensor bytes,
 formats.load("model.nnc", max_bytes=2**30)                   # refuse files needing more
 ```
 
-Layout and header schema: ``docs/FORMAT.md``. Adding an encoding: subclass
-:class:`Encoding` and register an instance in :data:`ENCODINGS`.
+Layout and header schema (format version 2; version 1 still read): ``docs/FORMAT.md``.
+Adding an encoding: subclass :class:`Encoding` and register an instance in
+:data:`ENCODINGS`. ``save`` picks each tensor's smallest lossless encoding from cheap
+statistics (:func:`choose_encoding`); ``load`` bounds what a file may make it allocate.
 """
 
 from nncompress.formats import huffman, packed  # noqa: F401  (register their encodings)

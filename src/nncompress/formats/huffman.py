@@ -13,8 +13,10 @@ The code is canonical, so a code table is just the code length of each symbol (5
 each, 0 = unused, at most :data:`MAX_LENGTH`). Codes are written most significant bit
 first into a big-endian bit stream (``np.packbits`` default order), padded with 0 bits.
 Each encoding stores a CRC-32 of its data in ``params``, so a flipped bit is reported as
-such; decoding also checks the table (Kraft equality), symbol counts and padding.
-:func:`entropy_report` says how close each stream comes to its empirical entropy.
+such; decoding also checks the table (Kraft equality), symbol counts and padding. The
+codes themselves are in :mod:`~nncompress.formats.prefix_code`, their vectorised decoding
+in :mod:`~nncompress.formats.prefix_decode`. :func:`entropy_report` says how close each
+stream comes to its empirical entropy.
 """
 
 from __future__ import annotations
