@@ -15,6 +15,7 @@ from nncompress.errors import FormatError
 from nncompress.formats import MODULE_TYPES
 from nncompress.formats.arch import build_module, describe, module_spec
 from nncompress.lowrank.layers import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankRNN
+from nncompress.modules import SplitMultiheadAttention, SplitTransformerEncoderLayer
 from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
 
@@ -133,6 +134,18 @@ TABLE_CASES: list[tuple[nn.Module, nn.Module]] = [
     (nn.Identity(), nn.BatchNorm1d(3)),  # a folded / removed layer replaces the built one
     (HashedLinear(6, 5, 7, seed=3, bias=False), nn.Linear(6, 5)),
     (HashedEmbedding(12, 3, 7, seed=2, padding_idx=1), nn.Embedding(12, 3)),
+    (nn.GroupNorm(3, 6, eps=1e-3), nn.GroupNorm(2, 4)),
+    (nn.InstanceNorm1d(4, affine=True), nn.InstanceNorm1d(2, affine=True)),
+    (nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+     nn.InstanceNorm2d(3, affine=True)),
+    (nn.RMSNorm((4,), eps=1e-4), nn.RMSNorm(3)),
+    (SplitMultiheadAttention(8, 2, head_dim=3, kdim=5, batch_first=True),
+     nn.MultiheadAttention(8, 2)),
+    (SplitTransformerEncoderLayer(8, 2, 16, dropout_p=0.0, activation_name="gelu",
+                                  norm_first=True), nn.TransformerEncoderLayer(8, 2, 16)),
+    # a container keeps only its recorded children (layers removed by layer pruning)
+    (nn.Sequential(nn.Linear(2, 3)), nn.Sequential(nn.Linear(2, 3), nn.ReLU())),
+    (nn.ModuleList([nn.Linear(2, 3)]), nn.ModuleList([nn.Linear(2, 3), nn.Linear(3, 3)])),
 ]
 
 
@@ -194,8 +207,23 @@ def test_non_table_module_type_must_match(tmp_path: Path) -> None:
 
 def test_recorded_module_missing_from_model(tmp_path: Path) -> None:
     formats.save(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), tmp_path / "s.nnc")
-    with pytest.raises(FormatError, match=r"module '1' recorded in the file is not in the model"):
+    with pytest.raises(FormatError, match=r"module '' records child '1', which the model's "
+                                          r"Sequential lacks"):
         formats.load(tmp_path / "s.nnc", skeleton=nn.Sequential(nn.Linear(2, 2)))
+    formats.save(nn.ModuleDict({"a": nn.Linear(2, 2)}), tmp_path / "d.nnc")
+    with pytest.raises(FormatError, match=r"module 'b' recorded in the file is not in the "
+                                          r"model"):
+        formats.save(nn.ModuleDict({"b": nn.Linear(2, 2)}), tmp_path / "e.nnc")
+        formats.load(tmp_path / "e.nnc", skeleton=nn.ModuleDict({"a": nn.Linear(2, 2)}))
+
+
+def test_a_class_recorded_from_a_script_matches_the_same_class_imported() -> None:
+    from nncompress.formats.arch import same_class
+
+    assert same_class("__main__.Net", type("Net", (), {"__module__": "mypkg.models"}))
+    assert same_class("mypkg.models.Net", type("Net", (), {"__module__": "__main__"}))
+    assert not same_class("mypkg.models.Net", type("Net", (), {"__module__": "other"}))
+    assert not same_class("__main__.Net", type("Other", (), {"__module__": "mypkg"}))
 
 
 def test_table_module_shape_mismatch_names_tensor(tmp_path: Path) -> None:

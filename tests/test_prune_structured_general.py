@@ -289,3 +289,32 @@ def test_technique_on_a_bidirectional_gru_through_a_context() -> None:
     model = l1_filter_prune(Wrap(), L1FilterPruneConfig(ratio=0.5, epochs_per_step=0), ctx)
     assert model.rnn.hidden_size == 4 and model.norm.normalized_shape == (8,)
     assert model(torch.randn(2, 1, 12)).shape == (2, 3)
+
+
+def test_layer_prune_of_a_builtin_encoder_loads_into_the_users_own_skeleton(tmp_path) -> None:
+    """The file records the encoder's remaining layers: loading it into a freshly built
+    TextEncoder (two layers, built-in types) gives the pruned, rewritten model back."""
+    from nncompress.modules import decompose
+    from nncompress.prune.layers import LayerPruneConfig, layer_prune
+
+    torch.manual_seed(0)
+    model, x = decompose(TextEncoder().eval())[0], _text_batch()
+    ctx = Context(data=_text_data(), progress=False)
+    pruned = layer_prune(model, LayerPruneConfig(count=1, epochs=0), ctx).eval()
+    assert len(pruned.encoder.layers) == 1
+    nc.save(pruned, tmp_path / "m.nnc")
+    loaded = nc.load(tmp_path / "m.nnc", skeleton=TextEncoder())
+    assert len(loaded.encoder.layers) == 1
+    torch.testing.assert_close(loaded(*x), pruned(*x))
+
+
+def _text_data():
+    from torch.utils.data import DataLoader
+
+    from nncompress.data import Dataset
+    from nncompress.data.core import InputsDataset
+
+    ids, mask = torch.randint(1, 40, (32, 10)), torch.ones(32, 10, dtype=torch.bool)
+    ds = InputsDataset((ids, mask), ids[:, 0] % 3)
+    return Dataset("text", DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=16),
+                   (10,), 3)

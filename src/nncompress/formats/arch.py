@@ -51,11 +51,16 @@ from nncompress.lowrank.layers import (
     LowRankLinear,
     LowRankRNN,
 )
+from nncompress.modules.attention import (
+    ACTIVATIONS,
+    SplitMultiheadAttention,
+    SplitTransformerEncoderLayer,
+)
 from nncompress.share.hashing import HashedEmbedding, HashedLinear
 
 __all__ = ["ARCH_PROVIDERS", "MODULE_TYPES", "ArchRecord", "build_module", "complete_args",
            "describe", "inherited_args", "module_args", "module_spec", "parse_record",
-           "qualname"]
+           "qualname", "same_class"]
 
 Validator = Callable[[Any, str], Any]
 _MAX_WIDTH = 2**31
@@ -102,6 +107,10 @@ def _fraction(value: Any, what: str) -> float:
     return number
 
 
+def _names(value: Any, what: str) -> list[str]:
+    return [check_str(v, what) for v in check_list(value, what, max_len=100_000)]
+
+
 _CONV = {"in_channels": _int, "out_channels": _int, "kernel_size": _ints, "stride": _ints,
          "padding": _padding, "dilation": _ints, "groups": _positive, "bias": check_bool,
          "padding_mode": _choice("zeros", "reflect", "replicate", "circular")}
@@ -122,6 +131,12 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     "BatchNorm2d": (nn.BatchNorm2d, _NORM),
     "LayerNorm": (nn.LayerNorm, {"normalized_shape": _ints, "eps": check_float,
                                  "elementwise_affine": check_bool, "bias": check_bool}),
+    "GroupNorm": (nn.GroupNorm, {"num_groups": _positive, "num_channels": _int,
+                                 "eps": check_float, "affine": check_bool}),
+    "InstanceNorm1d": (nn.InstanceNorm1d, _NORM),
+    "InstanceNorm2d": (nn.InstanceNorm2d, _NORM),
+    "RMSNorm": (nn.RMSNorm, {"normalized_shape": _ints, "eps": _optional(check_float),
+                             "elementwise_affine": check_bool}),
     "Embedding": (nn.Embedding, {"num_embeddings": _int, "embedding_dim": _int,
                                  "padding_idx": _optional(_int),
                                  "max_norm": _optional(check_float), "norm_type": check_float,
@@ -143,6 +158,20 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
     "HashedLinear": (HashedLinear, {"in_features": _positive, "out_features": _positive,
                                     "buckets": _positive, "seed": _int, "bias": check_bool}),
     "HashedEmbedding": (HashedEmbedding, {"num_embeddings": _positive, "embedding_dim": _positive, "buckets": _positive, "seed": _int, "padding_idx": _optional(_int)}),  # noqa: E501
+    # rewritten attention built-ins (nncompress.modules): rebuilt parent first, then children
+    "SplitMultiheadAttention": (SplitMultiheadAttention, {
+        "embed_dim": _positive, "num_heads": _positive, "head_dim": _positive,
+        "kdim": _positive, "vdim": _positive, "bias": check_bool, "dropout": _fraction,
+        "batch_first": check_bool}),
+    "SplitTransformerEncoderLayer": (SplitTransformerEncoderLayer, {
+        "d_model": _positive, "nhead": _positive, "dim_feedforward": _positive,
+        "dropout_p": _fraction, "activation_name": _choice(*ACTIVATIONS),
+        "layer_norm_eps": check_float, "batch_first": check_bool, "norm_first": check_bool,
+        "bias": check_bool}),
+    # containers: a recorded child list lets a model whose layers were removed (layer
+    # pruning) load into a skeleton that still has them (the extra children are dropped)
+    "ModuleList": (nn.ModuleList, {"children": _names}),
+    "Sequential": (nn.Sequential, {"children": _names}),
     # parameter-free operations, for builders that record their own structure (they own no
     # tensors, so files never record them in "modules")
     "ReLU": (nn.ReLU, {}),
@@ -174,8 +203,24 @@ class ArchRecord:
     partial: frozenset[str] = frozenset()
 
 
+#: container types whose "children" arg is read from the container, not an attribute
+CONTAINERS = ("ModuleList", "Sequential")
+
+
 def qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def same_class(recorded: str, cls: type) -> bool:
+    """Whether a recorded class name names ``cls``: the same qualified name, or the same
+    class where one side was defined in a script (``__main__``) and the other imported
+    from its module."""
+    if recorded == qualname(cls):
+        return True
+    suffix = f".{cls.__qualname__}"
+    if not recorded.endswith(suffix):
+        return False
+    return "__main__" in (recorded[:-len(suffix)], cls.__module__)
 
 
 def _json_value(value: Any) -> Any:
@@ -187,6 +232,8 @@ def _json_value(value: Any) -> Any:
 def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
     """The constructor args of table type ``type_name`` as ``module`` has them: each from
     the attribute of the same name (``bias``: whether it has one); absent ones left out."""
+    if type_name in CONTAINERS:
+        return {"children": list(module._modules)}
     args = {}
     for key in MODULE_TYPES[type_name][1]:
         if not hasattr(module, key):

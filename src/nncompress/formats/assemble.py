@@ -15,7 +15,9 @@ structurally pruned or factorised one records just its changed layers.
 
 from __future__ import annotations
 
+import copy
 import importlib
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ from nncompress.errors import FormatError
 from nncompress.formats._checks import clip, fail, short
 from nncompress.formats.arch import (
     ARCH_PROVIDERS,
+    CONTAINERS,
     MODULE_TYPES,
     ArchRecord,
     complete_args,
@@ -33,6 +36,7 @@ from nncompress.formats.arch import (
     inherited_args,
     module_spec,
     qualname,
+    same_class,
 )
 from nncompress.formats.limits import (
     Budget,
@@ -187,9 +191,12 @@ def _replace(model: nn.Module, modules: Modules,
         if current is None:
             fail(f"module {short(path)} recorded in the file is not in the model")
         if args is None:
-            if qualname(type(current)) != type_name:
+            if not same_class(type_name, type(current)):
                 fail(f"module {short(path)} is recorded as {short(type_name, 160)} but the model "
                      f"has {qualname(type(current))}")
+            continue
+        if type_name in CONTAINERS:
+            model = _trim(model, found, path, type_name, args["children"])
             continue
         if path in partial:
             has_bias = f"{path}.bias" in held if path else "bias" in held
@@ -197,6 +204,29 @@ def _replace(model: nn.Module, modules: Modules,
         if module_spec(current) != {"type": type_name, "args": args}:
             model = _swap(model, found, path, make(path, type_name, args))
     return model
+
+
+def _trim(model: nn.Module, found: dict[str, nn.Module], path: str, type_name: str,
+          children: list[str]) -> nn.Module:
+    """A recorded ModuleList / Sequential keeps only its recorded children (a model whose
+    layers were removed loads into a skeleton that still has them); a recorded child the
+    container lacks, or a container of another type, is refused."""
+    current = found[path]
+    if type(current) is not MODULE_TYPES[type_name][0]:
+        fail(f"module {short(path)} is recorded as a {type_name} but the model has "
+             f"{qualname(type(current))}")
+    have = list(current._modules)
+    if have == children:
+        return model
+    missing = [c for c in children if c not in current._modules]
+    if missing:
+        fail(f"module {short(path)} records child {short(missing[0])}, which the model's "
+             f"{type_name} lacks (it has {len(have)})")
+    if type_name == "ModuleList" and children != [str(i) for i in range(len(children))]:
+        fail(f"module {short(path)}: a ModuleList's children must be 0..n-1")
+    new = copy.copy(current)
+    new._modules = OrderedDict((c, current._modules[c]) for c in children)
+    return _swap(model, found, path, new)
 
 
 def _fit(model: nn.Module, tensors: Mapping[str, torch.Tensor],
@@ -368,7 +398,7 @@ def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, A
     for path, spec in modules.items():
         current = found.get(path)
         same = current is not None and (module_spec(current) == spec if spec["args"] is not None
-                                        else qualname(type(current)) == spec["type"])
+                                        else same_class(spec["type"], type(current)))
         if same:
             continue
         differing[path] = spec

@@ -187,17 +187,24 @@ class SplitTransformerEncoderLayer(nn.Module):
     Children as in the built-in: ``self_attn`` (a :class:`SplitMultiheadAttention`),
     ``linear1``, ``dropout``, ``linear2``, ``norm1``, ``norm2``, ``dropout1``,
     ``dropout2``, ``activation``; the same ``forward(src, src_mask, src_key_padding_mask,
-    is_causal)``.
+    is_causal)``. The constructor args are kept as attributes of the same names (the
+    dropout rate as ``dropout_p``, the activation's name as ``activation_name``): they
+    describe the layer as built, before any pruning changed its children.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation: str = "relu", layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 dropout_p: float = 0.1, activation_name: str = "relu",
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
+        if activation_name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got "
-                             f"{activation!r}")
+                             f"{activation_name!r}")
+        self.d_model, self.nhead, self.dim_feedforward = d_model, nhead, dim_feedforward
+        self.dropout_p, self.activation_name = float(dropout_p), activation_name
+        self.layer_norm_eps, self.batch_first, self.bias = layer_norm_eps, batch_first, bias
+        dropout, activation = dropout_p, activation_name
         kw = {"device": device, "dtype": dtype}
         self.self_attn = SplitMultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, **kw)

@@ -96,7 +96,7 @@ def _split_layer(m: nn.TransformerEncoderLayer) -> SplitTransformerEncoderLayer:
     # built on the meta device: every tensor-holding child is replaced by the built-in's
     new = SplitTransformerEncoderLayer(
         m.linear1.in_features, m.self_attn.num_heads, m.linear1.out_features,
-        dropout=m.dropout.p, activation=activation_name(m.activation) or "relu",
+        dropout_p=m.dropout.p, activation_name=activation_name(m.activation) or "relu",
         layer_norm_eps=m.norm1.eps, batch_first=m.self_attn.batch_first,
         norm_first=m.norm_first, bias=m.linear1.bias is not None, device="meta")
     for child in ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2",
