@@ -2,12 +2,14 @@
 
 - ``weight_sharing``: per-layer k-means weight sharing with centroid fine-tuning
   (Han, Mao & Dally, 2015, "Deep compression").
-- ``hashed_net``: HashedNets, Linear weights read through a hash from shared buckets
-  (Chen, Wilson, Tyree, Weinberger & Chen, 2015).
+- ``hashed_net``: HashedNets, Linear weights and Embedding tables read through a hash
+  from shared buckets (Chen, Wilson, Tyree, Weinberger & Chen, 2015).
 
-Also (functions over several models, not single-model techniques): ``zipping.zip_models``
-(multi-task zipping, He, Zhou & Thiele 2018) and ``multiplex`` (run-time model
-multiplexing, Eshratifar & Pedram 2020).
+Also (methods over several models, registered in ``MULTI_MODEL_METHODS`` by
+``share.methods`` and run by the CLI's zip / cascade / router / branches commands):
+``zipping.zip_models`` (multi-task zipping, He, Zhou & Thiele 2018), ``multiplex`` and
+``router`` (run-time model multiplexing, Eshratifar & Pedram 2020), and ``branches`` (a
+frozen shared backbone with task heads).
 """
 
 from nncompress.share.hashing import HashedLinear, HashedNetConfig
