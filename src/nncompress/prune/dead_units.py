@@ -427,7 +427,7 @@ def dead_units(model: nn.Module, config: DeadUnitsConfig, ctx: Context) -> nn.Mo
     x = inputs.to(example_input(ctx.data, 2), device)
     batches = _calibration(ctx, config.batches, device)
     _chosen(model, x, config, ctx)  # refuse (or note what is left alone) before any work
-    reference = _outputs(model, batches)
+    reference = _outputs(model, batches) if config.tolerance > 0 else []
     work = copy.deepcopy(model)
     masks = {k: v.clone() for k, v in ctx.masks.items()}
     tallies: dict[str, _Tally] = {}
@@ -449,8 +449,8 @@ TECHNIQUES.register("dead_units", Technique(
     name="dead_units",
     category="pruning",
     paper="Han, Pool, Tran & Dally (2015): Learning both weights and connections for "
-          "efficient neural networks (section 3.2: neurons with zero input or output "
-          "connections are removed)",
+          "efficient neural networks (neurons left with zero input or output connections "
+          "are removed; here their constant output is folded into the next layer)",
     summary="Physically remove hidden units / channels left with no live incoming or "
             "outgoing weight by unstructured pruning, folding constant outputs into the "
             "next layer's bias; same outputs, smaller and faster.",
