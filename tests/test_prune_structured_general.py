@@ -318,3 +318,18 @@ def _text_data():
     ds = InputsDataset((ids, mask), ids[:, 0] % 3)
     return Dataset("text", DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=16),
                    (10,), 3)
+
+
+def test_pruned_heads_and_ffn_of_a_builtin_encoder_load_into_the_users_skeleton(
+        tmp_path) -> None:
+    from nncompress.modules import decompose
+
+    torch.manual_seed(0)
+    model, x = decompose(TextEncoder().eval())[0], _text_batch()
+    prune_channels(model, {"encoder.layers.0.self_attn:heads": [1, 2],
+                           "encoder.layers.1.linear1": list(range(20))}, x)
+    nc.save(model, tmp_path / "m.nnc")
+    loaded = nc.load(tmp_path / "m.nnc", skeleton=TextEncoder())
+    assert loaded.encoder.layers[0].self_attn.num_heads == 2
+    assert loaded.encoder.layers[1].linear1.out_features == 20
+    torch.testing.assert_close(loaded(*x), model(*x))

@@ -142,6 +142,15 @@ def _check_rnn(path: str, type_name: str, args: dict[str, Any],
              f"{args['num_layers']}) but the file holds {held} under it")
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's own parameters and persistent buffers (its children are recorded and
+    checked on their own: a rewritten encoder layer is built as it was before pruning
+    changed its children)."""
+    own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+    skip = module._non_persistent_buffers_set
+    return own + [(n, b) for n, b in module.named_buffers(recurse=False) if n not in skip]
+
+
 def _probe(path: str, type_name: str, args: dict[str, Any],
            tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """The recorded module on the meta device, its tensor shapes checked against the file."""
@@ -152,7 +161,7 @@ def _probe(path: str, type_name: str, args: dict[str, Any],
     probe = _guarded(lambda: cls(**kwargs), limit=limit,
                      what=f"module {short(path)}: cannot construct {type_name} from its "
                           "recorded args")
-    for leaf, tensor in probe.state_dict().items():
+    for leaf, tensor in _own_tensors(probe):
         name = f"{path}.{leaf}" if path else leaf
         if name not in tensors:
             fail(f"module {short(path)} rebuilt as {type_name} needs tensor {short(name)}, "
