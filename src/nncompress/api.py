@@ -201,7 +201,11 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
     config = first.config
     while True:
         stage = Stage(first.kind, first.name, config)
-        work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
+        ctx.attempt_key = f"stage {index}"
+        try:
+            work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
+        finally:
+            ctx.attempt_key = None
         acc, drop = budget.drop(work)
         setting = strength(first.name, config)
         ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation accuracy "

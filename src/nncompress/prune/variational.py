@@ -251,6 +251,14 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     for line in find_prunable(model).unsupported:
         ctx.note(f"sparse_vd: not pruned, no pruning rule for parameter {line}")
     apply_masks(model, ctx.masks)
+    key = _memo_key(config, ctx)
+    if key is not None and key in ctx.memo:  # an accuracy budget's milder attempt
+        state, alphas = ctx.memo[key]
+        model.load_state_dict(state)
+        ctx.note(f"sparse_vd: reused the trained log alphas of {ctx.attempt_key} at "
+                 f"threshold {config.threshold:g}")
+        _finish(model, {n: a <= config.threshold for n, a in alphas.items()}, config, ctx)
+        return model
     others = {n: m for n, m in ctx.masks.items() if n not in targets}
     wrappers: dict[str, SVDLayer] = {}
     for name, path in layers.items():
@@ -271,11 +279,23 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
                   extra_loss=extra,
                   after_step=(lambda _: apply_masks(model, others)) if others else None)
     finally:
-        masks = _unwrap(model, layers, wrappers)
+        alphas = _unwrap(model, layers, wrappers)
         if sampler is not None:
-            masks.update(sampler.keep_masks())
-    _finish(model, masks, config, ctx)
+            alphas.update(sampler.alphas())
+    if key is not None:
+        ctx.memo[key] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                         alphas)
+    _finish(model, {n: a <= config.threshold for n, a in alphas.items()}, config, ctx)
     return model
+
+
+def _memo_key(config: SparseVDConfig, ctx: Context) -> tuple | None:
+    """The key under which a budget's attempts share training (all but the threshold)."""
+    if ctx.attempt_key is None:
+        return None
+    rest = tuple(sorted((k, repr(v)) for k, v in config.model_dump().items()
+                        if k != "threshold"))
+    return ("sparse_vd", ctx.attempt_key, rest)
 
 
 def _finish(model: nn.Module, masks: dict[str, torch.Tensor], config: SparseVDConfig,
@@ -295,13 +315,13 @@ def _finish(model: nn.Module, masks: dict[str, torch.Tensor], config: SparseVDCo
 
 def _unwrap(model: nn.Module, targets: Mapping[str, str],
             wrappers: Mapping[str, SVDLayer]) -> dict[str, torch.Tensor]:
-    """Put the plain layers back; return their keep-masks (bool, weight-shaped)."""
-    masks: dict[str, torch.Tensor] = {}
+    """Put the plain layers back; return their log alphas (weight-shaped)."""
+    alphas: dict[str, torch.Tensor] = {}
     for name, path in targets.items():
         wrapper = wrappers[name]
-        masks[name] = wrapper.keep_mask().cpu()
+        alphas[name] = wrapper.log_alpha().detach().cpu()
         model.set_submodule(path, wrapper.base)
-    return masks
+    return alphas
 
 
 TECHNIQUES.register("sparse_vd", Technique(

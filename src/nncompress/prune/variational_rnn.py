@@ -93,6 +93,11 @@ class SampledWeights(nn.Module):
         """``log alpha`` per name (differentiable), in order."""
         return [log_alpha(t, s) for t, s in zip(self.thetas(), self.log_sigma2, strict=True)]
 
+    def alphas(self) -> dict[str, torch.Tensor]:
+        """``log alpha`` per name (detached, on the CPU)."""
+        return {n: a.detach().cpu() for n, a in zip(self.names, self.log_alphas(),
+                                                     strict=True)}
+
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Bool keep-mask per name: True where ``log alpha <= threshold``."""
         return {n: (a.detach() <= self.threshold).cpu()
