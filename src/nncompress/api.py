@@ -17,7 +17,13 @@ from typing import Any
 from torch import nn
 
 from nncompress import formats
-from nncompress.budget import BACKOFF, backed_off, strength
+from nncompress.budget import (
+    BACKOFF,
+    CONTROL_EPOCHS,
+    backed_off,
+    reference_accuracy,
+    strength,
+)
 from nncompress.data import Dataset, holdout
 from nncompress.errors import DataError, ModelError
 from nncompress.measure import Comparison, Measurement, accuracy, compare, measure
@@ -201,15 +207,11 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
     config = first.config
     while True:
         stage = Stage(first.kind, first.name, config)
-        ctx.attempt_key = f"stage {index}"
-        try:
-            work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
-        finally:
-            ctx.attempt_key = None
+        work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
         acc, drop = budget.drop(work)
         setting = strength(first.name, config)
         ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation accuracy "
-                 f"{100 * acc:.2f} % ({-drop:+.2f} pt vs the uncompressed model; budget "
+                 f"{100 * acc:.2f} % ({-drop:+.2f} pt vs the reference; budget "
                  f"-{budget.max_drop:g} pt)")
         milder = backed_off(first.name, config) if drop > budget.max_drop else None
         if milder is None:
@@ -245,8 +247,10 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     rounds), so each speed-up compares two latencies measured together.
     ``max_drop`` (accuracy points; default: the recipe's ``max_drop``): keep the accuracy
     on a validation split carved from ``data.train`` within this many points of the
-    uncompressed model's, backing pruning and sharing stages off until it holds
-    (:mod:`nncompress.budget`); the stages then train on the rest of the training data.
+    reference (the uncompressed model's, or a control's fine-tuned on the rest of the
+    training data if lower: the uncompressed model remembers the split), backing pruning
+    and sharing stages off until it holds (:mod:`nncompress.budget`); the stages then
+    train on the rest of the training data.
     """
     plan = Recipe.resolve(recipe)
     _check_inputs(model, data)
@@ -270,9 +274,15 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     budget = None
     if limit is not None:
         ctx.data, held_out = holdout(data, plan.validation, seed=seed)
-        budget = _Budget(float(limit), held_out, accuracy(work, held_out))
+        first = next((s for s in plan.stages if s.kind == "technique"), None)
+        lr = float(getattr(first.config, "lr", 1e-3)) if first is not None else 1e-3
+        given, control = reference_accuracy(work, ctx.data, held_out, lr=lr, seed=seed,
+                                            progress=progress)
+        budget = _Budget(float(limit), held_out, min(given, control))
         ctx.note(f"max_drop {limit:g} pt: validation split of {plan.validation:g} of the "
-                 f"training samples (seed {seed}); uncompressed validation accuracy "
+                 f"training samples (seed {seed}); validation accuracy of the uncompressed "
+                 f"model {100 * given:.2f} %, of a control fine-tuned {CONTROL_EPOCHS} "
+                 f"epochs on the rest without compression {100 * control:.2f} %; reference "
                  f"{100 * budget.base:.2f} %")
     work, rewrites = decompose(work, ctx.masks)
     for line in rewrites:

@@ -12,17 +12,33 @@ channels, higher rank -- until it holds or the rule runs out of room (then the m
 setting tried is kept and the log says the budget was not met). Every attempt is logged.
 
 Exact stages (``fold_batchnorm``, ``dead_units``) have no rule: they cannot lose accuracy.
+
+The reference accuracy is not simply the uncompressed model's on the validation split:
+that model was trained on those samples and remembers them (a LeNet-300-100 scores 99.5 %
+on them against 97 % on the test split), while the stages retrain on the rest and forget
+them, so every compressed model would look 2-4 points worse than it is. The reference is
+the lower of that accuracy and the accuracy of a *control*: a copy of the uncompressed
+model fine-tuned on the same training part for :data:`CONTROL_EPOCHS` epochs, without any
+compression -- what retraining alone costs on the split.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from torch import nn
 
-__all__ = ["BACKOFF", "Backoff", "backed_off"]
+if TYPE_CHECKING:
+    from nncompress.data import Dataset
+
+__all__ = ["BACKOFF", "CONTROL_EPOCHS", "Backoff", "backed_off", "reference_accuracy"]
+
+#: epochs of the control run that measures what retraining alone costs on the split
+CONTROL_EPOCHS = 10
 
 Params = dict[str, Any]
 
@@ -46,9 +62,12 @@ def _scaled_sparsity(key: str) -> Backoff:
 
 
 def _sparse_vd(p: Params) -> Params | None:
-    """A higher log-alpha threshold drops fewer weights (paper: 3)."""
-    new = float(p["threshold"]) + 1.0
-    return {**p, "threshold": new} if new <= 10.0 else None
+    """Half the KL weight: the data counts more, fewer weights are dropped and less noise
+    is trained in. (The threshold barely matters: sparse VD's log alphas are bimodal --
+    on LeNet-300-100 thresholds 0, 1 and 3 gave the same accuracy and size -- so the
+    backoff turns the KL down instead.)"""
+    new = float(p.get("kl_weight", 1.0)) / 2
+    return {**p, "kl_weight": new} if new >= 1 / 64 else None
 
 
 _BITS = ("bits", "conv_bits", "linear_bits", "rnn_bits", "embedding_bits")
@@ -116,7 +135,7 @@ def _named(*keys: str) -> Callable[[Params], str]:
 BACKOFF: dict[str, Backoff] = {
     "magnitude_prune": _scaled_sparsity("sparsity"),
     "dynamic_surgery": _scaled_sparsity("sparsity"),
-    "sparse_vd": Backoff(_sparse_vd, _named("threshold")),
+    "sparse_vd": Backoff(_sparse_vd, _named("kl_weight", "threshold")),
     "weight_sharing": Backoff(_sharing, _named(*_BITS, "zero_below")),
     "hashed_net": Backoff(_hashing, _named("compression")),
     "l1_filter_prune": Backoff(_structured, _structured_name),
@@ -141,6 +160,20 @@ def backed_off(technique: str, config: BaseModel) -> BaseModel | None:
         return type(config).model_validate(params)
     except Exception:  # the milder setting is out of the config's range: no further notch
         return None
+
+
+def reference_accuracy(model: nn.Module, train_part: Dataset, held_out: Any, *, lr: float,
+                       seed: int, progress: bool) -> tuple[float, float]:
+    """``(uncompressed, control)`` accuracy on ``held_out``: the model as given, and a copy
+    fine-tuned :data:`CONTROL_EPOCHS` epochs on ``train_part`` at ``lr`` (see the module
+    docstring); the budget's reference is the lower of the two."""
+    from nncompress.measure import accuracy
+    from nncompress.train import fine_tune
+
+    control = copy.deepcopy(model)
+    fine_tune(control, train_part, epochs=CONTROL_EPOCHS, lr=lr, seed=seed,
+              progress=progress, desc="max_drop control")
+    return accuracy(model, held_out), accuracy(control, held_out)
 
 
 def strength(technique: str, config: BaseModel) -> str:

@@ -90,12 +90,6 @@ class Context:
     progress: bool = True
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
-    #: set while an accuracy budget reruns a stage milder (``nncompress.budget``): the same
-    #: key for every attempt of that stage, each from the same model and masks
-    attempt_key: str | None = None
-    #: costly results a technique may reuse across those attempts, keyed by
-    #: ``(technique, attempt_key, the config without what the backoff changes)``
-    memo: dict[tuple, Any] = field(default_factory=dict)
 
     def note(self, message: str) -> None:
         """Append one line to the run's log."""

@@ -180,6 +180,9 @@ class SparseVDConfig(TechniqueConfig):
       train too).
     - ``kl_ramp``: share of training over which the KL weight rises from 0 to 1.
     - ``threshold``: weights with ``log alpha`` above it are dropped (paper: 3).
+    - ``kl_weight``: scale of the KL term (1: the ELBO; below 1 weights the data more, so
+      fewer weights are dropped and less noise is trained in -- what an accuracy budget
+      turns down, the threshold alone barely moving the result).
     - ``init_log_sigma2``: starting ``log sigma^2`` of every weight (paper's code: -10).
     - ``layers`` / ``exclude``: fnmatch patterns over prunable parameter names.
     """
@@ -188,6 +191,7 @@ class SparseVDConfig(TechniqueConfig):
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)
     kl_ramp: float = Field(default=0.5, ge=0.0, le=1.0)
     threshold: float = Field(default=3.0, ge=-LOG_ALPHA_CLIP, le=LOG_ALPHA_CLIP)
+    kl_weight: float = Field(default=1.0, gt=0.0, le=10.0)
     init_log_sigma2: float = Field(default=-10.0, ge=-30.0, le=10.0)
     layers: Patterns = ("*",)
     exclude: Patterns = ()
@@ -227,8 +231,8 @@ def _train_size(ctx: Context) -> int:
 
 
 def _kl_loss(wrappers: list[SVDLayer], sampler: SampledWeights | None, n_train: int,
-             ramp_steps: int) -> Callable[[nn.Module], torch.Tensor]:
-    """``extra_loss`` hook: ``kl_weight(step) * sum KL / N`` with a linear warm-up."""
+             ramp_steps: int, scale: float = 1.0) -> Callable[[nn.Module], torch.Tensor]:
+    """``extra_loss`` hook: ``scale * ramp(step) * sum KL / N`` with a linear warm-up."""
     step = [0]
 
     def extra_loss(_: nn.Module) -> torch.Tensor:
@@ -237,7 +241,7 @@ def _kl_loss(wrappers: list[SVDLayer], sampler: SampledWeights | None, n_train: 
         kl = sum(kl_approx(w.log_alpha()) for w in wrappers)
         if sampler is not None:
             kl = kl + sum(kl_approx(a) for a in sampler.log_alphas())
-        return weight * kl / n_train
+        return scale * weight * kl / n_train
     return extra_loss
 
 
@@ -251,14 +255,7 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     for line in find_prunable(model).unsupported:
         ctx.note(f"sparse_vd: not pruned, no pruning rule for parameter {line}")
     apply_masks(model, ctx.masks)
-    key = _memo_key(config, ctx)
-    if key is not None and key in ctx.memo:  # an accuracy budget's milder attempt
-        state, alphas = ctx.memo[key]
-        model.load_state_dict(state)
-        ctx.note(f"sparse_vd: reused the trained log alphas of {ctx.attempt_key} at "
-                 f"threshold {config.threshold:g}")
-        _finish(model, {n: a <= config.threshold for n, a in alphas.items()}, config, ctx)
-        return model
+
     others = {n: m for n, m in ctx.masks.items() if n not in targets}
     wrappers: dict[str, SVDLayer] = {}
     for name, path in layers.items():
@@ -272,7 +269,7 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     except TypeError:
         steps = config.epochs
     extra = _kl_loss(list(wrappers.values()), sampler, _train_size(ctx),
-                     round(config.kl_ramp * steps))
+                     round(config.kl_ramp * steps), config.kl_weight)
     try:
         train.fit(model if sampler is None else sampler, ctx.data, epochs=config.epochs,
                   lr=config.lr, seed=ctx.seed, progress=ctx.progress, desc="sparse VD",
@@ -282,20 +279,8 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
         alphas = _unwrap(model, layers, wrappers)
         if sampler is not None:
             alphas.update(sampler.alphas())
-    if key is not None:
-        ctx.memo[key] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                         alphas)
     _finish(model, {n: a <= config.threshold for n, a in alphas.items()}, config, ctx)
     return model
-
-
-def _memo_key(config: SparseVDConfig, ctx: Context) -> tuple | None:
-    """The key under which a budget's attempts share training (all but the threshold)."""
-    if ctx.attempt_key is None:
-        return None
-    rest = tuple(sorted((k, repr(v)) for k, v in config.model_dump().items()
-                        if k != "threshold"))
-    return ("sparse_vd", ctx.attempt_key, rest)
 
 
 def _finish(model: nn.Module, masks: dict[str, torch.Tensor], config: SparseVDConfig,
