@@ -277,3 +277,11 @@ def test_inspect_entropy_compares_each_huffman_stream(work: Path, capsys) -> Non
     for row in stream_rows:
         entropy, huffman = (float(v) for v in row.split()[3:5])
         assert huffman >= entropy  # no prefix code beats the entropy
+
+
+def test_compress_max_drop_must_be_points(tmp_path, capsys) -> None:
+    code = cli.main(["compress", "--model", "mlp", "--recipe", "magnitude-prune",
+                     "--out", str(tmp_path / "m.nnc"), "--max-drop", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-drop" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.nnc").exists()

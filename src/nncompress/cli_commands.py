@@ -106,7 +106,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     recipe = Recipe.resolve(args.recipe)
     model, data = _model_and_data(args)
     result = api.compress(model, recipe, data, seed=args.seed, progress=not args.no_progress,
-                          measure_latency=not args.no_latency)
+                          measure_latency=not args.no_latency, max_drop=args.max_drop)
     emit(result.table())
     size = api.save(result, args.out)
     emit(f"saved {size} bytes to {args.out}")

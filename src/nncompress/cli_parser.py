@@ -174,6 +174,11 @@ def _add_training_commands(sub: Any) -> None:
                    "reference model name)")
     p.add_argument("--recipe", required=True, help="recipe name or YAML file")
     p.add_argument("--out", type=Path, required=True, help="output .nnc file")
+    p.add_argument("--max-drop", type=_float_in("--max-drop", 0.0, 100.0), default=None,
+                   metavar="POINTS",
+                   help="accuracy budget in points on a validation split carved from the "
+                        "training data; lossy stages back off until it holds (default: the "
+                        "recipe's max_drop)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     _common(p, seed=True, handler="compress")
 
