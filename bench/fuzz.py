@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fuzz_recipes import bench_fuzz_recipes, fuzz_recipes_markdown
 from nncompress import formats
 from nncompress import models as zoo
 from nncompress.errors import FormatError
@@ -443,6 +444,7 @@ def fuzz_markdown(result: dict[str, Any]) -> str:
 #: The fuzzers shown on the benchmarks page: (title, bench(echo, cases, seed), markdown).
 SECTIONS: list[tuple[str, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
     ("Hostile .nnc files", bench_fuzz_files, fuzz_markdown),
+    ("Hostile recipes", bench_fuzz_recipes, fuzz_recipes_markdown),
 ]
 
 
