@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fuzz_recipes import bench_fuzz_recipes, fuzz_recipes_markdown
 from nncompress import formats
 from nncompress import models as zoo
 from nncompress.errors import FormatError
@@ -442,9 +441,19 @@ def fuzz_markdown(result: dict[str, Any]) -> str:
 
 
 #: The fuzzers shown on the benchmarks page: (title, bench(echo, cases, seed), markdown).
+def _recipes(echo: Callable[[str], None], cases: int, seed: int) -> dict[str, Any]:
+    from fuzz_recipes import bench_fuzz_recipes  # bench/ is on sys.path when run as a bench
+    return bench_fuzz_recipes(echo, cases, seed)
+
+
+def _recipes_markdown(result: dict[str, Any]) -> str:
+    from fuzz_recipes import fuzz_recipes_markdown
+    return fuzz_recipes_markdown(result)
+
+
 SECTIONS: list[tuple[str, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]] = [
     ("Hostile .nnc files", bench_fuzz_files, fuzz_markdown),
-    ("Hostile recipes", bench_fuzz_recipes, fuzz_recipes_markdown),
+    ("Hostile recipes", _recipes, _recipes_markdown),
 ]
 
 

@@ -84,4 +84,4 @@ def test_bench_counts_peaks_and_markdown(fuzz: ModuleType) -> None:
     assert 0 <= result["max_peak_bytes"] < 2**30 and result["max_seconds"] < BOUND
     text = fuzz.fuzz_markdown(result)
     assert "| one-line FormatError |" in text and "mlp dense" in text
-    assert [title for title, _, _ in fuzz.SECTIONS] == ["Hostile .nnc files"]
+    assert [title for title, _, _ in fuzz.SECTIONS] == ["Hostile .nnc files", "Hostile recipes"]
