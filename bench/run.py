@@ -38,7 +38,8 @@ from generality import GENERALITY_INTRO, bench_generality, generality_markdown
 from multiplex import bench_multiplex
 from nncompress import models as zoo
 from nncompress.data import Dataset
-from nncompress.measure import accuracy, latency, torch_save_bytes
+from nncompress.measure import accuracy, torch_save_bytes
+from nncompress.measure.timing import latency_ab
 from nncompress.recipe import Recipe, Stage
 from nncompress.report import (
     environment,
@@ -117,24 +118,28 @@ def bench_pruning(tmp: Path, echo) -> list[PruneRow]:
         model, data = zoo.load(name, dataset, seed=SEED, progress=False)
         base_acc = accuracy(model, data.test)
         base_bytes = torch_save_bytes(model)
-        lat = _lat_b1(model, data)
-        rows.append(PruneRow(name, dataset, "baseline fp32 (torch.save)", 0.0, base_acc, 0.0,
-                             base_bytes, 1.0, lat))
+        found = [("baseline fp32 (torch.save)", 0.0, model, base_bytes)]
         for s in SPARSITIES:
             runners = (("nncompress", lambda m, d, s=s: run_ours(m, d, s, tmp)),
                        ("torch.nn.utils.prune", lambda m, d, s=s: run_torch_prune(m, d, s)))
             for tool, runner in runners:
                 echo(f"  {name} {tool} sparsity {s:.0%}")
                 pruned, nbytes = runner(model, data)
-                acc = accuracy(pruned, data.test)
-                rows.append(PruneRow(name, dataset, tool, s, acc, acc - base_acc, nbytes,
-                                     base_bytes / nbytes, _lat_b1(pruned, data)))
+                found.append((tool, s, pruned, nbytes))
+        echo(f"  {name}: batch-1 latency of every row, interleaved")
+        lats = _lat_b1([m for _, _, m, _ in found], data)
+        for (tool, s, m, nbytes), lat in zip(found, lats, strict=True):
+            acc = accuracy(m, data.test)
+            rows.append(PruneRow(name, dataset, tool, s, acc, acc - base_acc, nbytes,
+                                 base_bytes / nbytes, lat))
     return rows
 
 
-def _lat_b1(model: nn.Module, data: Dataset) -> float:
-    rep = latency(model, data.input_shape, batch_sizes=(1,), warmup=10, repeats=50)
-    return rep.results[0].median_ms
+def _lat_b1(models: list[nn.Module], data: Dataset) -> list[float]:
+    """Batch-1 medians of ``models`` timed interleaved (alternating rounds)."""
+    reports = latency_ab(models, data.input_shape, batch_sizes=(1,), warmup=10,
+                         repeats=50, rounds=10)
+    return [r.results[0].median_ms for r in reports]
 
 
 def pruning_markdown(rows: list[PruneRow]) -> str:
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({env['machine']}).",
         "Sizes are bytes of the file each tool's user gets on disk; ratio = baseline fp32 "
         "`torch.save` bytes / that file's bytes. Latency: CPU median at batch 1 of the model "
-        "the user gets back (ours: `nc.load` of the .nnc file), after warm-up.",
+        "the user gets back (ours: `nc.load` of the .nnc file), after warm-up; the rows a "
+        "table compares are timed interleaved, in alternating rounds.",
         "",
         "## Magnitude connection pruning (Han et al. 2015) vs `torch.nn.utils.prune`",
         "",
