@@ -35,10 +35,12 @@ MEASUREMENT_NOTES = (
     "smallest lossless encoding it earned); **ratio** = baseline bytes / compressed bytes.",
     "- **MACs**: multiply-accumulates per sample of weight layers and attention matmuls; "
     "**nz MACs** counts only MACs with non-zero weights (what a sparse kernel could skip).",
-    "- **latency**: CPU wall time of the returned `nn.Module`, median of repeated runs after "
-    "warm-up, at batch 1 and batch N; **speed-up** = baseline latency / compressed latency. "
-    "On a shared machine timings drift between runs (up to ~1.3x here); `make bench` times "
-    "the models it compares interleaved, which is the figure to trust.",
+    "- **latency**: CPU wall time of the returned `nn.Module` on real test samples, median "
+    "of repeated runs after warm-up, at batch 1 and batch N. **speed-up**: the uncompressed "
+    "model's latency over the compressed one's, both timed in the same run, interleaved in "
+    "alternating rounds (an A/B test); the baseline row's latency was timed alone, earlier, "
+    "so on a shared machine it may differ from the one the speed-up used (timings drift by "
+    "up to ~1.5x between minutes here).",
     "- **accuracy**: top-1 on the dataset's held-out test split.",
 )
 
