@@ -11,7 +11,8 @@ MNIST-1D tokens (``mnist1d-tokens``): the same signals as token ids of varying l
 a padding mask, ``{"ids": int64 [40], "mask": bool [40]}`` per sample -- a text-like task
 for models with an Embedding and several inputs.
 
-User data: ``"package.module:function"`` names a function taking no arguments that returns
+User data (:mod:`nncompress.data.user`): ``"package.module:function"`` names a function
+taking no arguments that returns
 ``(train_loader, test_loader)`` or ``(x_train, y_train, x_test, y_test)``.
 """
 
@@ -23,7 +24,7 @@ import importlib.metadata
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,134 +196,6 @@ _BUNDLED.register("mnist1d-tokens", _mnist1d_tokens)
 _BUNDLED.register("digits", _digits)
 
 
-# --------------------------------------------------------------------------- user data
-
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _resolve_reference(ref: str) -> Callable[[], Any]:
-    """Import ``package.module:function`` (the function may be a dotted attribute path)."""
-    module_name, _, attr_path = ref.partition(":")
-    if not module_name or not attr_path or ":" in attr_path:
-        raise DataError(f"bad data reference {ref!r}: expected 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure of user code is bad input
-        raise DataError(f"cannot import module {module_name!r} of data reference {ref!r}: "
-                        f"{type(exc).__name__}: {exc}") from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise DataError(f"data reference {ref!r}: {module_name!r} has no attribute "
-                            f"{attr_path!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise DataError(f"data reference {ref!r} is not callable")
-    return obj
-
-
-def _as_tensor(value: Any, what: str, ref: str) -> torch.Tensor:
-    try:
-        return torch.as_tensor(np.asarray(value)) if not torch.is_tensor(value) else value
-    except Exception as exc:
-        raise DataError(f"data reference {ref!r}: {what} is not an array "
-                        f"({type(value).__name__})") from exc
-
-
-def _check_labels(y: torch.Tensor, what: str, ref: str) -> torch.Tensor:
-    """Return labels as int64 [N]; whole-number floats are accepted, anything else is not."""
-    if y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
-        raise DataError(f"data reference {ref!r}: {what} must be a 1-D array of integer class "
-                        f"labels, got dtype {y.dtype} shape {tuple(y.shape)}")
-    if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.round())).all()):
-        raise DataError(f"data reference {ref!r}: {what} holds non-integer labels")
-    y = y.to(torch.int64)
-    if y.numel() and int(y.min()) < 0:
-        raise DataError(f"data reference {ref!r}: {what} holds negative labels")
-    return y
-
-
-def _arrays_from_user(parts: Sequence[Any], ref: str) -> _Arrays:
-    names = ("x_train", "y_train", "x_test", "y_test")
-    xt, yt, xe, ye = (_as_tensor(p, n, ref) for p, n in zip(parts, names, strict=True))
-    yt, ye = _check_labels(yt, "y_train", ref), _check_labels(ye, "y_test", ref)
-    for x, y, split in ((xt, yt, "train"), (xe, ye, "test")):
-        if not (x.is_floating_point() or x.dtype in _INT_DTYPES) or x.ndim < 2:
-            raise DataError(f"data reference {ref!r}: x_{split} must be a numeric array shaped "
-                            f"[N, ...], got dtype {x.dtype} shape {tuple(x.shape)}")
-        if len(x) != len(y) or len(x) == 0:
-            raise DataError(f"data reference {ref!r}: x_{split} has {len(x)} samples but "
-                            f"y_{split} has {len(y)} labels (need the same, non-zero)")
-    if xt.shape[1:] != xe.shape[1:]:
-        raise DataError(f"data reference {ref!r}: train samples are shaped "
-                        f"{tuple(xt.shape[1:])} but test samples {tuple(xe.shape[1:])}")
-    return _Arrays(_feature_dtype(xt), yt, _feature_dtype(xe), ye)
-
-
-def _feature_dtype(x: torch.Tensor) -> torch.Tensor:
-    """Floating features as float32; integer ones (token ids, category codes) as int64."""
-    return x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)
-
-
-def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, ...], int]:
-    """Check every batch of a user loader; return (sample shape of the first input tensor,
-    max label). ``x`` may be one tensor of any dtype or a tuple/dict of tensors; only the
-    first tensor's per-sample shape must stay fixed (sequence lengths may vary)."""
-    shape: tuple[int, ...] | None = None
-    top = -1
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield (x, y) "
-                            f"batches")
-        x, y = batch
-        try:
-            inputs.check(x, f"the {split} loader's x")
-        except DataError as exc:
-            raise DataError(f"data reference {ref!r}: {exc}") from None
-        first = inputs.leaves(x)[0]
-        if first.is_complex() or first.dim() < 2:
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
-                            f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
-        if not (torch.is_tensor(y) and y.dtype == torch.int64
-                and y.shape == (inputs.batch_size(x),)):
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield int64 "
-                            f"labels shaped [B], one per sample")
-        _check_labels(y, f"{split} y", ref)
-        if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
-            raise DataError(f"data reference {ref!r}: {split} samples change shape between "
-                            f"batches")
-        shape = shape or tuple(first.shape[1:])
-        top = max(top, int(y.max()) if len(y) else -1)
-    if shape is None:
-        raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
-    return shape, top
-
-
-def _loaders_from_user(parts: Sequence[Any], ref: str) -> Dataset:
-    train, test = parts
-    if not (isinstance(train, DataLoader) and isinstance(test, DataLoader)):
-        raise DataError(f"data reference {ref!r} must return two DataLoaders or four arrays")
-    shape_tr, top_tr = _scan_loader(train, "train", ref)
-    shape_te, top_te = _scan_loader(test, "test", ref)
-    if shape_tr != shape_te:
-        raise DataError(f"data reference {ref!r}: train samples are shaped {shape_tr} but test "
-                        f"samples {shape_te}")
-    return Dataset(ref, train, test, shape_tr, max(top_tr, top_te) + 1)
-
-
-def _load_user(ref: str, batch_size: int, seed: int) -> Dataset:
-    func = _resolve_reference(ref)
-    try:
-        result = func()
-    except Exception as exc:  # user code failing is bad input, reported in one line
-        raise DataError(f"data reference {ref!r} raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(result, (tuple, list)) or len(result) not in (2, 4):
-        raise DataError(f"data reference {ref!r} must return (train_loader, test_loader) or "
-                        f"(x_train, y_train, x_test, y_test), got {type(result).__name__}")
-    if len(result) == 2:
-        return _loaders_from_user(result, ref)
-    return _from_arrays(ref, _arrays_from_user(result, ref), batch_size, seed)
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -373,7 +246,11 @@ def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     if ":" in name:
-        return _load_user(name, batch_size, seed)
+        from nncompress.data.user import load_user
+
+        found = load_user(name)
+        return found if isinstance(found, Dataset) else _from_arrays(name, found, batch_size,
+                                                                     seed)
     return _from_arrays(name, _BUNDLED.get(name)(), batch_size, seed)
 
 

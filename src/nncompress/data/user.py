@@ -1,0 +1,153 @@
+"""User data references: ``"package.module:function"`` resolved and checked.
+
+The function takes no arguments and returns ``(train_loader, test_loader)`` (batches
+``(x, y)``, ``x`` a tensor of any dtype or a tuple / dict of tensors, see
+:mod:`nncompress.inputs`) or ``(x_train, y_train, x_test, y_test)`` arrays (floating
+features become float32, integer ones -- token ids, category codes -- int64). Anything
+unusable is a one-line :class:`~nncompress.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from nncompress import inputs
+from nncompress.data.core import Dataset, _Arrays
+from nncompress.errors import DataError
+
+__all__ = ["load_user"]
+
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _resolve_reference(ref: str) -> Callable[[], Any]:
+    """Import ``package.module:function`` (the function may be a dotted attribute path)."""
+    module_name, _, attr_path = ref.partition(":")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise DataError(f"bad data reference {ref!r}: expected 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure of user code is bad input
+        raise DataError(f"cannot import module {module_name!r} of data reference {ref!r}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise DataError(f"data reference {ref!r}: {module_name!r} has no attribute "
+                            f"{attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise DataError(f"data reference {ref!r} is not callable")
+    return obj
+
+
+def _as_tensor(value: Any, what: str, ref: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(np.asarray(value)) if not torch.is_tensor(value) else value
+    except Exception as exc:
+        raise DataError(f"data reference {ref!r}: {what} is not an array "
+                        f"({type(value).__name__})") from exc
+
+
+def _check_labels(y: torch.Tensor, what: str, ref: str) -> torch.Tensor:
+    """Return labels as int64 [N]; whole-number floats are accepted, anything else is not."""
+    if y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
+        raise DataError(f"data reference {ref!r}: {what} must be a 1-D array of integer class "
+                        f"labels, got dtype {y.dtype} shape {tuple(y.shape)}")
+    if y.is_floating_point() and not bool((torch.isfinite(y) & (y == y.round())).all()):
+        raise DataError(f"data reference {ref!r}: {what} holds non-integer labels")
+    y = y.to(torch.int64)
+    if y.numel() and int(y.min()) < 0:
+        raise DataError(f"data reference {ref!r}: {what} holds negative labels")
+    return y
+
+
+def _arrays_from_user(parts: Sequence[Any], ref: str) -> _Arrays:
+    names = ("x_train", "y_train", "x_test", "y_test")
+    xt, yt, xe, ye = (_as_tensor(p, n, ref) for p, n in zip(parts, names, strict=True))
+    yt, ye = _check_labels(yt, "y_train", ref), _check_labels(ye, "y_test", ref)
+    for x, y, split in ((xt, yt, "train"), (xe, ye, "test")):
+        if not (x.is_floating_point() or x.dtype in _INT_DTYPES) or x.ndim < 2:
+            raise DataError(f"data reference {ref!r}: x_{split} must be a numeric array shaped "
+                            f"[N, ...], got dtype {x.dtype} shape {tuple(x.shape)}")
+        if len(x) != len(y) or len(x) == 0:
+            raise DataError(f"data reference {ref!r}: x_{split} has {len(x)} samples but "
+                            f"y_{split} has {len(y)} labels (need the same, non-zero)")
+    if xt.shape[1:] != xe.shape[1:]:
+        raise DataError(f"data reference {ref!r}: train samples are shaped "
+                        f"{tuple(xt.shape[1:])} but test samples {tuple(xe.shape[1:])}")
+    return _Arrays(_feature_dtype(xt), yt, _feature_dtype(xe), ye)
+
+
+def _feature_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Floating features as float32; integer ones (token ids, category codes) as int64."""
+    return x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)
+
+
+def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, ...], int]:
+    """Check every batch of a user loader; return (sample shape of the first input tensor,
+    max label). ``x`` may be one tensor of any dtype or a tuple/dict of tensors; only the
+    first tensor's per-sample shape must stay fixed (sequence lengths may vary)."""
+    shape: tuple[int, ...] | None = None
+    top = -1
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield (x, y) "
+                            f"batches")
+        x, y = batch
+        try:
+            inputs.check(x, f"the {split} loader's x")
+        except DataError as exc:
+            raise DataError(f"data reference {ref!r}: {exc}") from None
+        first = inputs.leaves(x)[0]
+        if first.is_complex() or first.dim() < 2:
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
+                            f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
+        if not (torch.is_tensor(y) and y.dtype == torch.int64
+                and y.shape == (inputs.batch_size(x),)):
+            raise DataError(f"data reference {ref!r}: the {split} loader must yield int64 "
+                            f"labels shaped [B], one per sample")
+        _check_labels(y, f"{split} y", ref)
+        if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
+            raise DataError(f"data reference {ref!r}: {split} samples change shape between "
+                            f"batches")
+        shape = shape or tuple(first.shape[1:])
+        top = max(top, int(y.max()) if len(y) else -1)
+    if shape is None:
+        raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
+    return shape, top
+
+
+def _loaders_from_user(parts: Sequence[Any], ref: str) -> Dataset:
+    train, test = parts
+    if not (isinstance(train, DataLoader) and isinstance(test, DataLoader)):
+        raise DataError(f"data reference {ref!r} must return two DataLoaders or four arrays")
+    shape_tr, top_tr = _scan_loader(train, "train", ref)
+    shape_te, top_te = _scan_loader(test, "test", ref)
+    if shape_tr != shape_te:
+        raise DataError(f"data reference {ref!r}: train samples are shaped {shape_tr} but test "
+                        f"samples {shape_te}")
+    return Dataset(ref, train, test, shape_tr, max(top_tr, top_te) + 1)
+
+
+def load_user(ref: str) -> Dataset | _Arrays:
+    """The data behind ``"package.module:function"``: a Dataset of the user's loaders, or
+    the arrays it returned (which ``load_dataset`` wraps in loaders)."""
+    func = _resolve_reference(ref)
+    try:
+        result = func()
+    except Exception as exc:  # user code failing is bad input, reported in one line
+        raise DataError(f"data reference {ref!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 4):
+        raise DataError(f"data reference {ref!r} must return (train_loader, test_loader) or "
+                        f"(x_train, y_train, x_test, y_test), got {type(result).__name__}")
+    if len(result) == 2:
+        return _loaders_from_user(result, ref)
+    return _arrays_from_user(result, ref)
