@@ -11,7 +11,6 @@ from torch import nn
 import nncompress as nc
 from helpers import tiny_data
 from nncompress import models
-from nncompress.errors import UnsupportedLayerError
 from nncompress.prune.masks import mask_sparsity
 from nncompress.prune.variational import SparseVDConfig, SVDLayer, kl_approx, sparse_vd
 from nncompress.recipe import Recipe
@@ -97,16 +96,33 @@ def test_conv_model_is_supported() -> None:
     assert model(torch.randn(2, 1, 12)).shape == (2, 3)
 
 
-def test_attention_is_refused_by_name_before_the_model_changes() -> None:
+class SelfAttentionModel(nn.Module):
+    """Linear -> torch's nn.MultiheadAttention (packed in_proj_weight) -> mean -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(1, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.transpose(1, 2))
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_attention_is_rewritten_then_its_projections_sparsified() -> None:
+    """nn.MultiheadAttention reads its packed projections itself: sparse_vd rewrites it to
+    SplitMultiheadAttention (noted) and sparsifies the called q/k/v/out Linears."""
+    from nncompress.modules import SplitMultiheadAttention
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 8), nn.MultiheadAttention(8, 2, batch_first=True))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = Context(tiny_data(), seed=0, progress=False)
-    with pytest.raises(UnsupportedLayerError, match=r"'1\.in_proj_weight'.*MultiheadAttention"):
-        sparse_vd(model, SparseVDConfig(epochs=1), ctx)
-    assert [type(m) for m in model] == [nn.Linear, nn.MultiheadAttention]
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not ctx.masks
+    model = sparse_vd(SelfAttentionModel(), SparseVDConfig(epochs=1), ctx)
+    assert isinstance(model.attn, SplitMultiheadAttention)
+    assert any("rewrote attn" in line for line in ctx.log)
+    assert {"attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+            "attn.out_proj.weight"} <= set(ctx.masks)
+    assert model(torch.randn(2, 1, 12)).shape == (2, 3)
 
 
 class EncoderModel(nn.Module):

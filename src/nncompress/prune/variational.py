@@ -249,7 +249,12 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
     """Train with sparse variational dropout, then drop high-``log alpha`` weights in place.
 
     The returned model has the original layer types; its keep-masks go to ``ctx.masks``.
+    Built-ins that read their weights directly (``nn.MultiheadAttention``'s packed
+    projections) are rewritten first (:func:`nncompress.modules.decompose`).
     """
+    from nncompress.prune.structured import rewrite_builtins
+
+    model = rewrite_builtins(model, ctx.masks, ctx.note, "sparse_vd")
     layers, sampled = _targets(model, config)
     targets = {*layers, *sampled}
     for line in find_prunable(model).unsupported:
