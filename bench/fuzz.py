@@ -378,7 +378,15 @@ def bench_fuzz_files(echo: Callable[[str], None], cases: int = 10_000,
     n}, "max_seconds", "slowest", "max_peak_bytes", "biggest", "by_seed": {label:
     counts}, "failures": [...]}`` (up to 20 cases that were neither loaded nor a one-line
     FormatError)."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)  # a forked child must not inherit a thread pool
+    try:
+        return _fuzz_files(echo, cases, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fuzz_files(echo: Callable[[str], None], cases: int, seed: int) -> dict[str, Any]:
     counts = dict.fromkeys(OUTCOMES, 0)
     failures: list[dict[str, Any]] = []
     slowest, biggest = (0.0, ""), (0, "")

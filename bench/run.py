@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    env = environment()  # before any section changes the thread count
     torch.manual_seed(SEED)
 
     def echo(msg: str) -> None:
@@ -185,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     echo("fuzzing: hostile files and recipes")
     fuzz = [f"### {title}\n\n{markdown(run(echo, 10_000, 0))}"
             for title, run, markdown in FUZZ_SECTIONS]
-    env = environment()
     text = "\n".join([
         "# Benchmarks",
         "",
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         sharing_markdown(size_rows),
         "",
-        "Per-stage bytes (Han et al. 2015, Table 1 style) of the two deep-compression "
+        "Per-stage bytes (Han et al. 2015, Table 1 style) of the deep-compression "
         "runs above: each weight tensor in its best plain lossless encoding after every "
         "stage (`CompressionResult.bytes_table()`), then with Huffman coding allowed.",
         "",
