@@ -174,15 +174,25 @@ def _segments(stages: Sequence[Stage]) -> list[list[tuple[int, Stage]]]:
 
 
 def _attempt(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
-             measure_now: Measure) -> tuple[nn.Module, list[StageResult]]:
-    results = []
+             measure_now: Measure | None
+             ) -> tuple[nn.Module, list[tuple[Stage, float, nn.Module | Measurement]]]:
+    """Run ``segment``; per stage ``(stage, seconds, measurement)`` -- or, with no
+    ``measure_now``, a copy of the model after it, to be measured if the attempt is kept."""
+    done: list[tuple[Stage, float, nn.Module | Measurement]] = []
     for index, stage in segment:
         start = time.perf_counter()
         work = _run_stage(work, stage, index, ctx)
         seconds = time.perf_counter() - start
-        results.append(StageResult(stage.name, stage.kind, stage.params, measure_now(work),
-                                   seconds))
-    return work, results
+        done.append((stage, seconds, measure_now(work) if measure_now is not None
+                     else copy.deepcopy(work)))
+    return work, done
+
+
+def _results(done: list[tuple[Stage, float, nn.Module | Measurement]],
+             measure_now: Measure) -> list[StageResult]:
+    return [StageResult(stage.name, stage.kind, stage.params,
+                        m if isinstance(m, Measurement) else measure_now(m), seconds)
+            for stage, seconds, m in done]
 
 
 @dataclass(frozen=True)
@@ -201,13 +211,14 @@ class _Budget:
 def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
               measure_now: Measure, budget: _Budget) -> tuple[nn.Module, list[StageResult]]:
     """Run ``segment``; while the validation drop exceeds the budget, rerun it from its
-    starting model and masks with the technique one notch milder (:mod:`nncompress.budget`)."""
+    starting model and masks with the technique one notch milder (:mod:`nncompress.budget`).
+    Only the kept attempt's stages are measured."""
     (index, first), rest = segment[0], segment[1:]
     start_model, start_masks = copy.deepcopy(work), {k: v.clone() for k, v in ctx.masks.items()}
     config = first.config
     while True:
         stage = Stage(first.kind, first.name, config)
-        work, results = _attempt(work, [(index, stage), *rest], ctx, measure_now)
+        work, done = _attempt(work, [(index, stage), *rest], ctx, None)
         acc, drop = budget.drop(work)
         setting = strength(first.name, config)
         ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation accuracy "
@@ -218,7 +229,7 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
             if drop > budget.max_drop:
                 ctx.note(f"max_drop: stage {index} {first.name} cannot back off further; "
                          f"budget not met ({-drop:+.2f} pt), keeping {setting}")
-            return work, results
+            return work, _results(done, measure_now)
         ctx.note(f"max_drop: backing stage {index} {first.name} off to "
                  f"{strength(first.name, milder)}")
         config = milder
@@ -288,14 +299,18 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     for line in rewrites:
         ctx.note(f"rewrote {line}")
     results: list[StageResult] = []
+
+    def measured(m: nn.Module) -> Measurement:
+        return measure_now(m, reference)
+
     for segment in _segments(plan.stages):
         head = segment[0][1]
         if budget is not None and head.kind == "technique" and head.name in BACKOFF:
-            work, done = _budgeted(work, segment, ctx, lambda m: measure_now(m, reference),
-                                   budget)
+            work, kept = _budgeted(work, segment, ctx, measured, budget)
         else:
-            work, done = _attempt(work, segment, ctx, lambda m: measure_now(m, reference))
-        results += done
+            work, done = _attempt(work, segment, ctx, measured)
+            kept = _results(done, measured)
+        results += kept
     work.eval()
     return CompressionResult(model=work, recipe=plan, baseline=baseline,
                              stages=tuple(results), log=tuple(ctx.log),

@@ -33,7 +33,6 @@ __all__ = [
     "map_tensors",
     "packed",
     "repeat_to",
-    "sample_shapes",
     "select",
     "take",
     "to",
@@ -144,11 +143,6 @@ def repeat_to(x: Inputs, count: int) -> Inputs:
 def to(x: Inputs, device: torch.device | str) -> Inputs:
     """Every tensor moved to ``device``."""
     return map_tensors(x, lambda t: t.to(device))
-
-
-def sample_shapes(x: Inputs) -> tuple[tuple[int, ...], ...]:
-    """Per-sample shape of every tensor (batch dimension dropped)."""
-    return tuple(tuple(int(d) for d in t.shape[1:]) for t in leaves(x))
 
 
 def describe(x: Inputs) -> str:
