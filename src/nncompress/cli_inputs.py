@@ -217,18 +217,27 @@ def skeleton_from_class(ref: str) -> nn.Module:
         return _call_user(cls, f"--model-class {ref!r}")
 
 
+def user_model_class(path: Path) -> str | None:
+    """The recorded class of a ``.nnc`` file's user model, or None for a model with a
+    builder (a reference model, a zipped pair, ...)."""
+    from nncompress import formats
+
+    builder = formats.read_header(path)["arch"]["builder"]
+    return None if builder.get("name") is not None else str(builder.get("class"))
+
+
 def load_model_file(path: Path, model_class: str | None) -> nn.Module:
     """A ``.nnc`` file as a runnable module; a user model needs ``--model-class``."""
     import nncompress.share.composite  # noqa: F401  (registers the multi-model architectures)
-    from nncompress import api, formats
+    from nncompress import api
 
     check_input_file(path, "model file")
     if model_class is not None:
         return api.load(path, skeleton=skeleton_from_class(model_class))
-    builder = formats.read_header(path)["arch"]["builder"]
-    if builder.get("name") is None:
+    user_class = user_model_class(path)
+    if user_class is not None:
         raise ModelError(f"{quoted(path)} holds a user model of class "
-                         f"{printable(str(builder.get('class'))[:160])}; give "
+                         f"{printable(user_class[:160])}; give "
                          "--model-class package.module:Class (a class whose Class() builds "
                          "that architecture, importable from the current folder)")
     return api.load(path)

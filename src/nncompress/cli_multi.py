@@ -27,6 +27,7 @@ from nncompress.cli_inputs import (
     looks_like_file,
     quoted,
     refuse_pickled,
+    user_model_class,
 )
 from nncompress.errors import DataError, ModelError
 
@@ -45,15 +46,15 @@ __all__ = ["HANDLERS"]
 def _check_model(spec: str, option: str) -> bool:
     """Check a model reference before any work; ``True`` if it names a reference model
     (trained here). A ``.nnc`` of a user model cannot be rebuilt without its class."""
-    from nncompress import formats, models
+    from nncompress import models
 
     refuse_pickled(spec, option)
     if looks_like_file(spec):
         path = check_input_file(Path(spec), f"{option} model file")
-        builder = formats.read_header(path)["arch"]["builder"]
-        if builder.get("name") is None:
+        user_class = user_model_class(path)
+        if user_class is not None:
             raise ModelError(f"{option} {quoted(spec)} holds a user model of class "
-                             f"{str(builder.get('class'))[:120]}; give {option} "
+                             f"{user_class[:120]}; give {option} "
                              "package.module:function, a function that returns it "
                              "(e.g. nc.load(path, skeleton=YourClass()))")
         return False
