@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,3 +22,14 @@ def tiny_data(n: int = 96, features: int = 12, classes: int = 3, seed: int = 0) 
     ds = TensorDataset(x, y)
     train = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator())
     return Dataset("tiny", train, DataLoader(ds, batch_size=48), (1, features), classes)
+
+
+def bench_module(filename: str, name: str) -> ModuleType:
+    """A module of ``bench/`` (which is not a package) loaded by path under ``name``."""
+    path = Path(__file__).resolve().parents[1] / "bench" / filename
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module

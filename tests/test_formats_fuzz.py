@@ -9,9 +9,7 @@ whose peak memory it measures, for the benchmarks page)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,8 @@ from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "fuzz.py"
+from helpers import bench_module
+
 CASES = 300
 #: per case, seconds (the slowest seen here is about 0.2 s on a busy 2-core machine)
 BOUND = 5.0
@@ -27,12 +26,7 @@ BOUND = 5.0
 
 @pytest.fixture(scope="module")
 def fuzz() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nnc_fuzz", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("nnc_fuzz", module)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("fuzz.py", "nnc_fuzz")
 
 
 class CaseTimeout(BaseException):

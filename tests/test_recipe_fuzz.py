@@ -6,14 +6,12 @@ benchmarks page)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "fuzz_recipes.py"
+from helpers import bench_module
+
 CASES = 300
 #: per case, seconds; the slowest case here (10,000-deep nesting) takes about 0.2 s
 BOUND = 3.0
@@ -21,12 +19,7 @@ BOUND = 3.0
 
 @pytest.fixture(scope="module")
 def fuzz() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fuzz_recipes", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fuzz_recipes", module)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("fuzz_recipes.py", "fuzz_recipes")
 
 
 def test_hostile_cases_all_end_in_one_line_errors(fuzz: ModuleType) -> None:
