@@ -37,3 +37,7 @@ class UnsupportedLayerError(NNCError):
 
 class ConstraintError(NNCError):
     """A requested target (sparsity, ratio, budget) is impossible."""
+
+
+class KernelUnavailableError(NNCError):
+    """A C kernel cannot be built or loaded here (no gcc, a failed build); names which."""
