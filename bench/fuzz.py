@@ -34,9 +34,10 @@ from torch import nn
 from nncompress import formats
 from nncompress import models as zoo
 from nncompress.errors import FormatError
-from nncompress.formats import DTYPES, ENCODINGS, MODULE_TYPES
+from nncompress.formats import DTYPES, ENCODINGS
 from nncompress.formats.arch import describe
 from nncompress.formats.header import json_header, pack_chunks, parse_header, unpack
+from nncompress.formats.layer_types import layer_types
 from nncompress.formats.table import Reader, varint, write_header
 from nncompress.share.hashing import HashedLinear
 
@@ -187,13 +188,14 @@ def _edit_json(value: Any, rng: random.Random) -> None:
 
 
 def _edit_modules(header: dict[str, Any], rng: random.Random) -> None:
-    """Record a random table type, with odd args, at a path the model has (or not)."""
+    """Record a random layer type, with odd args, at a path the model has (or not)."""
     names = [t["name"].rpartition(".")[0] for t in header["tensors"]] or [""]
     path = rng.choice([*names, "nope", "layers.0"])
-    type_name = rng.choice([t for t in MODULE_TYPES if t != "HashedEmbedding"])
+    table = layer_types()
+    type_name = rng.choice([t for t in table.names() if t != "HashedEmbedding"])
     current = header["arch"]["modules"].get(path)
     args: dict[str, Any] = {}
-    for key in MODULE_TYPES[type_name][1]:
+    for key in table.get(type_name).args:
         args[key] = rng.choice([rng.choice(INTERESTING), True, False, [3], [1, 1], None,
                                 "zeros", 0.0, 20_000])
     if current and current.get("args") and rng.random() < 0.5:

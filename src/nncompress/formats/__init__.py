@@ -12,10 +12,13 @@ Layout and header schema (format version 2; version 1 still read): ``docs/FORMAT
 Adding an encoding: subclass :class:`Encoding` and register an instance in
 :data:`ENCODINGS`. ``save`` picks each tensor's smallest lossless encoding from cheap
 statistics (:func:`choose_encoding`); ``load`` bounds what a file may make it allocate.
+Adding a layer type a file may construct: register a :class:`LayerType` in
+:data:`LAYER_TYPES` next to the class (and list its module in
+``layer_types.LAYER_PACKAGES``); read the table through ``layer_types.layer_types()``.
 """
 
-from nncompress.formats import huffman, packed  # noqa: F401  (register their encodings)
-from nncompress.formats.arch import MODULE_TYPES
+# imported to register PyTorch's layer types (arch) and the encodings
+from nncompress.formats import arch, huffman, intk, packed  # noqa: F401
 from nncompress.formats.choose import (
     choose_encoding,
     encoded_sizes,
@@ -33,15 +36,17 @@ from nncompress.formats.container import (
 )
 from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
 from nncompress.formats.header import FORMAT_VERSION, MAGIC
+from nncompress.formats.layer_types import LAYER_TYPES, LayerType
 
 __all__ = [
     "DTYPES",
     "ENCODINGS",
     "FORMAT_VERSION",
+    "LAYER_TYPES",
     "MAGIC",
-    "MODULE_TYPES",
     "ContainerInfo",
     "Encoding",
+    "LayerType",
     "TensorInfo",
     "choose_encoding",
     "encoded_sizes",

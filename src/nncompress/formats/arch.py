@@ -11,21 +11,24 @@ A record has two parts (see ``docs/FORMAT.md``):
 - ``modules``: ``{path: {"type": ..., "args": ...}}`` for submodules that directly own
   parameters or buffers (:func:`describe` lists them all; ``save`` keeps only those that
   differ from the builder's own construction, see :mod:`nncompress.formats.assemble`).
-  Types in :data:`MODULE_TYPES` record their constructor arguments; on load, a module
-  whose built spec differs from the recorded one (e.g. a structurally pruned Linear with
-  fewer ``out_features``, or a Linear recorded as the ``LowRankLinear`` that replaced it)
-  is replaced by one constructed from the recorded, validated args, parents before
-  children. Other types record ``"args": null`` and must match the built model's type
-  exactly.
+  Registered layer types (:data:`~nncompress.formats.layer_types.LAYER_TYPES`, read
+  through :func:`~nncompress.formats.layer_types.layer_types`) record their constructor
+  arguments; on load, a module whose built spec differs from the recorded one (e.g. a
+  structurally pruned Linear with fewer ``out_features``, or a Linear recorded as the
+  ``LowRankLinear`` that replaced it) is replaced by one constructed from the recorded,
+  validated args, parents before children. Other types record ``"args": null`` and must
+  match the built model's type exactly.
 
-Nothing from a file is ever imported, evaluated or unpickled: only classes named in
-:data:`MODULE_TYPES`, in ``builders`` or in the architecture registry are ever called.
+This module registers PyTorch's own layers; every other package registers its layer types
+next to their classes (``nncompress.lowrank.layers``, ``nncompress.share.hashed_layers``,
+``nncompress.modules.attention``, ...), and no module of ``nncompress.formats`` imports a
+technique package. Nothing from a file is ever imported, evaluated or unpickled: only
+registered layer types, ``builders`` or the architecture registry are ever called.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,159 +37,100 @@ from torch import nn
 
 from nncompress.errors import FormatError
 from nncompress.formats._checks import (
-    check_bool,
     check_dict,
-    check_float,
-    check_int,
     check_keys,
-    check_list,
     check_str,
     fail,
     short,
 )
-from nncompress.lowrank.layers import (
-    RNN_MODES,
-    LowRankConv1d,
-    LowRankConv2d,
-    LowRankLinear,
-    LowRankRNN,
+from nncompress.formats.layer_types import (
+    LAYER_TYPES,
+    LayerType,
+    Validator,
+    bool_arg,
+    choice_arg,
+    float_arg,
+    fraction_arg,
+    int_arg,
+    ints_arg,
+    layer_types,
+    names_arg,
+    optional_arg,
+    padding_arg,
+    positive_arg,
+    signed_arg,
 )
-from nncompress.modules.attention import (
-    ACTIVATIONS,
-    SplitMultiheadAttention,
-    SplitTransformerEncoderLayer,
-)
-from nncompress.share.hashing import HashedEmbedding, HashedLinear
+from nncompress.registry import Registry
 
-__all__ = ["ARCH_PROVIDERS", "MODULE_TYPES", "ArchRecord", "build_module", "complete_args",
-           "describe", "inherited_args", "module_args", "module_spec", "parse_record",
-           "qualname", "same_class"]
+__all__ = ["ARCH_PROVIDERS", "ArchRecord", "build_module", "complete_args", "describe",
+           "inherited_args", "module_args", "module_spec", "parse_record", "qualname",
+           "same_class"]
 
-Validator = Callable[[Any, str], Any]
-_MAX_WIDTH = 2**31
+_CONV = {"in_channels": int_arg, "out_channels": int_arg, "kernel_size": ints_arg,
+         "stride": ints_arg, "padding": padding_arg, "dilation": ints_arg,
+         "groups": positive_arg, "bias": bool_arg,
+         "padding_mode": choice_arg("zeros", "reflect", "replicate", "circular")}
+_NORM = {"num_features": int_arg, "eps": float_arg, "momentum": optional_arg(float_arg),
+         "affine": bool_arg, "track_running_stats": bool_arg}
+_RNN = {"input_size": int_arg, "hidden_size": int_arg, "num_layers": positive_arg,
+        "bias": bool_arg, "batch_first": bool_arg, "dropout": fraction_arg,
+        "bidirectional": bool_arg}
 
-
-def _int(value: Any, what: str) -> int:
-    return check_int(value, what, hi=_MAX_WIDTH)
-
-
-def _signed(value: Any, what: str) -> int:
-    return check_int(value, what, lo=-64, hi=64)
-
-
-def _positive(value: Any, what: str) -> int:
-    return check_int(value, what, lo=1, hi=_MAX_WIDTH)
-
-
-def _ints(value: Any, what: str) -> list[int]:
-    return [_int(v, what) for v in check_list(value, what, max_len=8)]
-
-
-def _padding(value: Any, what: str) -> str | list[int]:
-    if value in ("same", "valid"):
-        return value
-    return _ints(value, what)
-
-
-def _optional(check: Validator) -> Validator:
-    return lambda value, what: None if value is None else check(value, what)
-
-
-def _choice(*options: str) -> Validator:
-    def check(value: Any, what: str) -> str:
-        if value not in options:
-            fail(f"{what} must be one of {', '.join(options)}; got {short(value)}")
-        return value
-    return check
-
-
-def _fraction(value: Any, what: str) -> float:
-    number = check_float(value, what)
-    if not 0.0 <= number <= 1.0:
-        fail(f"{what} must be between 0 and 1, got {number}")
-    return number
-
-
-def _names(value: Any, what: str) -> list[str]:
-    return [check_str(v, what) for v in check_list(value, what, max_len=100_000)]
-
-
-_CONV = {"in_channels": _int, "out_channels": _int, "kernel_size": _ints, "stride": _ints,
-         "padding": _padding, "dilation": _ints, "groups": _positive, "bias": check_bool,
-         "padding_mode": _choice("zeros", "reflect", "replicate", "circular")}
-_NORM = {"num_features": _int, "eps": check_float, "momentum": _optional(check_float),
-         "affine": check_bool, "track_running_stats": check_bool}
-_LOW_RANK_CONV = {"rank": _positive, **{k: v for k, v in _CONV.items() if k != "groups"}}
-_RNN = {"input_size": _int, "hidden_size": _int, "num_layers": _positive, "bias": check_bool,
-        "batch_first": check_bool, "dropout": _fraction, "bidirectional": check_bool}
-
-#: The one table of constructible layer types: name -> (class, {constructor arg: check}).
-#: Only these are ever constructed from a file's args; each arg is read from the attribute
-#: of the same name (``bias`` from whether the module has one).
-MODULE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Validator]]] = {
-    "Linear": (nn.Linear, {"in_features": _int, "out_features": _int, "bias": check_bool}),
-    "Conv1d": (nn.Conv1d, _CONV),
-    "Conv2d": (nn.Conv2d, _CONV),
-    "BatchNorm1d": (nn.BatchNorm1d, _NORM),
-    "BatchNorm2d": (nn.BatchNorm2d, _NORM),
-    "LayerNorm": (nn.LayerNorm, {"normalized_shape": _ints, "eps": check_float,
-                                 "elementwise_affine": check_bool, "bias": check_bool}),
-    "GroupNorm": (nn.GroupNorm, {"num_groups": _positive, "num_channels": _int,
-                                 "eps": check_float, "affine": check_bool}),
-    "InstanceNorm1d": (nn.InstanceNorm1d, _NORM),
-    "InstanceNorm2d": (nn.InstanceNorm2d, _NORM),
-    "RMSNorm": (nn.RMSNorm, {"normalized_shape": _ints, "eps": _optional(check_float),
-                             "elementwise_affine": check_bool}),
-    "Embedding": (nn.Embedding, {"num_embeddings": _int, "embedding_dim": _int,
-                                 "padding_idx": _optional(_int),
-                                 "max_norm": _optional(check_float), "norm_type": check_float,
-                                 "scale_grad_by_freq": check_bool, "sparse": check_bool}),
+#: PyTorch's own layers a file may construct (the key order of each args dict is the
+#: order of a compact record's args list: never reorder). Other packages register their
+#: layer types next to their classes (see :data:`~nncompress.formats.layer_types.LAYER_PACKAGES`).
+_TORCH_LAYERS: tuple[tuple[str, type[nn.Module], dict[str, Validator]], ...] = (
+    ("Linear", nn.Linear, {"in_features": int_arg, "out_features": int_arg,
+                           "bias": bool_arg}),
+    ("Conv1d", nn.Conv1d, _CONV),
+    ("Conv2d", nn.Conv2d, _CONV),
+    ("BatchNorm1d", nn.BatchNorm1d, _NORM),
+    ("BatchNorm2d", nn.BatchNorm2d, _NORM),
+    ("LayerNorm", nn.LayerNorm, {"normalized_shape": ints_arg, "eps": float_arg,
+                                 "elementwise_affine": bool_arg, "bias": bool_arg}),
+    ("GroupNorm", nn.GroupNorm, {"num_groups": positive_arg, "num_channels": int_arg,
+                                 "eps": float_arg, "affine": bool_arg}),
+    ("InstanceNorm1d", nn.InstanceNorm1d, _NORM),
+    ("InstanceNorm2d", nn.InstanceNorm2d, _NORM),
+    ("RMSNorm", nn.RMSNorm, {"normalized_shape": ints_arg, "eps": optional_arg(float_arg),
+                             "elementwise_affine": bool_arg}),
+    ("Embedding", nn.Embedding, {"num_embeddings": int_arg, "embedding_dim": int_arg,
+                                 "padding_idx": optional_arg(int_arg),
+                                 "max_norm": optional_arg(float_arg), "norm_type": float_arg,
+                                 "scale_grad_by_freq": bool_arg, "sparse": bool_arg}),
     # a layer removed by surgery (e.g. a BatchNorm folded into its convolution)
-    "Identity": (nn.Identity, {}),
-    "GRU": (nn.GRU, _RNN),
-    "LSTM": (nn.LSTM, {**_RNN, "proj_size": _int}),
-    "RNN": (nn.RNN, {**_RNN, "nonlinearity": _choice("tanh", "relu")}),
-    # factorised layers (nncompress.lowrank): rebuilt parent first, then their children
-    "LowRankLinear": (LowRankLinear, {"in_features": _int, "out_features": _int,
-                                      "rank": _positive, "bias": check_bool}),
-    "LowRankConv1d": (LowRankConv1d, _LOW_RANK_CONV),
-    "LowRankConv2d": (LowRankConv2d, _LOW_RANK_CONV),
-    "LowRankRNN": (LowRankRNN, {"mode": _choice(*RNN_MODES), "input_size": _int,
-                                "rank": _positive, "hidden_size": _int, "bias": check_bool,
-                                "batch_first": check_bool, "proj_size": _int}),
-    # hashed weight sharing (nncompress.share.hashing): index/sign buffers are rebuilt
-    "HashedLinear": (HashedLinear, {"in_features": _positive, "out_features": _positive,
-                                    "buckets": _positive, "seed": _int, "bias": check_bool}),
-    "HashedEmbedding": (HashedEmbedding, {"num_embeddings": _positive, "embedding_dim": _positive, "buckets": _positive, "seed": _int, "padding_idx": _optional(_int)}),  # noqa: E501
-    # rewritten attention built-ins (nncompress.modules): rebuilt parent first, then children
-    "SplitMultiheadAttention": (SplitMultiheadAttention, {
-        "embed_dim": _positive, "num_heads": _positive, "head_dim": _positive,
-        "kdim": _positive, "vdim": _positive, "bias": check_bool, "dropout": _fraction,
-        "batch_first": check_bool}),
-    "SplitTransformerEncoderLayer": (SplitTransformerEncoderLayer, {
-        "d_model": _positive, "nhead": _positive, "dim_feedforward": _positive,
-        "dropout_p": _fraction, "activation_name": _choice(*ACTIVATIONS),
-        "layer_norm_eps": check_float, "batch_first": check_bool, "norm_first": check_bool,
-        "bias": check_bool}),
+    ("Identity", nn.Identity, {}),
+    ("GRU", nn.GRU, _RNN),
+    ("LSTM", nn.LSTM, {**_RNN, "proj_size": int_arg}),
+    ("RNN", nn.RNN, {**_RNN, "nonlinearity": choice_arg("tanh", "relu")}),
     # containers: a recorded child list lets a model whose layers were removed (layer
     # pruning) load into a skeleton that still has them (the extra children are dropped)
-    "ModuleList": (nn.ModuleList, {"children": _names}),
-    "Sequential": (nn.Sequential, {"children": _names}),
+    ("ModuleList", nn.ModuleList, {"children": names_arg}),
+    ("Sequential", nn.Sequential, {"children": names_arg}),
     # parameter-free operations, for builders that record their own structure (they own no
     # tensors, so files never record them in "modules")
-    "ReLU": (nn.ReLU, {}),
-    "Tanh": (nn.Tanh, {}),
-    "Sigmoid": (nn.Sigmoid, {}),
-    "GELU": (nn.GELU, {"approximate": _choice("none", "tanh")}),
-    "LeakyReLU": (nn.LeakyReLU, {"negative_slope": check_float}),
-    "Flatten": (nn.Flatten, {"start_dim": _signed, "end_dim": _signed}),
-    "Dropout": (nn.Dropout, {"p": _fraction}),
-    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, {"output_size": _positive}),
-    "MaxPool1d": (nn.MaxPool1d, {"kernel_size": _positive, "stride": _positive,
-                                 "padding": _int}),
-    "AvgPool1d": (nn.AvgPool1d, {"kernel_size": _ints, "stride": _ints, "padding": _ints}),
-}
-_TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
+    ("ReLU", nn.ReLU, {}),
+    ("Tanh", nn.Tanh, {}),
+    ("Sigmoid", nn.Sigmoid, {}),
+    ("GELU", nn.GELU, {"approximate": choice_arg("none", "tanh")}),
+    ("LeakyReLU", nn.LeakyReLU, {"negative_slope": float_arg}),
+    ("Flatten", nn.Flatten, {"start_dim": signed_arg, "end_dim": signed_arg}),
+    ("Dropout", nn.Dropout, {"p": fraction_arg}),
+    ("AdaptiveAvgPool1d", nn.AdaptiveAvgPool1d, {"output_size": positive_arg}),
+    ("MaxPool1d", nn.MaxPool1d, {"kernel_size": positive_arg, "stride": positive_arg,
+                                 "padding": int_arg}),
+    ("AvgPool1d", nn.AvgPool1d, {"kernel_size": ints_arg, "stride": ints_arg,
+                                 "padding": ints_arg}),
+)
+
+
+def _register_torch_layers() -> None:
+    for name, cls, args in _TORCH_LAYERS:
+        LAYER_TYPES.register(name, LayerType(cls, dict(args)))
+
+
+_register_torch_layers()
+
 #: modules that register architectures outside ``nncompress.models`` (imported on demand)
 ARCH_PROVIDERS = ("nncompress.share.zipped", "nncompress.share.composite")
 
@@ -230,12 +174,12 @@ def _json_value(value: Any) -> Any:
 
 
 def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
-    """The constructor args of table type ``type_name`` as ``module`` has them: each from
+    """The constructor args of layer type ``type_name`` as ``module`` has them: each from
     the attribute of the same name (``bias``: whether it has one); absent ones left out."""
     if type_name in CONTAINERS:
         return {"children": list(module._modules)}
     args = {}
-    for key in MODULE_TYPES[type_name][1]:
+    for key in layer_types().get(type_name).args:
         if not hasattr(module, key):
             continue
         value = getattr(module, key)
@@ -245,9 +189,15 @@ def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
     return args
 
 
-def module_spec(module: nn.Module) -> dict[str, Any]:
-    """``{"type", "args"}`` of one module: args for table types, ``None`` for others."""
-    name = _TYPE_NAMES.get(type(module))
+def _type_names(table: Registry[LayerType]) -> dict[type, str]:
+    """Class -> registered name of every layer type (exact classes, not subclasses)."""
+    return {table.get(name).cls: name for name in table.names()}
+
+
+def module_spec(module: nn.Module, names: dict[type, str] | None = None) -> dict[str, Any]:
+    """``{"type", "args"}`` of one module: args for registered layer types, ``None`` for
+    others (``names``: :func:`_type_names`, when the caller has it)."""
+    name = (names if names is not None else _type_names(layer_types())).get(type(module))
     if name is None:
         return {"type": qualname(type(module)), "args": None}
     return {"type": name, "args": module_args(module, name)}
@@ -258,7 +208,7 @@ def inherited_args(current: nn.Module, type_name: str, has_bias: bool) -> dict[s
     at its path: the same-named attributes, except that ``bias`` follows the file
     (``has_bias``: whether it holds the tensor ``<path>.bias``)."""
     args = module_args(current, type_name)
-    if "bias" in MODULE_TYPES[type_name][1]:
+    if "bias" in layer_types().get(type_name).args:
         args["bias"] = has_bias
     return args
 
@@ -267,7 +217,7 @@ def complete_args(path: str, type_name: str, partial: dict[str, Any], current: n
                   has_bias: bool) -> dict[str, Any]:
     """Partial args of a module record completed from the module ``current`` at its path
     and the file (see :func:`inherited_args`); every value validated."""
-    checks = MODULE_TYPES[type_name][1]
+    checks = layer_types().get(type_name).args
     inherited = inherited_args(current, type_name, has_bias)
     missing = [k for k in checks if k not in partial and k not in inherited]
     if missing:
@@ -278,14 +228,16 @@ def complete_args(path: str, type_name: str, partial: dict[str, Any], current: n
 
 
 def build_module(spec: Any, what: str) -> nn.Module:
-    """A module of :data:`MODULE_TYPES` from ``{"type", "args"}`` (as :func:`module_spec`
-    writes it), every arg validated; anything else raises FormatError naming ``what``."""
+    """A module of a registered layer type (:func:`~nncompress.formats.layer_types.layer_types`)
+    from ``{"type", "args"}`` (as :func:`module_spec` writes it), every arg validated;
+    anything else raises FormatError naming ``what``."""
     entry = check_keys(spec, what, ("type", "args"))
     type_name = check_str(entry["type"], f"{what} type")
-    if type_name not in MODULE_TYPES:
+    table = layer_types()
+    if type_name not in table:
         fail(f"{what}: type {short(type_name)} cannot be constructed from a file (known: "
-             f"{', '.join(MODULE_TYPES)})")
-    cls, checks = MODULE_TYPES[type_name]
+             f"{', '.join(table.names())})")
+    cls, checks = table.get(type_name).cls, table.get(type_name).args
     args = check_keys(entry["args"], f"{what} args", checks)
     kwargs = {k: checks[k](args[k], f"{what} {k}") for k in checks}
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
@@ -295,12 +247,12 @@ def _owns_tensors(module: nn.Module) -> bool:
     return any(v is not None for v in (*module._parameters.values(), *module._buffers.values()))
 
 
-def _recorded(module: nn.Module) -> bool:
-    """Owns tensors, is a table type holding some (a wrapper such as LowRankRNN), or is an
+def _recorded(module: nn.Module, names: dict[type, str]) -> bool:
+    """Owns tensors, is a layer type holding some (a wrapper such as LowRankRNN), or is an
     Identity (recorded so that a layer replaced by one stays replaced on load)."""
     if _owns_tensors(module) or type(module) is nn.Identity:
         return True
-    return type(module) in _TYPE_NAMES and next(module.parameters(), None) is not None
+    return type(module) in names and next(module.parameters(), None) is not None
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -320,13 +272,14 @@ def describe(model: nn.Module) -> dict[str, Any]:
         builder: dict[str, Any] = {"name": arch_name, "config": config}
     else:
         builder = {"name": None, "class": qualname(cls)}
-    modules = {path: module_spec(m) for path, m in model.named_modules(remove_duplicate=False)
-               if _recorded(m)}
+    names = _type_names(layer_types())
+    modules = {path: module_spec(m, names)
+               for path, m in model.named_modules(remove_duplicate=False) if _recorded(m, names)}
     return {"builder": builder, "modules": modules}
 
 
 def parse_record(raw: Any) -> ArchRecord:
-    """Validate a record read from a file (types, keys, and args of table types)."""
+    """Validate a record read from a file (types, keys, and args of layer types)."""
     record = check_keys(raw, "arch record", ("builder", "modules"))
     builder = check_dict(record["builder"], "arch builder")
     if builder.get("name") is None:
@@ -338,15 +291,15 @@ def parse_record(raw: Any) -> ArchRecord:
         name = check_str(builder["name"], "arch builder name")
         config = check_dict(builder["config"], f"arch config of {short(name)}")
         class_name = None
-    modules, partial = {}, set()
+    modules, partial, table = {}, set(), layer_types()
     for path, spec in check_dict(record["modules"], "arch modules").items():
         what = f"module {short(path)}"
         entry = check_keys(spec, what, ("type", "args"), ("partial",))
         type_name = check_str(entry["type"], f"{what} type")
         if entry.get("partial", True) is not True:
             fail(f"{what} partial must be true when present, got {short(entry['partial'])}")
-        if type_name in MODULE_TYPES:
-            checks = MODULE_TYPES[type_name][1]
+        if type_name in table:
+            checks = table.get(type_name).args
             if "partial" in entry:
                 partial.add(path)
                 args = check_keys(entry["args"], f"{what} args", (), checks)
@@ -355,7 +308,7 @@ def parse_record(raw: Any) -> ArchRecord:
             modules[path] = (type_name, {k: checks[k](v, f"{what} {k}") for k, v in args.items()})
         elif entry["args"] is not None or "partial" in entry:
             fail(f"{what} records type {short(type_name)} with args, but only "
-                 f"{', '.join(MODULE_TYPES)} can be constructed from a file")
+                 f"{', '.join(table.names())} can be constructed from a file")
         else:
             modules[path] = (type_name, None)
     if partial and name is None:

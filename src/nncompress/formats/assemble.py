@@ -29,7 +29,6 @@ from nncompress.formats._checks import clip, fail, short
 from nncompress.formats.arch import (
     ARCH_PROVIDERS,
     CONTAINERS,
-    MODULE_TYPES,
     ArchRecord,
     complete_args,
     describe,
@@ -38,6 +37,7 @@ from nncompress.formats.arch import (
     qualname,
     same_class,
 )
+from nncompress.formats.layer_types import layer_types
 from nncompress.formats.limits import (
     Budget,
     CallGuard,
@@ -155,7 +155,7 @@ def _probe(path: str, type_name: str, args: dict[str, Any],
            tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """The recorded module on the meta device, its tensor shapes checked against the file."""
     _check_rnn(path, type_name, args, tensors)
-    cls = MODULE_TYPES[type_name][0]
+    cls = layer_types().get(type_name).cls
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     limit = call_limit(len(_under(path, tensors, direct=False)))
     probe = _guarded(lambda: cls(**kwargs), limit=limit,
@@ -221,7 +221,7 @@ def _trim(model: nn.Module, found: dict[str, nn.Module], path: str, type_name: s
     layers were removed loads into a skeleton that still has them); a recorded child the
     container lacks, or a container of another type, is refused."""
     current = found[path]
-    if type(current) is not MODULE_TYPES[type_name][0]:
+    if type(current) is not layer_types().get(type_name).cls:
         fail(f"module {short(path)} is recorded as a {type_name} but the model has "
              f"{qualname(type(current))}")
     have = list(current._modules)
@@ -248,7 +248,8 @@ def _fit(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         if name not in tensors:
             fail(f"tensor {short(name)} of the model is missing from the file")
     owners = dict(model.named_modules(remove_duplicate=False))
-    table = {cls for cls, _ in MODULE_TYPES.values()}
+    types = layer_types()
+    table = {types.get(name).cls for name in types.names()}
     for name, value in tensors.items():
         current = own.get(name)
         if not isinstance(current, torch.Tensor):
@@ -330,7 +331,7 @@ def build(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
     with torch.random.fork_rng(devices=[]):
         model = factory(**(record.config or {}))
         model = _replace(model, record.modules, lambda path, type_name, args:
-                         MODULE_TYPES[type_name][0](**_kwargs(args)), record.partial,
+                         _construct(type_name, args), record.partial,
                          shapes)
     _fit(model, tensors)
     return _load(model, tensors, source)
@@ -338,6 +339,11 @@ def build(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
 
 def _kwargs(args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
+def _construct(type_name: str, args: dict[str, Any]) -> nn.Module:
+    """A registered layer type built from validated args."""
+    return layer_types().get(type_name).cls(**_kwargs(args))
 
 
 def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
@@ -349,7 +355,7 @@ def _into_skeleton(record: ArchRecord, shapes: Mapping[str, torch.Tensor],
         budget.spend(module_bytes(_probe(path, type_name, args, shapes)),
                      f"module {short(path)}")
         with torch.random.fork_rng(devices=[]):
-            return MODULE_TYPES[type_name][0](**_kwargs(args))
+            return _construct(type_name, args)
 
     modules, partial = _expanded(record, builders, shapes)
     model = _replace(skeleton, modules, make, partial, shapes)
@@ -414,7 +420,7 @@ def recorded_modules(model: nn.Module, record: Mapping[str, Any]) -> dict[str, A
         if current is not None and spec["args"] is not None:
             has_bias = f"{path}.bias" in held if path else "bias" in held
             differing[path] = _partial(spec, current, has_bias)
-            cls = MODULE_TYPES[spec["type"]][0]
+            cls = layer_types().get(spec["type"]).cls
             new = _guarded(lambda cls=cls, spec=spec: cls(**_kwargs(spec["args"])),
                            limit=call_limit(0), what=f"module {short(path)}")
             reference = _swap(reference, found, path, new)

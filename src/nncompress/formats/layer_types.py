@@ -18,6 +18,7 @@ the table is read, the way :data:`nncompress.technique.TECHNIQUE_PACKAGES` works
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +74,23 @@ LAYER_TYPES: Registry[LayerType] = Registry("layer type", error=FormatError)
 
 
 def layer_types() -> Registry[LayerType]:
-    """The filled registry: every package of :data:`LAYER_PACKAGES` imported once."""
+    """The filled registry: every package of :data:`LAYER_PACKAGES` imported (once; a
+    listed package that does not exist, e.g. one not written yet, is skipped, while any
+    other import error propagates)."""
     for package in LAYER_PACKAGES:
-        importlib.import_module(package)
+        if package not in sys.modules:
+            _import_if_present(package)
     return LAYER_TYPES
+
+
+def _import_if_present(package: str) -> None:
+    """Import ``package``; skip it only when it (or a parent package) is what is missing."""
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if not missing or (package != missing and not package.startswith(f"{missing}.")):
+            raise
 
 
 def type_name_of(cls: type) -> str | None:

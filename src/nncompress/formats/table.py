@@ -38,8 +38,8 @@ from nncompress.formats._checks import (
     fail,
     short,
 )
-from nncompress.formats.arch import MODULE_TYPES
 from nncompress.formats.encodings import DTYPES, ENCODINGS
+from nncompress.formats.layer_types import layer_types
 
 __all__ = ["compact_arch", "expand_arch", "read_header_v2", "write_header"]
 
@@ -107,7 +107,7 @@ _DTYPE_BY_CODE = {d.code: d.name for d in DTYPES.values()}
 
 def compact_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     """A version-1 arch record (``{"builder", "modules"}``) in the short version-2 keys;
-    table-type args become lists in :data:`MODULE_TYPES` key order."""
+    layer-type args become lists in the key order of their registered ``args``."""
     builder = arch["builder"]
     out: dict[str, Any] = ({"b": builder["name"], "c": builder["config"]}
                            if builder.get("name") is not None else {"u": builder["class"]})
@@ -122,7 +122,8 @@ def compact_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
         elif spec.get("partial"):
             modules[path] = [type_name, dict(args)]
         else:
-            modules[path] = [type_name, [args[k] for k in MODULE_TYPES[type_name][1]]]
+            keys = layer_types().get(type_name).args
+            modules[path] = [type_name, [args[k] for k in keys]]
     if modules:
         out["d"] = modules
     if removed:
@@ -154,7 +155,7 @@ def expand_arch(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _expand_module(spec: Any, what: str) -> dict[str, Any]:
     """One compact module record as ``{"type", "args"}`` (+ ``"partial": true``)."""
     if isinstance(spec, str):  # the type alone: no args, or all from the built module
-        return ({"type": spec, "args": {}, "partial": True} if spec in MODULE_TYPES
+        return ({"type": spec, "args": {}, "partial": True} if spec in layer_types()
                 else {"type": spec, "args": None})
     spec = check_list(spec, what, max_len=2)
     if len(spec) != 2:
@@ -162,8 +163,8 @@ def _expand_module(spec: Any, what: str) -> dict[str, Any]:
     type_name, args = check_str(spec[0], f"{what} type"), spec[1]
     if isinstance(args, dict):
         return {"type": type_name, "args": args, "partial": True}
-    if args is not None and type_name in MODULE_TYPES:
-        keys = list(MODULE_TYPES[type_name][1])
+    if args is not None and type_name in layer_types():
+        keys = list(layer_types().get(type_name).args)
         values = check_list(args, f"{what} args", max_len=len(keys))
         if len(values) != len(keys):
             fail(f"{what} records {len(values)} args; {type_name} takes {len(keys)}")

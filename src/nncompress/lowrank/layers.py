@@ -15,7 +15,8 @@
   then the native ``nn.GRU``/``nn.LSTM`` with ``input_size=r`` and ``weight_ih = U``.
 
 Every class takes only JSON-able constructor args (plus ``device``), so the ``.nnc``
-container rebuilds them from its architecture record (``formats.arch.MODULE_TYPES``).
+container rebuilds them from its architecture record; each registers itself in
+``formats.layer_types.LAYER_TYPES`` at the end of this module.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nncompress.formats.layer_types import (
+    LAYER_TYPES,
+    LayerType,
+    bool_arg,
+    choice_arg,
+    int_arg,
+    ints_arg,
+    padding_arg,
+    positive_arg,
+)
 
 __all__ = ["RNN_MODES", "LowRankConv1d", "LowRankConv2d", "LowRankLinear", "LowRankRNN"]
 
@@ -210,3 +222,17 @@ class LowRankRNN(nn.Module):
 
     def forward(self, x: torch.Tensor, hx: Any = None) -> Any:
         return self.rnn(self.proj(x), hx)
+
+
+# factorised layers: rebuilt parent first, then their children (``first``, ``proj``)
+_LOW_RANK_CONV = {"rank": positive_arg, "in_channels": int_arg, "out_channels": int_arg,
+                  "kernel_size": ints_arg, "stride": ints_arg, "padding": padding_arg,
+                  "dilation": ints_arg, "bias": bool_arg,
+                  "padding_mode": choice_arg("zeros", "reflect", "replicate", "circular")}
+LAYER_TYPES.register("LowRankLinear", LayerType(LowRankLinear, {
+    "in_features": int_arg, "out_features": int_arg, "rank": positive_arg, "bias": bool_arg}))
+LAYER_TYPES.register("LowRankConv1d", LayerType(LowRankConv1d, dict(_LOW_RANK_CONV)))
+LAYER_TYPES.register("LowRankConv2d", LayerType(LowRankConv2d, dict(_LOW_RANK_CONV)))
+LAYER_TYPES.register("LowRankRNN", LayerType(LowRankRNN, {
+    "mode": choice_arg(*RNN_MODES), "input_size": int_arg, "rank": positive_arg,
+    "hidden_size": int_arg, "bias": bool_arg, "batch_first": bool_arg, "proj_size": int_arg}))

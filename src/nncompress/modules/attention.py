@@ -28,6 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nncompress.formats.layer_types import (
+    LAYER_TYPES,
+    LayerType,
+    bool_arg,
+    choice_arg,
+    float_arg,
+    fraction_arg,
+    positive_arg,
+)
+
 __all__ = ["ACTIVATIONS", "SplitMultiheadAttention", "SplitTransformerEncoderLayer",
            "activation_name"]
 
@@ -236,3 +246,15 @@ class SplitTransformerEncoderLayer(nn.Module):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
         return self.norm2(x + self._ff_block(x))
+
+
+# rewritten attention built-ins: rebuilt parent first, then their children
+LAYER_TYPES.register("SplitMultiheadAttention", LayerType(SplitMultiheadAttention, {
+    "embed_dim": positive_arg, "num_heads": positive_arg, "head_dim": positive_arg,
+    "kdim": positive_arg, "vdim": positive_arg, "bias": bool_arg, "dropout": fraction_arg,
+    "batch_first": bool_arg}))
+LAYER_TYPES.register("SplitTransformerEncoderLayer", LayerType(SplitTransformerEncoderLayer, {
+    "d_model": positive_arg, "nhead": positive_arg, "dim_feedforward": positive_arg,
+    "dropout_p": fraction_arg, "activation_name": choice_arg(*ACTIVATIONS),
+    "layer_norm_eps": float_arg, "batch_first": bool_arg, "norm_first": bool_arg,
+    "bias": bool_arg}))

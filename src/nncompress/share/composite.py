@@ -16,7 +16,7 @@ Each member model is recorded by its builder, ``{"name": arch_name, "config": {.
 (so only reference architectures, :class:`~nncompress.models.base.ArchModule` s, can be
 members; a structurally pruned or factorised member records its changed layers in the
 file's module records as a single model does). Routers and heads are recorded as
-``{"type", "args"}`` specs of :data:`nncompress.formats.MODULE_TYPES`. Everything read
+``{"type", "args"}`` specs of :data:`nncompress.formats.LAYER_TYPES`. Everything read
 back is validated; only registered classes are ever constructed.
 
 Import this module before ``nc.load`` of such a file (the command line does) so that the

@@ -28,6 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nncompress.formats.layer_types import (
+    LAYER_TYPES,
+    LayerType,
+    bool_arg,
+    int_arg,
+    optional_arg,
+    positive_arg,
+)
+
 __all__ = ["MAX_VIRTUAL", "HashedEmbedding", "HashedLayer", "HashedLinear", "hash_indices",
            "hash_keys"]
 
@@ -265,3 +274,12 @@ class HashedEmbedding(HashedLayer, nn.Embedding):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, buckets={self.buckets}, "
                 f"seed={self.seed}, padding_idx={self.padding_idx}")
+
+
+# index/sign buffers are rebuilt from (shape, seed): a file holds only the buckets and bias
+LAYER_TYPES.register("HashedLinear", LayerType(HashedLinear, {
+    "in_features": positive_arg, "out_features": positive_arg, "buckets": positive_arg,
+    "seed": int_arg, "bias": bool_arg}))
+LAYER_TYPES.register("HashedEmbedding", LayerType(HashedEmbedding, {
+    "num_embeddings": positive_arg, "embedding_dim": positive_arg, "buckets": positive_arg,
+    "seed": int_arg, "padding_idx": optional_arg(int_arg)}))

@@ -50,12 +50,12 @@ Spec = dict[str, Any]
 def spec_of(module: nn.Module) -> Spec:
     """``{"type", "args"}`` of a module the file format can rebuild, else
     UnsupportedLayerError."""
-    from nncompress.formats.arch import module_spec  # lazy: formats imports share.hashing
+    from nncompress.formats.arch import module_spec
 
     spec = module_spec(module)
     if spec["args"] is None:
         raise UnsupportedLayerError(f"multi-task zipping: {type(module).__name__} has no "
-                                    f"file record (see formats.MODULE_TYPES)")
+                                    f"file record (see formats.LAYER_TYPES)")
     return spec
 
 
