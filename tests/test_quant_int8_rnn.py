@@ -169,7 +169,7 @@ def test_program_path_and_no_bias() -> None:
     assert consts[PREFIX + "l0.d0.b_ih"].abs().sum() == 0
     assert consts[PREFIX + "l0.d0.w_ih"].dtype == torch.int8
     ops = [Op("quantize", ("x",), ("xq",)),
-           Op("gru", ("xq",), ("y", "h"), attrs, const_roles(consts, PREFIX)),
+           Op("gru", ("xq",), ("y", "h"), attrs, {k: k for k in consts}),  # prefixed roles
            Op("dequantize", ("y",), ("out",))]
     values = {"x": QType("float32"), "xq": qx, "y": qtypes[0], "h": qtypes[1],
               "out": QType("float32")}

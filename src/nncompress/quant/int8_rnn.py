@@ -19,7 +19,8 @@ an eval-time no-op. Refused (:class:`~nncompress.errors.UnsupportedLayerError`):
 Op ``gru`` (outputs ``y, h_n``) / ``lstm`` (``y, h_n, c_n``); attrs ``hidden_size`` H,
 ``num_layers`` L, ``bidirectional`` (D = 2 else 1), ``batch_first``, ``input_size``.
 Input ``x`` int8 ``[B, T, I]`` (``[T, B, I]`` if not batch_first) with zero-point ``zx``.
-Consts (``op.consts`` role -> name; roles are the names less the converter's prefix),
+Consts (``op.consts`` key -> name in ``Program.consts``; each key is a role below, all
+keys optionally preceded by one common prefix, e.g. ``"layers.0."``),
 per layer ``k`` and direction ``d`` (0 forward, 1 reverse), G = 3 (GRU) or 4 (LSTM):
 ``lk.dd.w_ih`` int8 [G*H, In], ``lk.dd.w_hh`` int8 [G*H, H] (symmetric per row, [-127,
 127]), ``lk.dd.b_ih`` / ``lk.dd.b_hh`` int32 [G*H], ``lk.dd.m_ih`` / ``lk.dd.s_ih`` /
@@ -184,10 +185,10 @@ class _Lut:
         self.sig, self.tanh_ = sigmoid.to(torch.int64), tanh.to(torch.int64)
 
     def sigmoid(self, p: torch.Tensor) -> torch.Tensor:
-        return self.sig[p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN]
+        return self.sig[(p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN).contiguous()]
 
     def tanh(self, p: torch.Tensor) -> torch.Tensor:
-        return self.tanh_[p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN]
+        return self.tanh_[(p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN).contiguous()]
 
 
 def _gru_lut(gx: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, ...], lut: _Lut
@@ -277,6 +278,15 @@ def _run_direction(x: torch.Tensor, zx: int, p: dict[str, torch.Tensor], mode: _
     return torch.stack(ys), h8, c8
 
 
+def _role_prefix(op: Op) -> str:
+    """The one prefix every key of ``op.consts`` carries before its role ("" or the
+    converter's, e.g. ``"layers.0."``), read off the ``sigmoid`` role."""
+    for key in op.consts:
+        if key == "sigmoid" or key.endswith(".sigmoid"):
+            return key[: -len("sigmoid")]
+    raise KeyError(f"{op.kind} op {op.source!r} has no 'sigmoid' table const")
+
+
 def reference(program: Program, op: Op, x: torch.Tensor, x_qtype: QType, *,
               gates: str = "lut") -> list[torch.Tensor]:
     """The outputs (int64 tensors holding int8 values: ``y, h_n`` (+ ``c_n``)) of a ``gru`` /
@@ -287,8 +297,10 @@ def reference(program: Program, op: Op, x: torch.Tensor, x_qtype: QType, *,
         raise ValueError(f"gates must be 'lut' or 'float', got {gates!r}")
     a, kind = op.attrs, op.kind
 
+    prefix = _role_prefix(op)
+
     def const(role: str) -> torch.Tensor:
-        return program.consts[op.consts[role]].to(torch.int64)
+        return program.consts[op.consts[prefix + role]].to(torch.int64)
 
     mode = _Mode(gates, kind, _Lut(const("sigmoid"), const("tanh")))
     seq = x.to(torch.int64)
