@@ -176,10 +176,14 @@ def _json_value(value: Any) -> Any:
 def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
     """The constructor args of layer type ``type_name`` as ``module`` has them: each from
     the attribute of the same name (``bias``: whether it has one); absent ones left out."""
+    return _args_of(module, type_name, layer_types().get(type_name))
+
+
+def _args_of(module: nn.Module, type_name: str, entry: LayerType) -> dict[str, Any]:
     if type_name in CONTAINERS:
         return {"children": list(module._modules)}
     args = {}
-    for key in layer_types().get(type_name).args:
+    for key in entry.args:
         if not hasattr(module, key):
             continue
         value = getattr(module, key)
@@ -189,18 +193,21 @@ def module_args(module: nn.Module, type_name: str) -> dict[str, Any]:
     return args
 
 
-def _type_names(table: Registry[LayerType]) -> dict[type, str]:
-    """Class -> registered name of every layer type (exact classes, not subclasses)."""
-    return {table.get(name).cls: name for name in table.names()}
+ByClass = dict[type, tuple[str, LayerType]]
 
 
-def module_spec(module: nn.Module, names: dict[type, str] | None = None) -> dict[str, Any]:
+def _by_class(table: Registry[LayerType]) -> ByClass:
+    """Class -> (registered name, entry) of every layer type (exact classes only)."""
+    return {(entry := table.get(name)).cls: (name, entry) for name in table.names()}
+
+
+def module_spec(module: nn.Module, types: ByClass | None = None) -> dict[str, Any]:
     """``{"type", "args"}`` of one module: args for registered layer types, ``None`` for
-    others (``names``: :func:`_type_names`, when the caller has it)."""
-    name = (names if names is not None else _type_names(layer_types())).get(type(module))
-    if name is None:
+    others (``types``: :func:`_by_class` of the registry, when the caller has it)."""
+    found = (types if types is not None else _by_class(layer_types())).get(type(module))
+    if found is None:
         return {"type": qualname(type(module)), "args": None}
-    return {"type": name, "args": module_args(module, name)}
+    return {"type": found[0], "args": _args_of(module, *found)}
 
 
 def inherited_args(current: nn.Module, type_name: str, has_bias: bool) -> dict[str, Any]:
@@ -247,12 +254,12 @@ def _owns_tensors(module: nn.Module) -> bool:
     return any(v is not None for v in (*module._parameters.values(), *module._buffers.values()))
 
 
-def _recorded(module: nn.Module, names: dict[type, str]) -> bool:
+def _recorded(module: nn.Module, types: ByClass) -> bool:
     """Owns tensors, is a layer type holding some (a wrapper such as LowRankRNN), or is an
     Identity (recorded so that a layer replaced by one stays replaced on load)."""
     if _owns_tensors(module) or type(module) is nn.Identity:
         return True
-    return type(module) in names and next(module.parameters(), None) is not None
+    return type(module) in types and next(module.parameters(), None) is not None
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -272,9 +279,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
         builder: dict[str, Any] = {"name": arch_name, "config": config}
     else:
         builder = {"name": None, "class": qualname(cls)}
-    names = _type_names(layer_types())
-    modules = {path: module_spec(m, names)
-               for path, m in model.named_modules(remove_duplicate=False) if _recorded(m, names)}
+    types = _by_class(layer_types())
+    modules = {path: module_spec(m, types)
+               for path, m in model.named_modules(remove_duplicate=False) if _recorded(m, types)}
     return {"builder": builder, "modules": modules}
 
 
