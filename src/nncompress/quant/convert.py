@@ -1,0 +1,139 @@
+"""Float model -> integer :class:`~nncompress.quant.program.Program` (Jacob et al., 2018).
+
+Three steps, none of which changes the model handed in:
+
+1. :func:`trace`: ``torch.fx`` symbolic trace (PyTorch layers are leaves, GRU/LSTM included);
+   a model fx cannot trace is refused with fx's reason.
+2. :func:`calibrate`: run the traced model on calibration batches and record, for every
+   node, its observed range (an observer from :mod:`nncompress.quant.observers`: ``minmax``,
+   ``percentile``, ``mse``, ``kl``) and its per-sample shape.
+3. :func:`build_program`: map every node to integer ops (the rules are in
+   :mod:`nncompress.quant.convert_rules`, one table); a ReLU right after a Linear/Conv is
+   fused into its clamp, a scalar multiplication after a matmul into its multiplier. A
+   node no rule covers raises :class:`~nncompress.errors.UnsupportedLayerError` naming it,
+   before anything is returned. BatchNorm must be folded first (``fold_batchnorm``).
+
+QAT (:mod:`nncompress.quant.qat`) supplies the ranges learnt during training instead of
+step 2's observers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from nncompress import inputs
+from nncompress.errors import UnsupportedLayerError
+from nncompress.quant.affine import QType
+from nncompress.quant.program import Op, Program
+
+__all__ = ["Calibration", "build_program", "calibrate", "convert", "positional", "trace"]
+
+
+class _Tracer(fx.Tracer):
+    """PyTorch's own layers are leaves (fx's default), and so are our recurrent wrappers."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.RNNBase,)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as an fx graph (a new module sharing the model's parameters)."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types; the user needs the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedLayerError(
+            f"int8 conversion needs a model torch.fx can trace; {type(model).__name__} "
+            f"cannot be traced: {first[:200]}") from None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+@dataclass
+class Calibration:
+    """Per node name: observed ``(lo, hi)`` range and per-sample shape (batch dim dropped)."""
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, observers: dict[str, Any], observer: str,
+                 cal: Calibration, options: Mapping[str, Any]) -> None:
+        super().__init__(gm)
+        self._observers, self._observer, self._cal = observers, observer, cal
+        self._options = options
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            if n.name not in self._observers:
+                from nncompress.quant.observers import make_observer
+                self._observers[n.name] = make_observer(self._observer, **self._options)
+            self._observers[n.name].update(out.detach())
+        if isinstance(out, torch.Tensor):
+            self._cal.shapes[n.name] = tuple(out.shape)
+            self._cal.dtypes[n.name] = "float32" if out.is_floating_point() else "int64"
+        return out
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[inputs.Inputs], observer: str = "minmax",
+              **options: Any) -> Calibration:
+    """Observe every float tensor node of ``gm`` over ``batches`` (eval mode, no grad)."""
+    observers: dict[str, Any] = {}
+    cal = Calibration()
+    was_training = gm.training
+    gm.eval()
+    with torch.no_grad():
+        for x in batches:
+            _Recorder(gm, observers, observer, cal, options).run(*positional(gm, x))
+    gm.train(was_training)
+    cal.ranges = {k: tuple(map(float, o.range())) for k, o in observers.items()}
+    return cal
+
+
+def positional(gm: fx.GraphModule, x: inputs.Inputs) -> tuple[torch.Tensor, ...]:
+    """A batch's inputs in the order of ``gm``'s placeholders (a dict by their names)."""
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, dict):
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        return tuple(x[name] for name in names if name in x)
+    return tuple(x)
+
+
+def build_program(gm: fx.GraphModule, calibration: Calibration, *,
+                  per_channel: bool = True) -> tuple[Program, list[str]]:
+    """The integer program of ``gm`` with ``calibration``'s ranges, and the log lines (layers
+    kept in float and why, fusions). Raises UnsupportedLayerError naming the first node no
+    rule covers."""
+    from nncompress.quant.convert_rules import Builder
+    builder = Builder(gm, calibration, per_channel=per_channel)
+    for node in gm.graph.nodes:
+        builder.visit(node)
+    return builder.finish()
+
+
+def convert(model: nn.Module, batches: Iterable[inputs.Inputs], *, observer: str = "minmax",
+            per_channel: bool = True, **options: Any) -> tuple[Program, list[str]]:
+    """Trace, calibrate and build: ``model``'s integer program and its log. The model is
+    not changed (fold BatchNorm into it first: ``fold_batchnorm``)."""
+    gm = trace(model)
+    return build_program(gm, calibrate(gm, batches, observer, **options),
+                         per_channel=per_channel)
+
+
+def program_ops(program: Program, kind: str) -> list[Op]:
+    return [op for op in program.ops if op.kind == kind]
+
+
+def float_qtype() -> QType:
+    return QType("float32")
