@@ -1,0 +1,265 @@
+"""Bench section: int8 on the seven reference models, ours beside the peer int8 tools.
+
+Integer-arithmetic-only int8 is Jacob et al., "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference" (CVPR 2018). The peers (fp32
+eager torch, ONNX Runtime fp32 / dynamic int8 / static QDQ int8, PyTorch dynamic int8) are
+built in :mod:`int8_peers`. Every artifact of one model is timed *interleaved*: in each of
+``TIMING``'s rounds every artifact, in a rotating order, gets its warm-up and timed calls
+(``nncompress.measure.timing.latency_ab`` over thin wrappers of the ``predict``
+callables), and the median per artifact is reported, at batch 1 and 256, with ``THREADS``
+intra-op threads for torch and ONNX Runtime alike.
+
+``section(ours=...)`` takes the int8 engineer's builder ``(name, model, data) -> Artifact``
+and checks issue 9's targets against it: accuracy drop <= 0.5 pt (PTQ), ``.nnc`` >= 3.8x
+smaller than the fp32 ``torch.save`` file, batch 1 at least as fast as the fastest peer
+int8 and never slower than fp32 eager torch.
+
+Usage: ``python -c "import sys; sys.path.insert(0, 'bench'); import int8; print(int8.section())"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from int8_peers import THREADS, Artifact, Predict, peer_artifacts
+from nncompress import models as zoo
+from nncompress.data import Dataset, example_input
+from nncompress.measure.timing import latency_ab
+from nncompress.report import fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, render_markdown
+from peers import try_peer
+
+__all__ = ["INT8_INTRO", "Int8Row", "Verdict", "measure_artifacts", "peer_artifacts",
+           "section", "verdict"]
+
+SEED = 0
+MODELS = (("mlp", "digits"), ("cnn1d", "mnist1d"), ("cnn2d", "digits"), ("rescnn", "mnist1d"),
+          ("gru", "mnist1d"), ("lstm", "mnist1d"), ("transformer", "mnist1d"))
+CALIB_BATCHES = 4          # x 64 = 256 seeded training samples
+# batch -> (alternating rounds, warm-up calls per round, timed calls in all)
+TIMING = {1: (10, 5, 200), 256: (6, 1, 24)}
+MAX_DROP = 0.005
+MIN_RATIO = 3.8
+
+Ours = Callable[[str, nn.Module, Dataset], Artifact]
+
+INT8_INTRO = f"""## int8 (integer-only, Jacob et al. 2018) beside the peer int8 tools
+
+Each reference model as its user would ship it: fp32 eager torch (`torch.save` of the
+state dict), ONNX Runtime fp32 (`torch.onnx.export`, TorchScript exporter), ONNX Runtime
+dynamic int8 (`quantize_dynamic`, int8 weights), ONNX Runtime static int8 (`quantize_static`,
+QDQ, per-channel int8 weights, int8 activations, MinMax over {CALIB_BATCHES * 64} seeded
+training samples, after `quant_pre_process`) and PyTorch dynamic int8
+(`torch.ao.quantization.quantize_dynamic` on Linear/GRU/LSTM). Bytes: the shipped file;
+ratio = fp32 `torch.save` bytes / bytes. Accuracy: top-1 on the test split. Latency:
+median ms per call of a real test batch (repeated to 256), all artifacts of a model
+interleaved in alternating rounds ({TIMING[1][2]} timed calls over {TIMING[1][0]} rounds at
+batch 1, {TIMING[256][2]} over {TIMING[256][0]} at batch 256), {THREADS} intra-op threads for
+torch and ONNX Runtime alike. Speed-up = the baseline's median / the artifact's median.
+Notes name every layer a peer leaves in fp32."""
+
+
+@dataclass(frozen=True)
+class Int8Row:
+    """One artifact of one model, measured. Accuracies are fractions; ``accuracy_delta``
+    is against fp32 eager torch; ``ratio`` = fp32 ``torch.save`` bytes / ``file_bytes``;
+    latencies in ms per call; ``*_vs_eager`` / ``*_vs_ort``: speed-ups (>1 = faster) vs
+    fp32 eager torch / ONNX Runtime fp32. Numbers are None for a failed artifact."""
+
+    name: str
+    kind: str
+    accuracy: float | None
+    accuracy_delta: float | None
+    file_bytes: int | None
+    ratio: float | None
+    b1_ms: float | None
+    b256_ms: float | None
+    b1_vs_eager: float | None
+    b256_vs_eager: float | None
+    b1_vs_ort: float | None
+    b256_vs_ort: float | None
+    notes: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Issue 9's int8 targets for our row of one model. ``peer_ratio`` = fastest peer
+    int8's batch-1 median / ours (>= 1: ours at least as fast); ``fp32_ratio`` likewise
+    against fp32 eager torch; ``ort_ratio`` against ONNX Runtime fp32 (shown, not a
+    target)."""
+
+    accuracy_delta: float
+    ratio: float
+    fastest_peer: str | None
+    peer_ratio: float | None
+    fp32_ratio: float
+    ort_ratio: float | None
+
+    @property
+    def checks(self) -> dict[str, bool]:
+        return {"accuracy": self.accuracy_delta >= -MAX_DROP, "size": self.ratio >= MIN_RATIO,
+                "vs peers": self.peer_ratio is None or self.peer_ratio >= 1.0,
+                "vs fp32": self.fp32_ratio >= 1.0}
+
+    @property
+    def met(self) -> bool:
+        return all(self.checks.values())
+
+
+class _Predictor(nn.Module):
+    """An nn.Module face of a ``predict`` callable, so ``latency_ab`` can time it."""
+
+    def __init__(self, predict: Predict) -> None:
+        super().__init__()
+        self.predict = predict
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        return self.predict(x)
+
+
+def _accuracy(predict: Predict, data: Dataset) -> float:
+    correct = seen = 0
+    for x, y in data.test:
+        correct += int((np.asarray(predict(x)).argmax(1) == y.numpy()).sum())
+        seen += len(y)
+    return correct / seen
+
+
+def _latencies(predicts: list[Predict], data: Dataset) -> dict[int, list[float]]:
+    """Batch -> medians (ms) of every predictor, timed interleaved on real test samples."""
+    mods = [_Predictor(p) for p in predicts]
+    example = example_input(data, 1)
+    out: dict[int, list[float]] = {}
+    for batch, (rounds, warmup, repeats) in TIMING.items():
+        reports = latency_ab(mods, batch_sizes=(batch,), warmup=warmup, repeats=repeats,
+                             rounds=rounds, threads=THREADS, seed=SEED, example=example)
+        out[batch] = [r.results[0].median_ms for r in reports]
+    return out
+
+
+def _speedup(base: float | None, mine: float | None) -> float | None:
+    return None if base is None or mine is None else base / mine
+
+
+def measure_artifacts(artifacts: Sequence[Artifact], data: Dataset) -> list[Int8Row]:
+    """Accuracy, bytes and interleaved batch-1 / batch-256 latency of every artifact of one
+    model (one of kind ``"fp32"`` is the baseline; ``"ort-fp32"`` the second one)."""
+    live = [a for a in artifacts if a.predict is not None]
+    lat = _latencies([a.predict for a in live], data)  # type: ignore[misc]
+    by_name = {a.name: (lat[1][i], lat[256][i]) for i, a in enumerate(live)}
+    acc = {a.name: _accuracy(a.predict, data) for a in live}  # type: ignore[arg-type]
+    base = next((a for a in live if a.kind == "fp32"), None)
+    if base is None:
+        raise ValueError("measure_artifacts needs a live artifact of kind 'fp32' (the baseline)")
+    ort = next((a for a in live if a.kind == "ort-fp32"), None)
+    eager_t = by_name[base.name]
+    ort_t = by_name[ort.name] if ort is not None else (None, None)
+    rows = []
+    for a in artifacts:
+        if a.predict is None:
+            rows.append(Int8Row(a.name, a.kind, None, None, None, None, None, None, None,
+                                None, None, None, a.notes, a.error))
+            continue
+        b1, b256 = by_name[a.name]
+        rows.append(Int8Row(
+            a.name, a.kind, acc[a.name], acc[a.name] - acc[base.name], a.file_bytes,
+            base.file_bytes / a.file_bytes, b1, b256, _speedup(eager_t[0], b1),
+            _speedup(eager_t[1], b256), _speedup(ort_t[0], b1), _speedup(ort_t[1], b256),
+            a.notes, a.error))
+    return rows
+
+
+def verdict(rows: Sequence[Int8Row]) -> Verdict | None:
+    """The targets for the ``"ours"`` row of one model's rows (None without a live one)."""
+    ours = next((r for r in rows if r.kind == "ours" and r.b1_ms is not None), None)
+    if ours is None or ours.accuracy_delta is None or ours.ratio is None:
+        return None
+    peers = [r for r in rows if r.kind == "peer-int8" and r.b1_ms is not None]
+    fastest = min(peers, key=lambda r: r.b1_ms or 0.0, default=None)
+    base = next(r for r in rows if r.kind == "fp32")
+    ort = next((r for r in rows if r.kind == "ort-fp32" and r.b1_ms is not None), None)
+    return Verdict(ours.accuracy_delta, ours.ratio, fastest.name if fastest else None,
+                   _speedup(fastest.b1_ms, ours.b1_ms) if fastest else None,
+                   _speedup(base.b1_ms, ours.b1_ms) or 0.0,
+                   _speedup(ort.b1_ms, ours.b1_ms) if ort else None)
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return "-" if a is None else f"{fmt_ratio(a)} / {fmt_ratio(b)}"
+
+
+def rows_markdown(rows: Sequence[Int8Row], ours: bool = False) -> str:
+    """One model's table; ``ours`` adds the batch-1 ratio to the fastest peer int8."""
+    headers = ["artifact", "accuracy", "Δ accuracy", "bytes on disk", "ratio vs fp32",
+               "latency b1", "latency b256", "speed-up vs fp32 eager (b1 / b256)",
+               "speed-up vs ORT fp32 (b1 / b256)"]
+    headers += ["ours vs fastest peer int8 (batch-1 ratio)"] if ours else []
+    v = verdict(rows) if ours else None
+    cells = []
+    for r in rows:
+        row = [r.name, fmt_pct(r.accuracy), fmt_pct(r.accuracy_delta, signed=True),
+               fmt_bytes(r.file_bytes), fmt_ratio(r.ratio), fmt_ms(r.b1_ms), fmt_ms(r.b256_ms),
+               _pair(r.b1_vs_eager, r.b256_vs_eager), _pair(r.b1_vs_ort, r.b256_vs_ort)]
+        if ours:
+            row.append(fmt_ratio(v.peer_ratio) if v is not None and r.kind == "ours" else "-")
+        cells.append(row)
+    notes = [f"- {r.name}: " + (f"failed: {r.error}" if r.error else r.notes) for r in rows
+             if r.error or r.notes]
+    return "\n".join([render_markdown(headers, cells), "", *notes])
+
+
+def verdicts_markdown(found: Sequence[tuple[str, Verdict | None]]) -> str:
+    """The targets table: one line per model, each check marked yes / NO."""
+    headers = ["model", "Δ accuracy (<= 0.5 pt)", f"ratio vs fp32 (>= {MIN_RATIO}x)",
+               "fastest peer int8 (b1)", "ours vs fastest peer int8 (b1, >= 1)",
+               "ours vs fp32 eager (b1, >= 1)", "ours vs ORT fp32 (b1)", "targets met"]
+    cells = []
+    for name, v in found:
+        if v is None:
+            cells.append([name, "-", "-", "-", "-", "-", "-", "NO (ours failed)"])
+            continue
+        failed = [k for k, ok in v.checks.items() if not ok]
+        cells.append([name, fmt_pct(v.accuracy_delta, signed=True), fmt_ratio(v.ratio),
+                      v.fastest_peer or "-", fmt_ratio(v.peer_ratio), fmt_ratio(v.fp32_ratio),
+                      fmt_ratio(v.ort_ratio), "yes" if v.met else "NO: " + ", ".join(failed)])
+    return render_markdown(headers, cells)
+
+
+def _ours_artifact(ours: Ours, name: str, model: nn.Module, data: Dataset) -> Artifact:
+    got, err = try_peer(lambda: ours(name, model, data))
+    if got is None:
+        return Artifact("nncompress int8 (.nnc)", None, 0, kind="ours", error=err)
+    return replace(got, kind="ours")
+
+
+def section(ours: Ours | None = None, out_dir: Path | None = None, *,
+            models: Sequence[tuple[str, str]] = MODELS,
+            echo: Callable[[str], None] | None = None) -> str:
+    """The markdown section: one table per reference model (peers, and ours when given),
+    then, with ``ours``, the targets table. ``out_dir``: where the peers' files go (per
+    model; a temporary directory when None)."""
+    start = time.perf_counter()
+    parts = [INT8_INTRO, ""]
+    found: list[tuple[str, Verdict | None]] = []
+    for name, dataset in models:
+        if echo is not None:
+            echo(f"  int8 peers: {name}")
+        model, data = zoo.load(name, dataset, seed=SEED, progress=False)
+        sub = None if out_dir is None else Path(out_dir) / name
+        arts = peer_artifacts(name, model, data, CALIB_BATCHES, out_dir=sub, seed=SEED)
+        if ours is not None:
+            arts.append(_ours_artifact(ours, name, model, data))
+        rows = measure_artifacts(arts, data)
+        parts += [f"### {name} ({dataset})", "", rows_markdown(rows, ours is not None), ""]
+        found.append((name, verdict(rows)))
+    if ours is not None:
+        parts += ["### Targets (issue 9, int8 PTQ)", "", verdicts_markdown(found), ""]
+    parts.append(f"Section run time: {time.perf_counter() - start:.0f} s.")
+    return "\n".join(parts)
