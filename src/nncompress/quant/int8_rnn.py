@@ -5,11 +5,12 @@ neural networks for efficient integer-arithmetic-only inference"): int8 gate mat
 int32 accumulators, fixed-point requantization (``mbqm`` =
 :func:`~nncompress.quant.affine.multiply_by_quantized_multiplier`, ``rdpot(v, n)`` =
 :func:`~nncompress.quant.affine.rounding_divide_by_pot`: ``v / 2^n`` rounded to nearest,
-ties away from zero); the gate nonlinearities are lookup tables of int16 Q0.15 values
-indexed by a Q.8 pre-activation, and the state is int16 Q0.15, in the spirit of TensorFlow
-Lite's integer LSTM (Q3.12 pre-activations, Q0.15 gates). GRU: Cho et al. (2014); LSTM:
-Hochreiter & Schmidhuber (1997); gate order and equations exactly as ``torch.nn.GRU`` /
-``torch.nn.LSTM`` (GRU rows ``r, z, n``; LSTM rows ``i, f, g, o``).
+ties away from zero, ``>>`` an arithmetic shift); the gate nonlinearities come from one
+257-entry int16 table of tanh, interpolated, on Q.10 pre-activations; the state is int16
+Q0.15, in the spirit of TensorFlow Lite's integer LSTM (Q3.12 pre-activations, Q0.15
+gates). GRU: Cho et al. (2014); LSTM: Hochreiter & Schmidhuber (1997); gate order and
+equations exactly as ``torch.nn.GRU`` / ``torch.nn.LSTM`` (GRU rows ``r, z, n``; LSTM rows
+``i, f, g, o``).
 
 Supported: ``nn.GRU`` and ``nn.LSTM``, any ``num_layers``, ``bidirectional``,
 ``batch_first``, with or without biases (absent biases are stored as zeros); dropout is
@@ -20,26 +21,30 @@ Op ``gru`` (outputs ``y, h_n``) / ``lstm`` (``y, h_n, c_n``); attrs ``hidden_siz
 ``num_layers`` L, ``bidirectional`` (D = 2 else 1), ``batch_first``, ``input_size``.
 Input ``x`` int8 ``[B, T, I]`` (``[T, B, I]`` if not batch_first) with zero-point ``zx``.
 Consts (``op.consts`` key -> name in ``Program.consts``; each key is a role below, all
-keys optionally preceded by one common prefix, e.g. ``"layers.0."``),
-per layer ``k`` and direction ``d`` (0 forward, 1 reverse), G = 3 (GRU) or 4 (LSTM):
-``lk.dd.w_ih`` int8 [G*H, In], ``lk.dd.w_hh`` int8 [G*H, H] (symmetric per row, [-127,
-127]), ``lk.dd.b_ih`` / ``lk.dd.b_hh`` int32 [G*H], ``lk.dd.m_ih`` / ``lk.dd.s_ih`` /
-``lk.dd.m_hh`` / ``lk.dd.s_hh`` int32 [G*H]; shared: ``sigmoid`` and ``tanh`` int16
-[4096]. Per step, everything integer (int32 suffices except the LSTM ``f * c``: int64):
+keys optionally preceded by one common prefix, e.g. ``"layers.0."``), per layer ``k`` and
+direction ``d`` (0 forward, 1 reverse), G = 3 (GRU) or 4 (LSTM): ``lk.dd.w_ih`` int8
+[G*H, In], ``lk.dd.w_hh`` int8 [G*H, H] (symmetric per row, [-127, 127]), ``lk.dd.b_ih``
+/ ``lk.dd.b_hh`` int32 [G*H], ``lk.dd.m_ih`` / ``lk.dd.s_ih`` / ``lk.dd.m_hh`` /
+``lk.dd.s_hh`` int32 [G*H]; shared by all layers: ``tanh`` int16 [257], ``tanh[j] =
+min(round(tanh(j / 32) * 2^15), 32767)``, nondecreasing from 0. Per step, all integer
+(int32 suffices except the LSTM ``f * c``: int64):
 
 1. ``gx = sat16(mbqm(sum_i (x_i - zx) w_ih[r, i] + b_ih[r], m_ih[r], s_ih[r]))`` and
-   ``gh = sat16(mbqm(sum_j h8_j w_hh[r, j] + b_hh[r], m_hh[r], s_hh[r]))``: both in Q.8
-   (real = value / 256), ``sat16`` clamps to [-32768, 32767]. The input side of every
+   ``gh = sat16(mbqm(sum_j h8_j w_hh[r, j] + b_hh[r], m_hh[r], s_hh[r]))``: both Q.10
+   (real = value / 1024), ``sat16`` clamps to [-32768, 32767]. The input side of every
    time step can be computed up front. Layer 0 reads ``x`` (its ``zx``); layer k > 0 reads
    the previous layer's ``y8`` (both directions concatenated, zero-point 0).
-2. ``S(p) = sigmoid[clamp(p, -2048, 2047) + 2048]``, ``Tn(p)`` alike from ``tanh``:
-   ``table[j] = clamp(round(f((j - 2048) / 256) * 32768), lo, 32767)`` (lo = 0 for
-   sigmoid, -32767 for tanh): the pre-activation range [-8, 8) at step 1/256, values Q0.15.
+2. ``L(p, f)`` = ``sign(p) * v`` with ``a = min(|p|, 2^(f + 3) - 1)``, ``k = f - 5``,
+   ``j = a >> k``, ``v = tanh[j] + rdpot((tanh[j+1] - tanh[j]) * (a & (2^k - 1)), k)``:
+   tanh of ``p / 2^f`` in Q0.15, linearly interpolated. Gates of a Q.10 pre-activation:
+   ``Tn(p) = L(p, 10)``, ``S(p) = (L(p, 11) + 32768) >> 1`` (sigmoid(x) = (1 + tanh(x/2))
+   / 2). Both within 4 Q0.15 steps of the float functions, monotone, in [-32767, 32767]
+   and [0, 32767].
 3. GRU (h Q0.15 int16): ``r = S(gx_r + gh_r)``, ``z = S(gx_z + gh_z)``,
    ``n = Tn(gx_n + rdpot(r * gh_n, 15))``, ``h' = n + rdpot(z * (h - n), 15)``.
    LSTM (h Q0.15, c int32 scale 2^-15): ``i, f, o = S(gx + gh)`` of their rows,
    ``g = Tn(gx_g + gh_g)``, ``c' = sat32(rdpot(f * c, 15) + rdpot(i * g, 15))`` (``f * c``
-   in int64), ``h' = rdpot(o * Tn(rdpot(c', 7)), 15)``.
+   in int64), ``h' = rdpot(o * Tn(rdpot(c', 5)), 15)``.
 4. ``h8 = clamp(rdpot(h', 8), -128, 127)``: the int8 Q0.7 state fed to ``w_hh`` at the
    next step and the output ``y`` at this step (scale 2^-7, zero-point 0).
 
@@ -48,11 +53,13 @@ its ``y`` is stored at the original time index; ``y`` is ``[B, T, D*H]`` (``[T, 
 if not batch_first), forward then reverse along the last dim. ``h_n`` int8 ``[L*D, B, H]``
 (the last ``h8`` of each layer and direction, layer-major, as torch orders it, never batch
 first); LSTM ``c_n`` int8 ``[L*D, B, H]`` = ``clamp(rdpot(c, 11), -128, 127)``, scale 2^-4
-(range [-8, 8)). Tables cost 2 x 4096 x 2 bytes = 16 KiB per op (shared by its layers).
+(range [-8, 8)). The table costs 514 bytes per op (identical in every op: a converter may
+point all ops at one copy).
 
-``reference(..., gates="float")`` is the measured alternative: the same int8 matrices and
-int32 accumulators, then ``gx = acc * scale`` in float32 (scale from ``m``, ``s``), float32
-sigmoid / tanh and state, ``h8 = clamp(round(128 h))``; ``bench/int8_rnn.py`` compares them.
+Measured alternatives (``bench/int8_rnn.py``): ``reference(..., gates="float")``: the same
+int8 matrices and int32 accumulators, then ``gx = acc * scale`` in float32 (scale from
+``m``, ``s``), float32 sigmoid / tanh and state, ``h8 = clamp(round(128 h))``;
+``gates="table"``: direct 4096-entry sigmoid and tanh tables at step 1/256 (16 KiB).
 """
 
 from __future__ import annotations
@@ -74,14 +81,14 @@ from nncompress.quant.affine import (
 from nncompress.quant.affine import multiply_by_quantized_multiplier as mbqm
 from nncompress.quant.program import Op, Program
 
-__all__ = ["CELL_QTYPE", "GATES", "LUT_SIZE", "OUT_QTYPE", "PRE_FRAC_BITS", "const_roles",
-           "convert_rnn", "lut_tables", "reference"]
+__all__ = ["CELL_QTYPE", "GATES", "OUT_QTYPE", "PRE_FRAC_BITS", "TABLE_SIZE", "const_roles",
+           "convert_rnn", "gate_sigmoid", "gate_tanh", "lut_tables", "reference"]
 
 #: gate rows per hidden unit: GRU (r, z, n), LSTM (i, f, g, o)
 GATES = {"gru": 3, "lstm": 4}
-PRE_FRAC_BITS = 8                       # pre-activations in Q.8
-PRE_MIN, PRE_MAX = -2048, 2047          # the table's range: [-8, 8)
-LUT_SIZE = PRE_MAX - PRE_MIN + 1        # 4096
+PRE_FRAC_BITS = 10                      # pre-activations in Q.10 (int16: [-32, 32))
+TABLE_STEP_BITS = 5                     # the tanh table's step: 2^-5
+TABLE_SIZE = (8 << TABLE_STEP_BITS) + 1  # 257 entries: tanh over [0, 8]
 STATE_FRAC_BITS = 15                    # h, gate values Q0.15; c scale 2^-15
 CELL_SHIFT = 11                         # c (2^-15) -> c_n int8 (2^-4)
 OUT_QTYPE = QType("int8", 2.0 ** -7, 0)   # y, h_n: Q0.7
@@ -92,13 +99,11 @@ _NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "m_ih", "s_ih", "m_hh", "s_hh")
 
 
 def lut_tables() -> dict[str, torch.Tensor]:
-    """The gate tables: ``sigmoid`` / ``tanh`` int16 [4096], entry ``j`` = ``f((j - 2048) /
-    256)`` in Q0.15 rounded to nearest (sigmoid in [0, 32767], tanh in [-32767, 32767])."""
-    x = (torch.arange(LUT_SIZE, dtype=torch.float64) + PRE_MIN) / 2**PRE_FRAC_BITS
+    """The gate table: ``tanh`` int16 [257], entry ``j`` = ``min(round(tanh(j / 32) *
+    2^15), 32767)`` (Q0.15, rounded half to even)."""
+    x = torch.arange(TABLE_SIZE, dtype=torch.float64) / 2**TABLE_STEP_BITS
     one = 2.0 ** STATE_FRAC_BITS
-    sig = torch.round(torch.sigmoid(x) * one).clamp(0, one - 1)
-    tanh = torch.round(torch.tanh(x) * one).clamp(1 - one, one - 1)
-    return {"sigmoid": sig.to(torch.int16), "tanh": tanh.to(torch.int16)}
+    return {"tanh": torch.round(torch.tanh(x) * one).clamp(max=one - 1).to(torch.int16)}
 
 
 def _kind(module: nn.Module, prefix: str) -> str:
@@ -178,17 +183,61 @@ def _to8(h: torch.Tensor) -> torch.Tensor:
     return _rdpot(h, STATE_FRAC_BITS - 7).clamp(-128, 127)
 
 
-class _Lut:
-    """The gate tables of one op, indexed by a Q.8 pre-activation (int64 tensors)."""
+def _odd_lookup(table: torch.Tensor, p: torch.Tensor, arg_frac_bits: int) -> torch.Tensor:
+    """``sign(p) * tanh(|p| / 2^arg_frac_bits)`` in Q0.15 from the table, interpolated
+    linearly; ``|p|`` is clamped below ``8 * 2^arg_frac_bits``."""
+    k = arg_frac_bits - TABLE_STEP_BITS
+    a = p.abs().clamp(max=(8 << arg_frac_bits) - 1).contiguous()
+    j = torch.bitwise_right_shift(a, k)
+    lo = table[j]
+    v = lo + _rdpot((table[j + 1] - lo) * torch.bitwise_and(a, (1 << k) - 1), k)
+    return torch.where(p < 0, -v, v)
 
-    def __init__(self, sigmoid: torch.Tensor, tanh: torch.Tensor) -> None:
-        self.sig, self.tanh_ = sigmoid.to(torch.int64), tanh.to(torch.int64)
+
+def gate_tanh(table: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``tanh`` of a Q.10 pre-activation (int64) in Q0.15 by the module's table."""
+    return _odd_lookup(table.to(torch.int64), p, PRE_FRAC_BITS)
+
+
+def gate_sigmoid(table: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x) = (1 + tanh(x / 2)) / 2`` of a Q.10 pre-activation in Q0.15 (the same
+    table read at half the argument, floor of the halving)."""
+    t = _odd_lookup(table.to(torch.int64), p, PRE_FRAC_BITS + 1)
+    return torch.bitwise_right_shift(t + (1 << STATE_FRAC_BITS), 1)
+
+
+class _DirectTables:
+    """The measured alternative ``gates="table"``: sigmoid and tanh read without
+    interpolation from 4096-entry tables over [-8, 8) at step 1/256 (16 KiB of int16),
+    indexed by ``rdpot(p, 2)``."""
+
+    def __init__(self) -> None:
+        x = torch.arange(-2048, 2048, dtype=torch.float64) / 256
+        one = 2.0 ** STATE_FRAC_BITS
+        self.sig = torch.round(torch.sigmoid(x) * one).clamp(0, one - 1).to(torch.int64)
+        self.tanh_ = torch.round(torch.tanh(x) * one).clamp(1 - one, one - 1).to(torch.int64)
+
+    def _index(self, p: torch.Tensor) -> torch.Tensor:
+        return (_rdpot(p, PRE_FRAC_BITS - 8).clamp(-2048, 2047) + 2048).contiguous()
 
     def sigmoid(self, p: torch.Tensor) -> torch.Tensor:
-        return self.sig[(p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN).contiguous()]
+        return self.sig[self._index(p)]
 
     def tanh(self, p: torch.Tensor) -> torch.Tensor:
-        return self.tanh_[(p.clamp(PRE_MIN, PRE_MAX) - PRE_MIN).contiguous()]
+        return self.tanh_[self._index(p)]
+
+
+class _Lut:
+    """The gate functions of one op on Q.10 pre-activations (int64 tensors)."""
+
+    def __init__(self, tanh: torch.Tensor) -> None:
+        self.table = tanh.to(torch.int64)
+
+    def sigmoid(self, p: torch.Tensor) -> torch.Tensor:
+        return gate_sigmoid(self.table, p)
+
+    def tanh(self, p: torch.Tensor) -> torch.Tensor:
+        return gate_tanh(self.table, p)
 
 
 def _gru_lut(gx: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, ...], lut: _Lut
@@ -232,7 +281,7 @@ def _lstm_float(gx: torch.Tensor, gh: torch.Tensor, state: tuple[torch.Tensor, .
 class _Mode:
     """How one gates mode turns accumulators into pre-activations and states into int8."""
 
-    def __init__(self, gates: str, kind: str, lut: _Lut) -> None:
+    def __init__(self, gates: str, kind: str, lut: _Lut | _DirectTables) -> None:
         self.float = gates == "float"
         cells = {("gru", False): _gru_lut, ("lstm", False): _lstm_lut,
                  ("gru", True): _gru_float, ("lstm", True): _lstm_float}
@@ -280,21 +329,22 @@ def _run_direction(x: torch.Tensor, zx: int, p: dict[str, torch.Tensor], mode: _
 
 def _role_prefix(op: Op) -> str:
     """The one prefix every key of ``op.consts`` carries before its role ("" or the
-    converter's, e.g. ``"layers.0."``), read off the ``sigmoid`` role."""
+    converter's, e.g. ``"layers.0."``), read off the ``tanh`` role."""
     for key in op.consts:
-        if key == "sigmoid" or key.endswith(".sigmoid"):
-            return key[: -len("sigmoid")]
-    raise KeyError(f"{op.kind} op {op.source!r} has no 'sigmoid' table const")
+        if key == "tanh" or key.endswith(".tanh"):
+            return key[: -len("tanh")]
+    raise KeyError(f"{op.kind} op {op.source!r} has no 'tanh' table const")
 
 
 def reference(program: Program, op: Op, x: torch.Tensor, x_qtype: QType, *,
               gates: str = "lut") -> list[torch.Tensor]:
     """The outputs (int64 tensors holding int8 values: ``y, h_n`` (+ ``c_n``)) of a ``gru`` /
     ``lstm`` op on ``x`` (int64 holding int8, zero initial state), exactly as the module
-    docstring specifies. ``gates="float"`` computes gates and state in float32 instead (the
-    measured alternative; not what the C engine or ONNX export implement)."""
-    if gates not in ("lut", "float"):
-        raise ValueError(f"gates must be 'lut' or 'float', got {gates!r}")
+    docstring specifies. Measured alternatives (not what the C engine or ONNX export
+    implement): ``gates="float"`` computes gates and state in float32, ``gates="table"``
+    reads the gates from full 4096-entry sigmoid / tanh tables (:class:`_DirectTables`)."""
+    if gates not in ("lut", "table", "float"):
+        raise ValueError(f"gates must be 'lut', 'table' or 'float', got {gates!r}")
     a, kind = op.attrs, op.kind
 
     prefix = _role_prefix(op)
@@ -302,7 +352,8 @@ def reference(program: Program, op: Op, x: torch.Tensor, x_qtype: QType, *,
     def const(role: str) -> torch.Tensor:
         return program.consts[op.consts[prefix + role]].to(torch.int64)
 
-    mode = _Mode(gates, kind, _Lut(const("sigmoid"), const("tanh")))
+    lut = _DirectTables() if gates == "table" else _Lut(const("tanh"))
+    mode = _Mode(gates, kind, lut)
     seq = x.to(torch.int64)
     if a["batch_first"]:
         seq = seq.transpose(0, 1)
