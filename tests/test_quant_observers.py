@@ -77,8 +77,8 @@ def test_percentile_clips_a_planted_outlier() -> None:
 def test_percentile_matches_the_exact_quantile() -> None:
     x = torch.rand(200_000, generator=torch.Generator().manual_seed(3)) * 10 - 2
     lo, hi = observed("percentile", x, percentile=99.0)
-    assert lo == pytest.approx(float(torch.quantile(x[:100_000], 0.01)), abs=0.05)
-    assert hi == pytest.approx(float(torch.quantile(x[:100_000], 0.99)), abs=0.05)
+    assert lo == pytest.approx(float(torch.quantile(x, 0.01)), abs=0.05)
+    assert hi == pytest.approx(float(torch.quantile(x, 0.99)), abs=0.05)
 
 
 @pytest.mark.parametrize("name", ["mse", "kl"])
