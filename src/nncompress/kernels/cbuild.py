@@ -141,6 +141,56 @@ def load_library(name: str) -> ctypes.CDLL:
                                      f"{exc}") from None
 
 
+
+# Generated sources (the int8 engine: kernels/int8.py) ----------------------------------------
+
+def source_library_path(name: str, source: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Where the build of generated C ``source`` with ``flags`` is cached: like
+    :func:`library_path`, hashed over the source text, flags, compiler and CPU."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise KernelUnavailableError(f"generated library {name!r}: not a kernel name "
+                                     "(lower-case letters, digits and _)")
+    digest = hashlib.sha256()
+    for part in (source.encode(), " ".join(flags).encode(), _compiler_version().encode(),
+                 _cpu_features().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache_dir() / "kernels" / f"{name}-{digest.hexdigest()[:20]}.so"
+
+
+def compile_source(name: str, source: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
+    """Compile a generated C ``source`` (one translation unit) into a shared library cached
+    by hash (written under a temporary name, then renamed) and load it; a second call with
+    the same source loads the cached build. Raises KernelUnavailableError (one line) when
+    gcc is missing or fails. ``flags`` must build a shared library (``-shared -fPIC``)."""
+    target = source_library_path(name, source, tuple(flags))
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+            src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+            src.write_text(source)
+            try:
+                done = subprocess.run([_COMPILER, *flags, "-o", str(lib), str(src)],
+                                      capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise KernelUnavailableError(f"generated library {name!r}: build failed: "
+                                             f"{exc}") from None
+            if done.returncode != 0:
+                first = next((ln for ln in done.stderr.splitlines() if "error" in ln),
+                             done.stderr.strip()[:200])
+                raise KernelUnavailableError(f"generated library {name!r}: {_COMPILER} failed "
+                                             f"(exit {done.returncode}): {first}")
+            os.replace(lib, target)
+    return _load_path(str(target))
+
+
+@functools.cache
+def _load_path(path: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(path)
+    except OSError as exc:
+        raise KernelUnavailableError(f"cannot load {path}: {exc}") from None
+
 def main(argv: list[str] | None = None) -> int:
     """Build every kernel (or those named); print one line each; 1 if any failed."""
     names = argv if argv else list(kernel_names())
