@@ -222,3 +222,22 @@ def test_shared_table_keys() -> None:
     for a, b in zip(reference(program, shared, xq, qx), reference(program_b, op_b, xq, qx),
                     strict=True):
         assert torch.equal(a, b)
+
+
+def test_per_gate_scales() -> None:
+    """per_channel=False: one scale per gate matrix (m / s constant within each gate's rows),
+    still within 2 LSB of the float module."""
+    module = make_rnn(nn.GRU, 2, True, True)
+    xq, qx, x_real = quantized_input((4, 9, 5))
+    consts, attrs, qtypes = convert_rnn(module, qx, PREFIX, per_channel=False)
+    for side in ("ih", "hh"):
+        m = consts[f"{PREFIX}l1.d0.m_{side}"].reshape(3, 16)
+        assert (m == m[:, :1]).all() and m[:, 0].unique().numel() > 1
+        w = consts[f"{PREFIX}l1.d0.w_{side}"].reshape(3, -1)
+        assert (w.abs().amax(dim=1) == 127).all()
+    op = Op("gru", ("xq",), ("y", "h_n"), attrs, const_roles(consts, PREFIX))
+    program = Program(["xq"], ["y", "h_n"], {"xq": qx, "y": qtypes[0], "h_n": qtypes[1]},
+                      [op], consts)
+    with torch.no_grad():
+        y = module(x_real)[0]
+    assert (reference(program, op, xq, qx)[0] * LSB - y).abs().max() <= 2 * LSB

@@ -120,13 +120,23 @@ def _kind(module: nn.Module, prefix: str) -> str:
                                 f"{type(module).__name__} is not supported (GRU, LSTM only)")
 
 
+def _row_scales(w: torch.Tensor, gates: int, per_channel: bool) -> torch.Tensor:
+    """Symmetric int8 scales per row, or one per gate matrix repeated over its rows
+    (float64 ``[G*H]``)."""
+    if per_channel:
+        return weight_scales(w)
+    blocks = w.detach().reshape(gates, -1)
+    return weight_scales(blocks).repeat_interleave(w.shape[0] // gates)
+
+
 def _direction(w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None,
-               b_hh: torch.Tensor | None, x_scale: float) -> dict[str, torch.Tensor]:
+               b_hh: torch.Tensor | None, x_scale: float, gates: int, per_channel: bool
+               ) -> dict[str, torch.Tensor]:
     """The int8 / int32 consts of one layer and direction (see the module docstring)."""
     out: dict[str, torch.Tensor] = {}
     for side, w, b, in_scale in (("ih", w_ih, b_ih, x_scale), ("hh", w_hh, b_hh,
                                                                 OUT_QTYPE.scale)):
-        sw = weight_scales(w)                                  # float64 [G*H]
+        sw = _row_scales(w, gates, per_channel)               # float64 [G*H]
         acc_scale = sw * in_scale
         out[f"w_{side}"] = quantize_tensor(w, sw[:, None], 0, -WMAX, WMAX).to(torch.int8)
         real_b = torch.zeros(w.shape[0]) if b is None else b.detach()
@@ -136,11 +146,15 @@ def _direction(w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None
     return out
 
 
-def convert_rnn(module: nn.GRU | nn.LSTM, x_qtype: QType, prefix: str
+def convert_rnn(module: nn.GRU | nn.LSTM, x_qtype: QType, prefix: str, *,
+                per_channel: bool = True
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[QType]]:
     """The consts (names ``prefix + role``), attrs and output qtypes (``[y, h_n]``, + ``c_n``
     for an LSTM) of the ``gru`` / ``lstm`` op computing ``module`` on an int8 input of type
-    ``x_qtype``. Raises UnsupportedLayerError for what the module docstring refuses."""
+    ``x_qtype``. Weight scales per row, or with ``per_channel=False`` one per gate matrix
+    (the same op: ``m`` / ``s`` then repeat within each gate, which the container packs
+    to almost nothing). Raises UnsupportedLayerError for what the module docstring
+    refuses."""
     kind = _kind(module, prefix)
     if x_qtype.dtype != "int8":
         raise UnsupportedLayerError(f"layer {prefix.rstrip('.') or '<rnn>'!r}: int8 {kind} "
@@ -153,7 +167,7 @@ def convert_rnn(module: nn.GRU | nn.LSTM, x_qtype: QType, prefix: str
             sfx = f"l{k}" + ("_reverse" if d else "")
             params = [getattr(module, f"{n}_{sfx}", None)
                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            for name, t in _direction(*params, x_scale).items():
+            for name, t in _direction(*params, x_scale, GATES[kind], per_channel).items():
                 consts[f"{prefix}l{k}.d{d}.{name}"] = t
     for name, t in lut_tables().items():
         consts[f"{prefix}{name}"] = t
