@@ -159,6 +159,11 @@ def _fp32_bytes(model: nn.Module) -> int:
     return len(buf.getvalue())
 
 
+def _last_steps(ops: Ops, data: Dataset, gates: str) -> torch.Tensor:
+    """The int8 last-step ``y`` of the whole test split (int64 ``[N, H]``)."""
+    return torch.cat([_int8_last_step(ops, x, gates) for x, _ in data.test])
+
+
 def measure(name: str, dataset: str) -> GateRow:
     """The row of one reference model (see the module docstring)."""
     start = time.perf_counter()
@@ -168,40 +173,28 @@ def measure(name: str, dataset: str) -> GateRow:
     lo = min(float(x.min()) for x in calib)
     hi = max(float(x.max()) for x in calib)
     ops = _rnn_ops(model, activation_qtype(lo, hi))
-    scale = ops[-1][0].values["y"].scale
-
-    def head(gates: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: model.classifier(_int8_last_step(ops, x, gates).float() * scale)
-
     per_gate = _rnn_ops(model, ops[0][2], per_channel=False)
-    same, max_diff = _agreement(model.classifier, ops, data)
+    labels = torch.cat([y for _, y in data.test])
+    scale = ops[-1][0].values["y"].scale
+    with torch.no_grad():
+        classes = {key: model.classifier(_last_steps(o, data, g).float() * scale).argmax(1)
+                   for key, o, g in (("table", ops, "table"), ("per_gate", per_gate, "lut"))}
+        lut = _last_steps(ops, data, "lut")
+        flt = _last_steps(ops, data, "float")
+        classes["lut"] = model.classifier(lut.float() * scale).argmax(1)
+        classes["float"] = model.classifier(flt.float() * scale).argmax(1)
+    acc = {key: float((c == labels).double().mean()) for key, c in classes.items()}
     program_accuracy, program_bytes = _program(model, data, calib)
     return GateRow(
         model=name, fp32=_accuracy(model, data),
         int8_weights=_accuracy(_fake_quant_weights(model), data),
-        float_gates=_accuracy(head("float"), data), full_tables=_accuracy(head("table"), data),
-        lut_gates=_accuracy(head("lut"), data), program=program_accuracy,
-        per_gate=_accuracy(lambda x: model.classifier(
-            _int8_last_step(per_gate, x, "lut").float() * scale), data),
-        agreement=same, max_h_diff=max_diff, lut_bytes=LUT_BYTES * len(ops),
+        float_gates=acc["float"], full_tables=acc["table"], lut_gates=acc["lut"],
+        program=program_accuracy, per_gate=acc["per_gate"],
+        agreement=float((classes["lut"] == classes["float"]).double().mean()),
+        max_h_diff=int((lut - flt).abs().max()), lut_bytes=LUT_BYTES * len(ops),
         full_table_bytes=FULL_TABLE_BYTES * len(ops), fp32_bytes=_fp32_bytes(model),
         program_bytes=program_bytes, per_gate_saving=_encoded(ops) - _encoded(per_gate),
         seconds=time.perf_counter() - start)
-
-
-def _agreement(classifier: nn.Module, ops: Ops, data: Dataset) -> tuple[float, int]:
-    """The fraction of test samples where LUT and float gates give the same class, and
-    their largest |h| difference at the last step (int8 steps)."""
-    same = total = max_diff = 0
-    scale = ops[-1][0].values["y"].scale
-    for x, _ in data.test:
-        lut, flt = _int8_last_step(ops, x, "lut"), _int8_last_step(ops, x, "float")
-        with torch.no_grad():
-            same += int((classifier(lut.float() * scale).argmax(1)
-                         == classifier(flt.float() * scale).argmax(1)).sum())
-        total += len(x)
-        max_diff = max(max_diff, int((lut - flt).abs().max()))
-    return same / total, max_diff
 
 
 def _ratio(r: GateRow, extra: int) -> str:

@@ -23,11 +23,12 @@ Input ``x`` int8 ``[B, T, I]`` (``[T, B, I]`` if not batch_first) with zero-poin
 Consts (``op.consts`` key -> name in ``Program.consts``; each key is a role below, all
 keys optionally preceded by one common prefix, e.g. ``"layers.0."``), per layer ``k`` and
 direction ``d`` (0 forward, 1 reverse), G = 3 (GRU) or 4 (LSTM): ``lk.dd.w_ih`` int8
-[G*H, In], ``lk.dd.w_hh`` int8 [G*H, H] (symmetric per row, [-127, 127]), ``lk.dd.b_ih``
-/ ``lk.dd.b_hh`` int32 [G*H], ``lk.dd.m_ih`` / ``lk.dd.s_ih`` / ``lk.dd.m_hh`` /
-``lk.dd.s_hh`` int32 [G*H]; shared by all layers: ``tanh`` int16 [257], ``tanh[j] =
-min(round(tanh(j / 32) * 2^15), 32767)``, nondecreasing from 0. Per step, all integer
-(int32 suffices except the LSTM ``f * c``: int64):
+[G*H, In], ``lk.dd.w_hh`` int8 [G*H, H] (symmetric, [-127, 127], a scale per row or per
+gate matrix), ``lk.dd.b_ih`` / ``lk.dd.b_hh`` int32 [G*H], ``lk.dd.m_ih`` / ``lk.dd.s_ih``
+/ ``lk.dd.m_hh`` / ``lk.dd.s_hh`` int32 [G*H] (``m`` with 15 significant bits); shared by
+all layers: ``tanh`` int16 [257], ``tanh[j] = min(round(tanh(j / 32) * 2^15), 32767)``,
+nondecreasing from 0. Per step, all integer (int32 suffices except the LSTM ``f * c``:
+int64):
 
 1. ``gx = sat16(mbqm(sum_i (x_i - zx) w_ih[r, i] + b_ih[r], m_ih[r], s_ih[r]))`` and
    ``gh = sat16(mbqm(sum_j h8_j w_hh[r, j] + b_hh[r], m_hh[r], s_hh[r]))``: both Q.10
@@ -90,6 +91,7 @@ PRE_FRAC_BITS = 10                      # pre-activations in Q.10 (int16: [-32, 
 TABLE_STEP_BITS = 5                     # the tanh table's step: 2^-5
 TABLE_SIZE = (8 << TABLE_STEP_BITS) + 1  # 257 entries: tanh over [0, 8]
 STATE_FRAC_BITS = 15                    # h, gate values Q0.15; c scale 2^-15
+MULTIPLIER_BITS = 15                    # significant bits of each m (as the converter's)
 CELL_SHIFT = 11                         # c (2^-15) -> c_n int8 (2^-4)
 OUT_QTYPE = QType("int8", 2.0 ** -7, 0)   # y, h_n: Q0.7
 CELL_QTYPE = QType("int8", 2.0 ** -4, 0)  # LSTM c_n
@@ -141,7 +143,7 @@ def _direction(w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor | None
         out[f"w_{side}"] = quantize_tensor(w, sw[:, None], 0, -WMAX, WMAX).to(torch.int8)
         real_b = torch.zeros(w.shape[0]) if b is None else b.detach()
         out[f"b_{side}"] = quantize_tensor(real_b, acc_scale, 0, *_I32).to(torch.int32)
-        m, s = fixed_point(acc_scale * 2**PRE_FRAC_BITS)
+        m, s = fixed_point(acc_scale * 2**PRE_FRAC_BITS, bits=MULTIPLIER_BITS)
         out[f"m_{side}"], out[f"s_{side}"] = m, s
     return out
 
