@@ -132,7 +132,7 @@ def _register_torch_layers() -> None:
 _register_torch_layers()
 
 #: modules that register architectures outside ``nncompress.models`` (imported on demand)
-ARCH_PROVIDERS = ("nncompress.share.zipped", "nncompress.share.composite")
+ARCH_PROVIDERS = ("nncompress.share.zipped", "nncompress.share.composite", "nncompress.quant.int8")
 
 
 @dataclass(frozen=True)

@@ -6,5 +6,6 @@
 """
 
 from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm, fold_pairs
+from nncompress.quant.int8 import QuantizeInt8Config  # noqa: F401  (registers quantize_int8)
 
 __all__ = ["FoldBatchNormConfig", "fold_batchnorm", "fold_pairs"]

@@ -79,15 +79,19 @@ def quantize_tensor(real: torch.Tensor, scale: torch.Tensor | float, zero_point:
     return (q.to(torch.int64) + zero_point).clamp(lo, hi)
 
 
-def quantize_multiplier(real: float) -> tuple[int, int]:
+def quantize_multiplier(real: float, bits: int = 31) -> tuple[int, int]:
     """``real`` (> 0) as ``(M0, shift)`` with ``real ~= M0 * 2^(shift - 31)``, ``M0`` in
-    [2^30, 2^31) (TensorFlow Lite's ``QuantizeMultiplier``); ``(0, 0)`` for 0."""
+    [2^30, 2^31) (TensorFlow Lite's ``QuantizeMultiplier``); ``(0, 0)`` for 0.
+
+    ``bits`` < 31 rounds ``M0`` to that many significant bits (its low ``31 - bits`` bits
+    zero): the arithmetic is unchanged, the per-channel multipliers of a layer then store in
+    2 bytes each (15 bits: relative error 2^-16, far below one output step)."""
     if real == 0.0:
         return 0, 0
     if real < 0 or not math.isfinite(real):
         raise ValueError(f"a requantization multiplier must be finite and >= 0, got {real}")
     mantissa, shift = math.frexp(real)            # real = mantissa * 2^shift, mantissa in [0.5, 1)
-    m0 = round(mantissa * 2**31)
+    m0 = round(mantissa * 2**bits) << (31 - bits)
     if m0 == 2**31:                               # rounding reached 1.0
         m0 //= 2
         shift += 1
@@ -96,9 +100,9 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return m0, shift
 
 
-def fixed_point(reals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_point(reals: torch.Tensor, bits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_multiplier` of every element: int32 multipliers and int32 shifts."""
-    pairs = [quantize_multiplier(float(r)) for r in reals.flatten().tolist()]
+    pairs = [quantize_multiplier(float(r), bits) for r in reals.flatten().tolist()]
     m = torch.tensor([p[0] for p in pairs], dtype=torch.int32).reshape(reals.shape)
     s = torch.tensor([p[1] for p in pairs], dtype=torch.int32).reshape(reals.shape)
     return m, s

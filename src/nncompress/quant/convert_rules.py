@@ -98,6 +98,7 @@ class Builder:
         self.log: list[str] = []
         self.inputs: list[str] = []
         self.outputs: list[str] = []
+        self.names: dict[str, str] = {}
 
     # -- helpers ------------------------------------------------------------------------
     def fail(self, node: fx.Node, why: str) -> None:
@@ -125,7 +126,7 @@ class Builder:
 
     def emit(self, kind: str, node: fx.Node, ins: list[str], qo: QType, attrs: dict | None = None,
              consts: dict[str, torch.Tensor] | None = None, out: str | None = None) -> str:
-        out = out or node.name
+        out = self.short(out or node.name)
         self.values[out] = qo
         names = {}
         for role, tensor in (consts or {}).items():
@@ -135,6 +136,13 @@ class Builder:
         self.ops.append(Op(kind, tuple(ins), (out,), attrs or {}, names, str(src)))
         self.env[node.name] = out
         return out
+
+    def short(self, name: str) -> str:
+        """A short value name for node ``name`` (the program's JSON stays small; the
+        source layer is kept in each op's ``source``)."""
+        if name not in self.names:
+            self.names[name] = f"v{len(self.names)}"
+        return self.names[name]
 
     def sole_user(self, node: fx.Node, keys: tuple) -> fx.Node | None:
         users = list(node.users)
@@ -218,7 +226,7 @@ class Builder:
         ws = weight_scales(w, self.per_channel).expand(w.shape[0])
         shape = (-1,) + (1,) * (w.dim() - 1)
         wq = quantize_tensor(w, ws.reshape(shape), 0, -WMAX, WMAX).to(torch.int8)
-        m, s = fixed_point(qx.scale * ws / qo.scale)
+        m, s = fixed_point(qx.scale * ws / qo.scale, bits=15)
         consts = {"w": wq, "m": m, "s": s}
         if layer.bias is not None:
             consts["b"] = quantize_tensor(layer.bias.detach(), qx.scale * ws, 0,

@@ -1,0 +1,256 @@
+"""The int8 model a user gets back, and the post-training ``quantize_int8`` technique.
+
+Jacob, Kligys, Chen, Zhu, Tang, Howard, Adam & Kalenichenko (2018), "Quantization and
+training of neural networks for efficient integer-arithmetic-only inference": BatchNorm
+folded first, weights int8 symmetric per output channel, activations int8 affine with
+zero-points calibrated on a few batches (``minmax``, ``percentile``, ``mse`` or ``kl``),
+int32 accumulation and fixed-point requantization (:mod:`nncompress.quant.affine`).
+
+:class:`Int8Model` holds an integer :class:`~nncompress.quant.program.Program`: its
+constants are the module's buffers (int8 weights on disk), its structure one JSON string
+(the architecture record ``"int8"``). ``forward`` runs the program in the generated-C
+engine (:mod:`nncompress.kernels.int8`, compiled once per input shape with the machine's
+gcc) and falls back to the integer reference (:mod:`nncompress.quant.reference`) when no
+compiler is available or while gradients are needed; both give the same integers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from nncompress import inputs
+from nncompress.errors import KernelUnavailableError, UnsupportedLayerError
+from nncompress.models.base import ARCHITECTURES, ArchModule
+from nncompress.quant import reference
+from nncompress.quant.convert import convert
+from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
+from nncompress.quant.program import Program
+from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
+
+__all__ = ["Int8Model", "QuantizeInt8Config", "quantize_int8", "to_int8"]
+
+#: why the C engine may not run a program: no compiler, or an op it has no kernel for
+_NO_ENGINE = (KernelUnavailableError, UnsupportedLayerError, ImportError)
+_STORED = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+           "float32": torch.float32, "m16": torch.int16}
+_MAX_RECORD = 64 * 2**20
+
+
+def _pack(record: dict[str, Any]) -> str:
+    text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def _unpack(blob: Any) -> Any:
+    """The record from :func:`_pack`'s text; at most 64 MiB inflated (FormatError)."""
+    from nncompress.formats._checks import fail
+    if not isinstance(blob, str) or len(blob) > _MAX_RECORD:
+        fail("int8 record must be a base64 string of at most 64 MiB")
+    try:
+        raw = base64.b64decode(blob.encode("ascii"), validate=True)
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(raw, _MAX_RECORD)
+        if inflater.unconsumed_tail or not inflater.eof:
+            fail("int8 record is truncated or inflates past 64 MiB")
+        return json.loads(text)
+    except (ValueError, zlib.error, UnicodeError) as exc:
+        fail(f"int8 record is not valid compressed JSON: {str(exc)[:80]}")
+
+
+class Int8Model(ArchModule):
+    """An integer program as a module: ``forward(*inputs)`` -> float32 output(s).
+
+    Buffers ``c0, c1, ...`` are the program's constants in the order of the record's
+    ``consts`` list (``[name, dtype, shape]``; dtype ``"m16"``: an int32 multiplier whose
+    low 16 bits are zero, stored as its int16 high half). ``blob`` is the record -- the
+    program's JSON (see :meth:`Program.to_json`) and that list -- zlib-compressed and
+    base64-encoded (the structure of a transformer is 12 KB of JSON); it is validated on
+    construction, so a hostile file fails with a one-line FormatError.
+    """
+
+    arch_name = "int8"
+
+    def __init__(self, blob: str, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        from nncompress.formats._checks import check_int, check_keys, check_list, check_str, fail
+        record = check_keys(_unpack(blob), "int8 record", ("program", "consts"))
+        self._names: list[str] = []
+        self._wide: list[bool] = []
+        for i, spec in enumerate(check_list(record["consts"], "int8 consts",
+                                            max_len=1_000_000)):
+            items = check_list(spec, f"int8 const {i}", max_len=3)
+            if len(items) != 3:
+                fail(f"int8 const {i} must be [name, dtype, shape]")
+            name, dtype = check_str(items[0], "int8 const name"), items[1]
+            if dtype not in _STORED:
+                fail(f"int8 const {name!r} has dtype {dtype!r}; allowed: {', '.join(_STORED)}")
+            shape = [check_int(d, f"int8 const {name!r} shape", hi=2**31)
+                     for d in check_list(items[2], "shape", max_len=8)]
+            given = (tensors or {}).get(name)
+            self.register_buffer(f"c{i}", given if given is not None
+                                 else torch.zeros(shape, dtype=_STORED[dtype]))
+            self._names.append(name)
+            self._wide.append(dtype == "m16")
+        self.blob = blob
+        self.program = Program.from_json(check_str(record["program"], "int8 program"),
+                                         self._consts())
+        self._engines: dict[tuple, Any] = {}   # compiled engines per input shapes (a cache)
+
+    @classmethod
+    def from_program(cls, program: Program) -> Int8Model:
+        specs, tensors = [], {}
+        for name, t in program.consts.items():
+            dtype = str(t.dtype).removeprefix("torch.")
+            if t.dtype == torch.int32 and t.numel() and bool(((t & 0xFFFF) == 0).all()) \
+                    and bool((t >= 0).all()) and int(t.max()) < 2**31:
+                t, dtype = (t >> 16).to(torch.int16), "m16"
+            specs.append([name, dtype, list(t.shape)])
+            tensors[name] = t
+        blob = _pack({"program": program.to_json(), "consts": specs})
+        return cls(blob, tensors)
+
+    def _consts(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, name in enumerate(self._names):
+            t = getattr(self, f"c{i}")
+            out[name] = (t.to(torch.int32) << 16) if self._wide[i] else t
+        return out
+
+    def arch_config(self) -> dict[str, Any]:
+        return {"blob": self.blob}
+
+    def current_program(self) -> Program:
+        """The program over the module's current buffers (after a load or ``.to``)."""
+        p = self.program
+        return Program(p.inputs, p.outputs, p.values, p.ops, self._consts())
+
+    def engine(self, *args: torch.Tensor) -> Any:
+        """The compiled C engine for these inputs' per-sample shapes (compiled on first
+        use, then cached); raises KernelUnavailableError without a C compiler."""
+        key = tuple(tuple(a.shape[1:]) for a in args)
+        if key not in self._engines:
+            from nncompress.kernels.int8 import compile_program
+            self._engines[key] = compile_program(self.current_program(), list(key))
+        return self._engines[key]
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        outs = None
+        if not torch.is_grad_enabled() or not any(a.requires_grad for a in args):
+            try:
+                outs = self.engine(*args)(*args)
+            except _NO_ENGINE:
+                outs = None
+        if outs is None:
+            outs = reference.run(self.current_program(), *args)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def precision_table(self) -> list[tuple[str, str, str]]:
+        """``(source layer, op kind, precision)`` per op: ``int8`` / ``float32`` / ``shape``."""
+        rows = []
+        for op in self.program.ops:
+            if op.kind in ("reshape", "transpose", "permute", "flatten", "index", "squeeze",
+                           "unsqueeze"):
+                continue
+            precision = "float32" if op.kind == "float" else "int8"
+            rows.append((op.source, op.kind, precision))
+        return rows
+
+
+ARCHITECTURES.register(Int8Model.arch_name, Int8Model)
+
+
+class QuantizeInt8Config(TechniqueConfig):
+    """``observer``: how activation ranges are calibrated; ``calibration_batches``:
+    training batches observed; ``per_channel``: weight scales per output channel (else
+    one per tensor); ``percentile``: for the percentile observer."""
+
+    observer: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
+    calibration_batches: int = Field(default=8, ge=1, le=10_000)
+    per_channel: bool = True
+    percentile: float | None = Field(default=None, gt=50.0, le=100.0)
+
+
+def _batches(ctx: Context, count: int) -> list[inputs.Inputs]:
+    out = []
+    for x, *_ in ctx.data.train:
+        out.append(x)
+        if len(out) >= count:
+            break
+    return out
+
+
+def to_int8(model: nn.Module, ctx: Context, *, calibration: Any = None,
+            per_channel: bool = True, observer: str = "minmax",
+            options: dict[str, Any] | None = None) -> Int8Model:
+    """Fold BatchNorm, convert, log what stayed float, compile the engine for the data's
+    input shape. ``calibration``: ranges from QAT (else the observers run on training
+    batches)."""
+    from nncompress.quant.convert import build_program, trace
+    model.eval()
+    fold_batchnorm(model, FoldBatchNormConfig(), ctx)
+    batches = _batches(ctx, 8 if calibration is not None else
+                       (options or {}).pop("calibration_batches", 8))
+    if calibration is None:
+        program, log = convert(model, batches, observer=observer, per_channel=per_channel,
+                               **(options or {}))
+    else:
+        program, log = build_program(trace(model), calibration, per_channel=per_channel)
+    for line in log:
+        ctx.note(line)
+    result = Int8Model.from_program(program)
+    kept = [op.source for op in program.float_ops()]
+    ctx.note(f"int8: {len(program.ops)} ops, weights {program.weight_bytes():,} B; "
+             f"kept in float32: {', '.join(kept) if kept else 'nothing'}")
+    try:
+        x = batches[0]
+        with torch.no_grad():
+            result.engine(*_positional(x))
+    except _NO_ENGINE as exc:
+        ctx.note(f"int8: the C engine is unavailable ({str(exc)[:120]}); the model runs the "
+                 "integer reference (same outputs, slower)")
+    return result
+
+
+def _positional(x: inputs.Inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x[:1],)
+    if isinstance(x, dict):
+        return tuple(v[:1] for v in x.values())
+    return tuple(v[:1] for v in x)
+
+
+def quantize_int8(model: nn.Module, config: QuantizeInt8Config, ctx: Context) -> Int8Model:
+    """Post-training integer-only int8 (Jacob et al., 2018); no labels needed."""
+    if isinstance(model, Int8Model):
+        raise UnsupportedLayerError("quantize_int8: the model is already an int8 model")
+    options: dict[str, Any] = {"calibration_batches": config.calibration_batches}
+    if config.percentile is not None:
+        if config.observer != "percentile":
+            raise UnsupportedLayerError("quantize_int8: percentile is an option of the "
+                                        "percentile observer only")
+        options["percentile"] = config.percentile
+    ctx.masks = {}
+    return to_int8(model, ctx, per_channel=config.per_channel, observer=config.observer,
+                   options=options)
+
+
+TECHNIQUES.register("quantize_int8", Technique(
+    name="quantize_int8",
+    category="bits-precision",
+    paper="Jacob, Kligys, Chen, Zhu, Tang, Howard, Adam & Kalenichenko (2018): "
+          "Quantization and training of neural networks for efficient "
+          "integer-arithmetic-only inference",
+    summary="Post-training integer-only int8: BatchNorm folded, int8 weights per channel, "
+            "calibrated int8 activations, int32 accumulation, fixed-point requantization; "
+            "runs as generated C.",
+    config=QuantizeInt8Config,
+    apply=quantize_int8,
+))
+
