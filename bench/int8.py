@@ -35,21 +35,24 @@ from nncompress.measure.timing import latency_ab
 from nncompress.report import fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, render_markdown
 from peers import try_peer
 
-__all__ = ["INT8_INTRO", "Int8Row", "Verdict", "measure_artifacts", "peer_artifacts",
-           "section", "verdict"]
+__all__ = ["Int8Row", "Verdict", "intro", "measure_artifacts", "peer_artifacts", "section",
+           "verdict"]
 
 SEED = 0
 MODELS = (("mlp", "digits"), ("cnn1d", "mnist1d"), ("cnn2d", "digits"), ("rescnn", "mnist1d"),
           ("gru", "mnist1d"), ("lstm", "mnist1d"), ("transformer", "mnist1d"))
 CALIB_BATCHES = 4          # x 64 = 256 seeded training samples
 # batch -> (alternating rounds, warm-up calls per round, timed calls in all)
-TIMING = {1: (10, 5, 200), 256: (6, 1, 24)}
+TIMING = {1: (10, 5, 200), 256: (6, 1, 18)}
 MAX_DROP = 0.005
 MIN_RATIO = 3.8
 
 Ours = Callable[[str, nn.Module, Dataset], Artifact]
 
-INT8_INTRO = f"""## int8 (integer-only, Jacob et al. 2018) beside the peer int8 tools
+
+def intro(threads: int = THREADS) -> str:
+    """The section's heading and method paragraph."""
+    return f"""## int8 (integer-only, Jacob et al. 2018) beside the peer int8 tools
 
 Each reference model as its user would ship it: fp32 eager torch (`torch.save` of the
 state dict), ONNX Runtime fp32 (`torch.onnx.export`, TorchScript exporter), ONNX Runtime
@@ -60,7 +63,7 @@ training samples, after `quant_pre_process`) and PyTorch dynamic int8
 ratio = fp32 `torch.save` bytes / bytes. Accuracy: top-1 on the test split. Latency:
 median ms per call of a real test batch (repeated to 256), all artifacts of a model
 interleaved in alternating rounds ({TIMING[1][2]} timed calls over {TIMING[1][0]} rounds at
-batch 1, {TIMING[256][2]} over {TIMING[256][0]} at batch 256), {THREADS} intra-op threads for
+batch 1, {TIMING[256][2]} over {TIMING[256][0]} at batch 256), {threads} intra-op threads for
 torch and ONNX Runtime alike. Speed-up = the baseline's median / the artifact's median.
 Notes name every layer a peer leaves in fp32."""
 
@@ -132,14 +135,14 @@ def _accuracy(predict: Predict, data: Dataset) -> float:
     return correct / seen
 
 
-def _latencies(predicts: list[Predict], data: Dataset) -> dict[int, list[float]]:
+def _latencies(predicts: list[Predict], data: Dataset, threads: int) -> dict[int, list[float]]:
     """Batch -> medians (ms) of every predictor, timed interleaved on real test samples."""
     mods = [_Predictor(p) for p in predicts]
     example = example_input(data, 1)
     out: dict[int, list[float]] = {}
     for batch, (rounds, warmup, repeats) in TIMING.items():
         reports = latency_ab(mods, batch_sizes=(batch,), warmup=warmup, repeats=repeats,
-                             rounds=rounds, threads=THREADS, seed=SEED, example=example)
+                             rounds=rounds, threads=threads, seed=SEED, example=example)
         out[batch] = [r.results[0].median_ms for r in reports]
     return out
 
@@ -148,30 +151,42 @@ def _speedup(base: float | None, mine: float | None) -> float | None:
     return None if base is None or mine is None else base / mine
 
 
-def measure_artifacts(artifacts: Sequence[Artifact], data: Dataset) -> list[Int8Row]:
+def _smoke(artifact: Artifact, data: Dataset) -> Artifact:
+    """``artifact``, or a failed one when its ``predict`` breaks on two test samples."""
+    if artifact.predict is None:
+        return artifact
+    predict = artifact.predict
+    _, err = try_peer(lambda: np.asarray(predict(example_input(data, 2))))
+    return artifact if err is None else replace(artifact, predict=None, error=err)
+
+
+def measure_artifacts(artifacts: Sequence[Artifact], data: Dataset, *,
+                      threads: int = THREADS) -> list[Int8Row]:
     """Accuracy, bytes and interleaved batch-1 / batch-256 latency of every artifact of one
-    model (one of kind ``"fp32"`` is the baseline; ``"ort-fp32"`` the second one)."""
-    live = [a for a in artifacts if a.predict is not None]
-    lat = _latencies([a.predict for a in live], data)  # type: ignore[misc]
-    by_name = {a.name: (lat[1][i], lat[256][i]) for i, a in enumerate(live)}
-    acc = {a.name: _accuracy(a.predict, data) for a in live}  # type: ignore[arg-type]
-    base = next((a for a in live if a.kind == "fp32"), None)
+    model (one of kind ``"fp32"`` is the baseline; ``"ort-fp32"`` the second one). An
+    artifact whose ``predict`` fails on two test samples becomes a failed row. Torch runs
+    with ``threads`` intra-op threads while timed (the ORT sessions were built with theirs)."""
+    arts = [_smoke(a, data) for a in artifacts]
+    live = [i for i, a in enumerate(arts) if a.predict is not None]
+    base = next((i for i in live if arts[i].kind == "fp32"), None)
     if base is None:
         raise ValueError("measure_artifacts needs a live artifact of kind 'fp32' (the baseline)")
-    ort = next((a for a in live if a.kind == "ort-fp32"), None)
-    eager_t = by_name[base.name]
-    ort_t = by_name[ort.name] if ort is not None else (None, None)
+    ort = next((i for i in live if arts[i].kind == "ort-fp32"), None)
+    lat = _latencies([arts[i].predict for i in live], data, threads)  # type: ignore[misc]
+    times = {i: (lat[1][k], lat[256][k]) for k, i in enumerate(live)}
+    acc = {i: _accuracy(arts[i].predict, data) for i in live}  # type: ignore[arg-type]
+    ort_t = times[ort] if ort is not None else (None, None)
     rows = []
-    for a in artifacts:
-        if a.predict is None:
+    for i, a in enumerate(arts):
+        if i not in times:
             rows.append(Int8Row(a.name, a.kind, None, None, None, None, None, None, None,
                                 None, None, None, a.notes, a.error))
             continue
-        b1, b256 = by_name[a.name]
+        b1, b256 = times[i]
         rows.append(Int8Row(
-            a.name, a.kind, acc[a.name], acc[a.name] - acc[base.name], a.file_bytes,
-            base.file_bytes / a.file_bytes, b1, b256, _speedup(eager_t[0], b1),
-            _speedup(eager_t[1], b256), _speedup(ort_t[0], b1), _speedup(ort_t[1], b256),
+            a.name, a.kind, acc[i], acc[i] - acc[base], a.file_bytes,
+            arts[base].file_bytes / a.file_bytes, b1, b256, _speedup(times[base][0], b1),
+            _speedup(times[base][1], b256), _speedup(ort_t[0], b1), _speedup(ort_t[1], b256),
             a.notes, a.error))
     return rows
 
@@ -241,24 +256,28 @@ def _ours_artifact(ours: Ours, name: str, model: nn.Module, data: Dataset) -> Ar
 
 def section(ours: Ours | None = None, out_dir: Path | None = None, *,
             models: Sequence[tuple[str, str]] = MODELS,
-            echo: Callable[[str], None] | None = None) -> str:
+            echo: Callable[[str], None] | None = None, threads: int = THREADS) -> str:
     """The markdown section: one table per reference model (peers, and ours when given),
     then, with ``ours``, the targets table. ``out_dir``: where the peers' files go (per
-    model; a temporary directory when None)."""
+    model; a temporary directory when None). ``threads``: intra-op threads of every torch
+    call and ORT session (``ours`` should build its sessions with ``int8_peers.THREADS``)."""
     start = time.perf_counter()
-    parts = [INT8_INTRO, ""]
+    parts = [intro(threads), ""]
     found: list[tuple[str, Verdict | None]] = []
     for name, dataset in models:
         if echo is not None:
             echo(f"  int8 peers: {name}")
         model, data = zoo.load(name, dataset, seed=SEED, progress=False)
         sub = None if out_dir is None else Path(out_dir) / name
-        arts = peer_artifacts(name, model, data, CALIB_BATCHES, out_dir=sub, seed=SEED)
+        arts = peer_artifacts(name, model, data, CALIB_BATCHES, out_dir=sub, seed=SEED,
+                              threads=threads)
         if ours is not None:
             arts.append(_ours_artifact(ours, name, model, data))
-        rows = measure_artifacts(arts, data)
+        rows = measure_artifacts(arts, data, threads=threads)
         parts += [f"### {name} ({dataset})", "", rows_markdown(rows, ours is not None), ""]
         found.append((name, verdict(rows)))
+        if echo is not None:
+            echo(f"  int8 peers: {name} done at {time.perf_counter() - start:.0f} s")
     if ours is not None:
         parts += ["### Targets (issue 9, int8 PTQ)", "", verdicts_markdown(found), ""]
     parts.append(f"Section run time: {time.perf_counter() - start:.0f} s.")

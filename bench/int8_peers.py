@@ -182,9 +182,9 @@ def _preprocess(src: Path, dst: Path) -> tuple[Path, str]:
     return (dst, "") if got is not None else (src, f"pre-processing failed ({err}); ")
 
 
-def _ort_fp32(model: nn.Module, data: Dataset, out: Path) -> Artifact:
+def _ort_fp32(model: nn.Module, data: Dataset, out: Path, threads: int) -> Artifact:
     path = _export(model, data, out)
-    predict = ort_predict(path)
+    predict = ort_predict(path, threads)
     x = example_input(data, 8)
     with torch.inference_mode():
         diff = float(np.abs(predict(x) - model(x).numpy()).max())
@@ -192,19 +192,21 @@ def _ort_fp32(model: nn.Module, data: Dataset, out: Path) -> Artifact:
                     f"TorchScript export; max abs logit diff vs eager {diff:.1e}", "ort-fp32")
 
 
-def _ort_dynamic(pre: Path, note: str, out: Path) -> Artifact:
+def _ort_dynamic(pre: Path, note: str, out: Path, threads: int) -> Artifact:
     quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
-    return Artifact("ONNX Runtime dynamic int8", ort_predict(out), out.stat().st_size,
+    return Artifact("ONNX Runtime dynamic int8", ort_predict(out, threads), out.stat().st_size,
                     note + "int8 weights, activations quantized per call; "
                     + onnx_float_ops(out), "peer-int8")
 
 
-def _ort_static(pre: Path, note: str, out: Path, calib: list[np.ndarray]) -> Artifact:
+def _ort_static(pre: Path, note: str, out: Path, calib: list[np.ndarray],
+                threads: int) -> Artifact:
     quantize_static(str(pre), str(out), _Reader("x", calib), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     samples = sum(len(b) for b in calib)
-    return Artifact("ONNX Runtime static int8 (QDQ)", ort_predict(out), out.stat().st_size,
+    return Artifact("ONNX Runtime static int8 (QDQ)", ort_predict(out, threads),
+                    out.stat().st_size,
                     note + f"per-channel S8S8, MinMax over {samples} train samples; "
                     + onnx_float_ops(out), "peer-int8")
 
@@ -227,11 +229,13 @@ def _attempt(name: str, kind: str, build: Callable[[], Artifact]) -> Artifact:
 
 
 def peer_artifacts(name: str, model: nn.Module, data: Dataset, calib_batches: int = 4, *,
-                   out_dir: Path | None = None, seed: int = SEED) -> list[Artifact]:
+                   out_dir: Path | None = None, seed: int = SEED,
+                   threads: int = THREADS) -> list[Artifact]:
     """The fp32 baselines and the three int8 peers of ``model`` (reference model ``name``),
     files written under ``out_dir`` (a temporary directory when None: the sessions hold
     their models in memory, so the files may go). ``calib_batches`` batches of
-    ``CALIB_BATCH`` seeded training samples calibrate the static quantizer."""
+    ``CALIB_BATCH`` seeded training samples calibrate the static quantizer; ONNX Runtime
+    sessions get ``threads`` intra-op threads."""
     torch.manual_seed(seed)
     fp32 = copy.deepcopy(model).eval()
     with tempfile.TemporaryDirectory(prefix="nnc-int8-") as tmp:
@@ -242,14 +246,15 @@ def peer_artifacts(name: str, model: nn.Module, data: Dataset, calib_batches: in
                          (root / f"{name}.fp32.pt").stat().st_size, "torch.save(state_dict)",
                          "fp32")]
         ort32 = _attempt("ONNX Runtime fp32", "ort-fp32",
-                         lambda: _ort_fp32(fp32, data, root / f"{name}.onnx"))
+                         lambda: _ort_fp32(fp32, data, root / f"{name}.onnx", threads))
         arts.append(ort32)
         calib = calibration_samples(data, calib_batches, seed)
         peers: list[tuple[str, Callable[[Path, str], Artifact]]] = [
             ("ONNX Runtime dynamic int8",
-             lambda pre, note: _ort_dynamic(pre, note, root / f"{name}.dyn.onnx")),
+             lambda pre, note: _ort_dynamic(pre, note, root / f"{name}.dyn.onnx", threads)),
             ("ONNX Runtime static int8 (QDQ)",
-             lambda pre, note: _ort_static(pre, note, root / f"{name}.qdq.onnx", calib)),
+             lambda pre, note: _ort_static(pre, note, root / f"{name}.qdq.onnx", calib,
+                                           threads)),
         ]
         if ort32.error is None:
             with _quiet():
