@@ -7,6 +7,5 @@
 
 from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm, fold_pairs
 from nncompress.quant.int8 import QuantizeInt8Config  # noqa: F401  (registers quantize_int8)
-from nncompress.quant.lowbit import LowBitConfig  # noqa: F401  (registers lowbit + layers)
 
 __all__ = ["FoldBatchNormConfig", "fold_batchnorm", "fold_pairs"]

@@ -32,7 +32,8 @@ from nncompress.errors import UnsupportedLayerError
 from nncompress.quant.affine import QType
 from nncompress.quant.program import Op, Program
 
-__all__ = ["Calibration", "build_program", "calibrate", "convert", "positional", "trace"]
+__all__ = ["Calibration", "build_program", "calibrate", "convert", "positional",
+           "quantization_points", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -120,6 +121,16 @@ def build_program(gm: fx.GraphModule, calibration: Calibration, *,
     for node in gm.graph.nodes:
         builder.visit(node)
     return builder.finish()
+
+
+def quantization_points(gm: fx.GraphModule, calibration: Calibration) -> list[str]:
+    """The nodes whose calibrated range the program uses, in graph order: where QAT puts
+    its fake quantizers (:mod:`nncompress.quant.qat`)."""
+    from nncompress.quant.convert_rules import Builder
+    builder = Builder(gm, calibration, per_channel=True)
+    for node in gm.graph.nodes:
+        builder.visit(node)
+    return list(dict.fromkeys(builder.used))
 
 
 def convert(model: nn.Module, batches: Iterable[inputs.Inputs], *, observer: str = "minmax",

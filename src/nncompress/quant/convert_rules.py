@@ -99,6 +99,7 @@ class Builder:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.names: dict[str, str] = {}
+        self.used: list[str] = []   # nodes whose calibrated range the program uses
 
     # -- helpers ------------------------------------------------------------------------
     def fail(self, node: fx.Node, why: str) -> None:
@@ -108,6 +109,7 @@ class Builder:
         raise UnsupportedLayerError(f"int8 conversion: {what} ({kind}) {why}")
 
     def qtype(self, name: str) -> QType:
+        self.used.append(name)
         if name not in self.cal.ranges:
             raise UnsupportedLayerError(f"int8 conversion: {name} was never reached by the "
                                         "calibration data")
