@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from nncompress.errors import KernelUnavailableError
 from nncompress.kernels.cbuild import load_library
 
-__all__ = ["available", "binarize", "kernel_status", "pack_activations", "pack_signs",
-           "unavailable_reason", "words_for", "xnor_conv", "xnor_conv_reference",
-           "xnor_linear", "xnor_linear_reference"]
+__all__ = ["ConvPlan", "LinearPlan", "available", "binarize", "kernel_status",
+           "pack_activations", "pack_signs", "unavailable_reason", "words_for", "xnor_conv",
+           "xnor_conv_reference", "xnor_linear", "xnor_linear_reference"]
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES: dict[str, list[type]] = {
@@ -144,6 +144,57 @@ def _check(status: int, what: str) -> None:
         raise MemoryError(f"xnor kernel: out of memory in {what}")
 
 
+class _Plan:
+    """A binary layer's kernel operands, converted once (float32, contiguous, CPU) and
+    held with their addresses, so a call only converts ``x`` when it must."""
+
+    def __init__(self, weight_bits: torch.Tensor, alpha: torch.Tensor,
+                 bias: torch.Tensor | None, threshold: torch.Tensor | None,
+                 threshold_size: int) -> None:
+        self.lib = _lib()
+        self.bits = weight_bits.detach().to("cpu", torch.int64).contiguous()
+        self.out_features = int(self.bits.shape[0])
+        self.alpha = alpha.detach().to("cpu", torch.float32).contiguous()
+        self.bias = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
+        self.threshold = _threshold(threshold, threshold_size)
+        if self.alpha.numel() != self.out_features or (
+                self.bias is not None and self.bias.numel() != self.out_features):
+            raise ValueError(f"alpha / bias must have {self.out_features} values")
+        self.pointers = (_ptr(self.threshold), self.bits.data_ptr(), self.out_features,
+                         self.alpha.data_ptr(), _ptr(self.bias))
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype is torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+        return x
+    return _float_input(x)
+
+
+class LinearPlan(_Plan):
+    """:func:`xnor_linear` with its weight-side operands prepared once."""
+
+    def __init__(self, weight_bits: torch.Tensor, in_features: int, alpha: torch.Tensor,
+                 bias: torch.Tensor | None = None,
+                 threshold: torch.Tensor | None = None) -> None:
+        super().__init__(weight_bits, alpha, bias, threshold, in_features)
+        self.in_features = int(in_features)
+        if self.bits.shape[1] != words_for(in_features):
+            raise ValueError(f"weight_bits has {self.bits.shape[1]} words per row, "
+                             f"{in_features} inputs need {words_for(in_features)}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"expected inputs [..., {k}], got {list(x.shape)}")
+        flat = _as_input(x.reshape(-1, k))
+        rows = flat.shape[0]
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        thr, bits, n, alpha, bias = self.pointers
+        _check(self.lib.xnor_linear(flat.data_ptr(), rows, k, thr, bits, n, alpha, bias,
+                                    out.data_ptr()), "xnor_linear")
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+
 def xnor_linear(x: torch.Tensor, weight_bits: torch.Tensor, in_features: int,
                 alpha: torch.Tensor, bias: torch.Tensor | None = None,
                 threshold: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,19 +202,9 @@ def xnor_linear(x: torch.Tensor, weight_bits: torch.Tensor, in_features: int,
 
     ``weight_bits`` ``[N, words]`` from :func:`pack_signs`, ``alpha`` / ``bias`` ``[N]``,
     ``threshold`` ``[K]`` or ``None``. Raises KernelUnavailableError without the kernel.
+    A layer called many times keeps a :class:`LinearPlan` instead.
     """
-    lib = _lib()
-    lead = x.shape[:-1]
-    flat = _float_input(x.reshape(-1, x.shape[-1]))
-    n = weight_bits.shape[0]
-    out = torch.empty(flat.shape[0], n, dtype=torch.float32)
-    a = alpha.detach().float().contiguous()
-    b = None if bias is None else bias.detach().float().contiguous()
-    t = _threshold(threshold, in_features)
-    _check(lib.xnor_linear(flat.data_ptr(), flat.shape[0], in_features, _ptr(t),
-                           weight_bits.data_ptr(), n, a.data_ptr(), _ptr(b),
-                           out.data_ptr()), "xnor_linear")
-    return out.reshape(*lead, n)
+    return LinearPlan(weight_bits, in_features, alpha, bias, threshold)(x)
 
 
 def xnor_linear_reference(x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor,
@@ -180,6 +221,51 @@ def _pair(v: int | Sequence[int], dims: int) -> tuple[int, ...]:
     return (int(v),) * dims if isinstance(v, int) else tuple(int(i) for i in v)
 
 
+class ConvPlan(_Plan):
+    """:func:`xnor_conv` with its weight-side operands and geometry prepared once."""
+
+    def __init__(self, weight_bits: torch.Tensor, in_channels: int,
+                 kernel_size: Sequence[int], alpha: torch.Tensor,
+                 bias: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1) -> None:
+        super().__init__(weight_bits, alpha, bias, threshold, in_channels)
+        self.dims = len(kernel_size)
+        one = self.dims == 1  # a 1-D convolution is a 2-D one of height 1, no padding there
+        self.in_channels = int(in_channels)
+        self.kernel = (1, *_pair(kernel_size, 1)) if one else _pair(kernel_size, 2)
+        self.stride = (1, *_pair(stride, 1)) if one else _pair(stride, 2)
+        self.padding = (0, *_pair(padding, 1)) if one else _pair(padding, 2)
+        self.dilation = (1, *_pair(dilation, 1)) if one else _pair(dilation, 2)
+        k = self.in_channels * self.kernel[0] * self.kernel[1]
+        if self.bits.shape[1] != words_for(k):
+            raise ValueError(f"weight_bits has {self.bits.shape[1]} words per row, "
+                             f"{k} inputs need {words_for(k)}")
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an input of ``h`` x ``w``."""
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected inputs [B, {self.in_channels}, ...] with "
+                             f"{self.dims} spatial dims, got {list(x.shape)}")
+        xin = _as_input(x if self.dims == 2 else x.unsqueeze(2))
+        b, c, h, w = xin.shape
+        ho, wo = self.out_size(h, w)
+        thr, bits, n, alpha, bias = self.pointers
+        out = torch.empty(b, n, max(ho, 0), max(wo, 0), dtype=torch.float32)
+        if out.numel():
+            geo = (ctypes.c_int64 * 14)(b, c, h, w, *self.kernel, *self.stride,
+                                        *self.padding, *self.dilation, ho, wo)
+            _check(self.lib.xnor_conv2d(xin.data_ptr(), geo, thr, bits, n, alpha, bias,
+                                        out.data_ptr()), "xnor_conv2d")
+        return out.squeeze(2) if self.dims == 1 else out
+
+
 def xnor_conv(x: torch.Tensor, weight_bits: torch.Tensor, kernel_size: Sequence[int],
               alpha: torch.Tensor, bias: torch.Tensor | None = None,
               threshold: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
@@ -188,30 +274,9 @@ def xnor_conv(x: torch.Tensor, weight_bits: torch.Tensor, kernel_size: Sequence[
     """Binary Conv1d (``x`` ``[B, C, L]``, ``kernel_size`` ``(k,)``) or Conv2d (``x``
     ``[B, C, H, W]``, ``(kh, kw)``) in C, groups 1, zero padding; ``weight_bits``
     ``[O, words]`` packed from the ``[O, C, *kernel_size]`` signs; ``threshold`` ``[C]``.
-    Returns ``[B, O, *out_size]`` float32."""
-    lib = _lib()
-    dims = len(kernel_size)
-    xin = _float_input(x)
-    if dims == 1:
-        xin = xin.unsqueeze(2)
-    # a 1-D convolution is a 2-D one of height 1: kernel 1 x k, no padding in height
-    kh, kw = (1, *kernel_size) if dims == 1 else kernel_size
-    sh, sw = (1, *_pair(stride, 1)) if dims == 1 else _pair(stride, 2)
-    ph, pw = (0, *_pair(padding, 1)) if dims == 1 else _pair(padding, 2)
-    dh, dw = (1, *_pair(dilation, 1)) if dims == 1 else _pair(dilation, 2)
-    b, c, h, wd = xin.shape
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    n = weight_bits.shape[0]
-    out = torch.empty(b, n, max(ho, 0), max(wo, 0), dtype=torch.float32)
-    if out.numel():
-        geo = (ctypes.c_int64 * 14)(b, c, h, wd, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-        a = alpha.detach().float().contiguous()
-        bb = None if bias is None else bias.detach().float().contiguous()
-        t = _threshold(threshold, c)
-        _check(lib.xnor_conv2d(xin.data_ptr(), geo, _ptr(t), weight_bits.data_ptr(), n,
-                               a.data_ptr(), _ptr(bb), out.data_ptr()), "xnor_conv2d")
-    return out.squeeze(2) if dims == 1 else out
+    Returns ``[B, O, *out_size]`` float32. A layer keeps a :class:`ConvPlan` instead."""
+    return ConvPlan(weight_bits, x.shape[1], kernel_size, alpha, bias, threshold, stride,
+                    padding, dilation)(x)
 
 
 def xnor_conv_reference(x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor,

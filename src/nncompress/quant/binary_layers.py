@@ -249,10 +249,12 @@ class _FrozenBinary:
                                else None)
         self._derived: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
-    def _derive(self, kind: str, make: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A tensor computed from ``weight`` / ``alpha``, rebuilt when either changes."""
-        key = (self.weight.data_ptr(), self.weight._version, self.alpha.data_ptr(),
-               self.alpha._version, dtype)
+    def _derive(self, kind: str, make: Any, dtype: torch.dtype | None = None) -> Any:
+        """Something computed from the layer's tensors, rebuilt when any of them changes
+        (``load_state_dict``, in-place edits: a new version or storage)."""
+        tensors = (self.weight, self.alpha, self.bias, self.threshold)
+        key = (*((t.data_ptr(), t._version) if t is not None else None for t in tensors),
+               dtype)
         held = self._derived.get(kind)
         if held is None or held[0] != key:
             held = (key, make())
@@ -262,6 +264,13 @@ class _FrozenBinary:
     def packed_weight(self) -> torch.Tensor:
         """``[out, words]`` int64 sign bits of ``weight`` (packed once per weight version)."""
         return self._derive("packed", lambda: xnor.pack_signs(self.weight))
+
+    def kernel_plan(self) -> Any:
+        """The XNOR kernel's prepared operands for this layer (see ``kernels.xnor``)."""
+        return self._derive("plan", self._make_plan)
+
+    def _make_plan(self) -> Any:
+        raise NotImplementedError
 
     def scaled_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``sign(W) * alpha`` in ``dtype`` (the weight of a layer with float inputs)."""
@@ -309,9 +318,12 @@ class FrozenBinaryLinear(_FrozenBinary, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_kernel(x):
-            return xnor.xnor_linear(x, self.packed_weight(), self.in_features, self.alpha,
-                                    self.bias, self.threshold)
+            return self.kernel_plan()(x)
         return self.reference(x)
+
+    def _make_plan(self) -> xnor.LinearPlan:
+        return xnor.LinearPlan(self.packed_weight(), self.in_features, self.alpha, self.bias,
+                               self.threshold)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Plain torch: the kernel's numbers with binary activations (STE gradients in
@@ -345,9 +357,13 @@ class _FrozenConv(_FrozenBinary):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: Any = self
         if m.groups == 1 and not isinstance(m.padding, str) and self._use_kernel(x):
-            return xnor.xnor_conv(x, self.packed_weight(), m.kernel_size, self.alpha,
-                                  self.bias, self.threshold, m.stride, m.padding, m.dilation)
+            return self.kernel_plan()(x)
         return self.reference(x)
+
+    def _make_plan(self) -> xnor.ConvPlan:
+        m: Any = self
+        return xnor.ConvPlan(self.packed_weight(), m.in_channels, m.kernel_size, self.alpha,
+                             self.bias, self.threshold, m.stride, m.padding, m.dilation)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Plain torch: the kernel's numbers with binary activations (STE gradients in
