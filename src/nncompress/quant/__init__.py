@@ -9,6 +9,7 @@ from nncompress.quant import binary  # noqa: F401  (registers binarize + binary 
 from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm, fold_pairs
 from nncompress.quant.int8 import QuantizeInt8Config  # noqa: F401  (registers quantize_int8)
 from nncompress.quant.lowbit import LowBitConfig  # noqa: F401  (registers lowbit + layers)
+from nncompress.quant.mixed import MixedPrecisionConfig  # noqa: F401  (mixed_precision)
 from nncompress.quant.qat import QATInt8Config  # noqa: F401  (registers qat_int8)
 
 __all__ = ["FoldBatchNormConfig", "fold_batchnorm", "fold_pairs"]
