@@ -149,12 +149,13 @@ def test_lowbit_technique_plans_bits_and_notes() -> None:
     assert trained > 0.8 and accuracy(out, data.test) > trained - 0.2
 
 
-def test_technique_composes_after_magnitude_pruning(tmp_path: Path) -> None:
+def test_technique_composes_after_pruning_and_sharing(tmp_path: Path) -> None:
     data = tiny_data(features=12)
     torch.manual_seed(0)
     model = models.build("mlp", (1, 12), 3, hidden=[32, 16])
     recipe = Recipe("prune-lowbit", (
         Stage.technique("magnitude_prune", sparsity=0.8, steps=1, epochs_per_step=1),
+        Stage.technique("weight_sharing", bits=3, epochs=1),
         Stage.technique("lowbit", weight_bits=3, epochs=1, lr=1e-3)))
     result = nc.compress(model, recipe, data, progress=False, measure_latency=False)
     fc1 = result.model.get_submodule("layers.fc1")

@@ -130,7 +130,8 @@ def _calls(model: nn.Module, names: list[str], x: inputs.Inputs) -> dict[str, bo
     handles = []
     for name in names:
         def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-            nonneg = bool(args[0].detach().min() >= 0) if args[0].numel() else True
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            nonneg = first is not None and (not first.numel() or bool(first.min() >= 0))
             seen[name] = seen.get(name, True) and nonneg
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     was_training = model.training
