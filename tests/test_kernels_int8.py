@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from nncompress.errors import DataError, UnsupportedLayerError
+from nncompress.kernels import cbuild
 from nncompress.kernels.int8 import Engine, compile_program
 from nncompress.kernels.int8_codegen import generate_c
 from nncompress.kernels.int8_emit import EMITTERS
@@ -123,19 +124,25 @@ def _inputs(program: Program, shapes: list[tuple[int, ...]], batch: int, seed: i
 
 
 def _check_exact(program: Program, shapes: list[tuple[int, ...]], block: int = 4,
-                 tolerance_steps: float = 0.0) -> Engine:
-    engine = compile_program(program, shapes, block=block, threads=2)
+                 flags: tuple[str, ...] = cbuild.FLAGS) -> Engine:
+    """The engine equals the reference bit for bit at batch 1 and at batches that are not
+    multiples of ``block``. A program with ``float`` ops (layer norm, softmax: double in C,
+    float32 in torch, at most one step apart per op, see ``c/int8_float.h``) may differ
+    downstream of such a step: then at least 98% of the samples must be identical and no
+    output further than 4 of its steps."""
+    engine = compile_program(program, shapes, block=block, threads=2, flags=flags)
     for batch in BATCHES:
         xs = _inputs(program, shapes, batch, seed=batch)
         want, got = reference.run(program, *xs), engine(*xs)
         for w, o, name in zip(want, got, program.outputs, strict=True):
             assert o.shape == w.shape and o.dtype == torch.float32
-            if tolerance_steps == 0:
+            if not program.float_ops():
                 assert torch.equal(o, w), f"{name} at batch {batch}: {(o - w).abs().max()}"
-            else:
-                step = program.values[next(op.inputs[0] for op in program.ops
-                                           if op.outputs[0] == name)].scale
-                assert (o - w).abs().max() <= tolerance_steps * step * 1.0001
+                continue
+            source = next(op.inputs[0] for op in program.ops if op.outputs[0] == name)
+            steps = (o - w).abs().reshape(batch, -1) / program.values[source].scale
+            assert steps.max() <= 4.0001, f"{name} at batch {batch}: {steps.max()} steps"
+            assert (steps.amax(dim=1) > 0).float().mean() <= 0.02 + 1 / batch
     return engine
 
 
@@ -348,3 +355,99 @@ def test_float_ops_within_one_step() -> None:
                                 strict=True):
         steps = (want - got).abs() / scale
         assert steps.max() <= 1.0001 and (steps > 0.5).float().mean() < 1e-3
+
+
+def rnn_program(kind: str, layers: int, bidirectional: bool, batch_first: bool,
+                seed: int = 0) -> Program:
+    """quantize -> gru / lstm (quant.int8_rnn.convert_rnn of a random torch module) ->
+    every output dequantized; a seq-first module gets transposes around it."""
+    from nncompress.quant import int8_rnn
+    torch.manual_seed(seed)
+    cls = torch.nn.GRU if kind == "gru" else torch.nn.LSTM
+    module = cls(5, 12, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    b = Builder(seed)
+    x = b.op("quantize", (b.input(),))
+    if not batch_first:
+        x = b.op("transpose", (x,), {"dims": [0, 1]})
+    consts, attrs, qtypes = int8_rnn.convert_rnn(module, b.values[x], "rnn.")
+    b.consts.update(consts)
+    outs = b.op(kind, (x,), attrs, int8_rnn.const_roles(consts, "rnn."), outputs=len(qtypes))
+    names = [outs, *(f"v{int(outs[1:]) + k}" for k in range(1, len(qtypes)))]
+    for name, qt in zip(names, qtypes, strict=True):
+        b.values[name] = qt
+    if not batch_first:
+        names[0] = b.op("transpose", (names[0],), {"dims": [0, 1]})
+    return b.program(*(b.op("dequantize", (n,), dtype="float32") for n in names))
+
+
+@needs_gcc
+@pytest.mark.parametrize("kind,layers,bidirectional,batch_first",
+                         [("gru", 2, True, True), ("lstm", 1, False, False),
+                          ("lstm", 3, True, True)])
+def test_recurrent_bit_exact(kind: str, layers: int, bidirectional: bool,
+                             batch_first: bool) -> None:
+    _check_exact(rnn_program(kind, layers, bidirectional, batch_first), [(9, 5)])
+
+
+PORTABLE = (*cbuild.FLAGS, "-DNNC_PORTABLE")   # the plain C kernels, not the VNNI ones
+
+
+@needs_gcc
+def test_portable_kernels_bit_exact() -> None:
+    _check_exact(mlp_program(), [(37,)], flags=PORTABLE)
+
+
+@needs_gcc
+@pytest.mark.slow
+def test_portable_kernels_on_every_kind() -> None:
+    """The plain C path (what a microcontroller build runs) on convolutions, attention and
+    a recurrent layer."""
+    b = Builder(10)
+    h = b.op("quantize", (b.input(),))
+    h = b.conv(h, 3, 20, (5,), padding=(2,))
+    h = b.conv(h, 20, 20, (3,), groups=20, padding=(1,))
+    h = b.op("transpose", (h,), {"dims": [1, 2]})                           # [B, 11, 20]
+    h = _attention(b, h, 11, 20, 2)
+    _check_exact(b.program(b.op("dequantize", (h,), dtype="float32")), [(3, 11)],
+                 flags=PORTABLE)
+    _check_exact(rnn_program("lstm", 2, True, True), [(9, 5)], flags=PORTABLE)
+
+
+def converted(name: str, seed: int = 0) -> tuple[Program, tuple[int, ...]]:
+    """Reference model ``name`` (random weights, BatchNorm statistics randomised then
+    folded) converted by ``quant.convert`` with two random calibration batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nncompress import models
+    from nncompress.data import Dataset
+    from nncompress.quant.convert import convert
+    from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
+    from nncompress.technique import Context
+    shape = {"digits": (1, 8, 8), "mnist1d": (1, 40)}[models.spec(name).default_dataset]
+    torch.manual_seed(seed)
+    model = models.build(name, shape, 10).eval()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(seed))
+    ds = TensorDataset(x, torch.zeros(64, dtype=torch.int64))
+    data = Dataset("random", DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=16),
+                   shape, 10)
+    fold_batchnorm(model, FoldBatchNormConfig(), Context(data, progress=False))
+    program, _ = convert(model, [x[:32], x[32:]])
+    return program, shape
+
+
+@needs_gcc
+def test_converted_mlp_bit_exact() -> None:
+    program, shape = converted("mlp")
+    _check_exact(program, [shape], block=8)
+
+
+@needs_gcc
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn1d", "cnn2d", "rescnn", "gru", "lstm", "transformer"])
+def test_converted_reference_models_bit_exact(name: str) -> None:
+    program, shape = converted(name)
+    _check_exact(program, [shape], block=8)

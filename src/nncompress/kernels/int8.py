@@ -17,7 +17,6 @@ says why and the caller falls back to the reference.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +54,9 @@ class Engine:
                         for _ in range(self.threads)]
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._numel_in = [math.prod(s) for _, _, s in info.inputs]
+        self._aligned = [self._arena(k) for k in range(self.threads)]
+        self._dtypes = [torch.int64 if d == "int64" else torch.float32 for _, d, _ in info.inputs]
+        self._moved = any(a != 0 for a in info.output_axes)
 
     @property
     def arena_bytes(self) -> int:
@@ -65,50 +66,64 @@ class Engine:
         ptr = self._arenas[k].data_ptr()
         return (ptr + _ALIGN - 1) // _ALIGN * _ALIGN
 
-    def _inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(inputs) != len(self.info.inputs):
-            raise DataError(f"the int8 engine takes {len(self.info.inputs)} inputs, got "
-                            f"{len(inputs)}")
-        out = []
-        for x, (name, dtype, shape) in zip(inputs, self.info.inputs, strict=True):
-            if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != shape or x.dim() < 1:
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise DataError(f"input {name!r}: expected [batch, {', '.join(map(str, shape))}]"
-                                f", got {got}")
-            want = torch.int64 if dtype == "int64" else torch.float32
-            out.append(x.detach().to(device="cpu", dtype=want).contiguous())
-        batch = {int(x.shape[0]) for x in out}
-        if len(batch) != 1:
-            raise DataError(f"inputs with different batch sizes {sorted(batch)}")
-        return out
+    def _input(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Input ``k`` checked, as a contiguous CPU tensor of the engine's dtype (the same
+        tensor when it already is one)."""
+        name, _, shape = self.info.inputs[k]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[1:] != shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"input {name!r}: expected [batch, {', '.join(map(str, shape))}], "
+                            f"got {got}")
+        if x.dtype is not self._dtypes[k] or not x.is_contiguous() or x.is_cuda:
+            x = x.detach().to(device="cpu", dtype=self._dtypes[k]).contiguous()
+        return x
 
-    def _run(self, xs: list[torch.Tensor], ys: list[torch.Tensor], start: int, stop: int,
-             slot: int) -> int:
-        ptrs = [t[start:stop].data_ptr() if stop > start else t.data_ptr() for t in xs + ys]
+    def _run(self, tensors: list[torch.Tensor], start: int, stop: int, slot: int) -> int:
+        ptrs = [t[start:stop].data_ptr() for t in tensors]
         return self._fn(*ptrs, stop - start, self._arena(slot))
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        xs = self._inputs(inputs)
-        batch = int(xs[0].shape[0])
-        ys = [torch.empty((batch, *shape), dtype=torch.float32)
-              for _, _, shape in self.info.outputs]
-        block = self.info.block
-        workers = min(self.threads, batch // (2 * block))
+        if len(inputs) != len(self.info.inputs):
+            raise DataError(f"the int8 engine takes {len(self.info.inputs)} inputs, got "
+                            f"{len(inputs)}")
+        xs = [self._input(x, k) for k, x in enumerate(inputs)]
+        batch = xs[0].shape[0]
+        if any(x.shape[0] != batch for x in xs):
+            raise DataError(f"inputs with different batch sizes {[x.shape[0] for x in xs]}")
+        ys = [torch.empty((batch, *shape)) for _, _, shape in self.info.outputs]
+        workers = min(self.threads, batch // (2 * self.info.block))
         with self._lock:
             if workers <= 1:
-                codes = [self._run(xs, ys, 0, batch, 0)]
+                code = self._fn(*[t.data_ptr() for t in xs], *[t.data_ptr() for t in ys],
+                                batch, self._aligned[0])
             else:
-                step = -(-batch // (workers * block)) * block
-                bounds = [(a, min(a + step, batch)) for a in range(0, batch, step)]
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, "nnc-int8")
-                futures = [self._pool.submit(self._run, xs, ys, a, b, k)
-                           for k, (a, b) in enumerate(bounds)]
-                codes = [f.result() for f in futures]
-        if any(codes):
-            raise DataError("int8 engine: an embedding id is out of range" if 1 in codes
-                            else f"int8 engine: error code {max(codes)}")
+                code = self._parallel(xs + ys, batch, workers)
+        if code:
+            raise DataError("int8 engine: an embedding id is out of range" if code == 1
+                            else f"int8 engine: error code {code}")
+        if self._moved:
+            return [self._place(y, axis) for y, axis in zip(ys, self.info.output_axes,
+                                                            strict=True)]
         return ys
+
+    def _parallel(self, tensors: list[torch.Tensor], batch: int, workers: int) -> int:
+        """Split the batch in ``workers`` contiguous parts (whole blocks) run at once."""
+        block = self.info.block
+        step = -(-batch // (workers * block)) * block
+        bounds = [(a, min(a + step, batch)) for a in range(0, batch, step)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, "nnc-int8")
+        futures = [self._pool.submit(self._run, tensors, a, b, k)
+                   for k, (a, b) in enumerate(bounds)]
+        codes = [f.result() for f in futures]
+        return 1 if 1 in codes else max(codes)
+
+    @staticmethod
+    def _place(y: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """A batch-first output with its batch axis where the program has it."""
+        if axis is None:
+            return y[0].clone() if y.shape[0] else torch.zeros(y.shape[1:])
+        return y.movedim(0, axis) if axis else y
 
     def close(self) -> None:
         """Stop the worker threads (if any were started)."""

@@ -13,7 +13,8 @@ the batch in blocks of ``block`` samples::
 when an embedding id is out of range. ``arena`` holds ``info.arena_bytes`` bytes, 64-byte
 aligned. The source includes only ``<stdint.h>`` and ``<string.h>`` (``<math.h>`` when the
 program has ``float`` ops) and compiles with ``gcc -std=c99 -Wall -Wextra -Werror``. The
-kernels are ``kernels/c/int8_ops.h`` (pasted in); each op kind's emitter is in
+kernels are ``kernels/c/int8_ops.h`` (pasted in; ``int8_float.h`` and ``int8_rnn.h`` too
+when the program has float or recurrent ops); each op kind's emitter is in
 :mod:`nncompress.kernels.int8_emit` (one table, :data:`~nncompress.kernels.int8_emit.EMITTERS`).
 """
 
@@ -37,13 +38,18 @@ __all__ = ["CInfo", "Gen", "c_float", "generate_c"]
 _C_DIR = Path(__file__).resolve().parent / "c"
 _TOKEN = re.compile(r"\$([A-Za-z0-9_:.]+)\$")
 _ALIGN = 64
+_SIZES = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4, "float": 4, "int64_t": 8}
+#: kernel headers pasted after int8_ops.h when an emitter asks for them, in this order
+_HEADERS = ("int8_float.h", "int8_rnn.h")
 
 
 @dataclass(frozen=True)
 class CInfo:
     """What :func:`generate_c` built: the entry point's name, the arena's bytes (``block``
     samples at a time), the bytes of the constant arrays, and per input / output its value
-    name, dtype and per-sample shape."""
+    name, dtype and per-sample shape. The C function reads and writes every tensor batch
+    first; ``output_axes`` says where the program puts each output's batch axis (``None``:
+    an output that does not depend on the batch, written once per sample)."""
 
     entry: str
     arena_bytes: int
@@ -52,6 +58,7 @@ class CInfo:
     inputs: tuple[tuple[str, str, tuple[int, ...]], ...]
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
     float_ops: int
+    output_axes: tuple[int | None, ...] = ()
 
 
 def c_float(value: float) -> str:
@@ -77,18 +84,18 @@ class Gen:
     def __init__(self, program: Program, infos: dict[str, ValueInfo], block: int) -> None:
         self.p, self.infos, self.block = program, infos, block
         self.decls: list[str] = []
-        self.body: list[str] = []
+        self.body: list[str] = []                # the C lines of the op being emitted
+        self.funcs: list[tuple[str, list[str]]] = []   # (comment, lines) of each op
         self.base: dict[str, str] = {}           # value -> C pointer to its block's storage
         self.storage: dict[str, str] = {}        # value -> arena block key
         self.blocks: dict[str, Block] = {}
         self.index = 0                           # the op being emitted
         self.const_bytes = 0
-        self.math = False
+        self.headers: set[str] = set()           # extra kernel headers (float ops, RNNs)
 
     # storage ---------------------------------------------------------------------------
     def _arena(self, key: str, ctype: str, count: int) -> str:
-        size = count * {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4, "float": 4,
-                        "int64_t": 8}[ctype]
+        size = count * _SIZES[ctype]
         self.blocks[key] = Block(key, size, self.index, self.index)
         return f"(({ctype} *)(arena + ${key}$))"
 
@@ -155,8 +162,7 @@ class Gen:
         rows = [", ".join(items[i:i + 24]) for i in range(0, len(items), 24)]
         self.decls.append(f"static const {ctype} NNC_ALIGNED {name}[{len(items)}] = {{\n    "
                           + ",\n    ".join(rows) + "\n};")
-        self.const_bytes += len(items) * {"float": 4, "int8_t": 1, "int32_t": 4,
-                                          "int64_t": 8}[ctype]
+        self.const_bytes += len(items) * _SIZES[ctype]
         return name
 
 
@@ -178,6 +184,27 @@ def _signature(entry: str, n_in: int, n_out: int) -> str:
     return f"int {entry}({', '.join(ins + outs)}, int32_t batch, uint8_t *arena)"
 
 
+def _params(gen: Gen) -> tuple[str, str]:
+    """The parameter list and the argument list of every op function."""
+    types = [gen.infos[name].ctype for name in gen.p.inputs]
+    params = ", ".join(["int32_t nb", "uint8_t *arena"]
+                       + [f"const {t} *in{k}" for k, t in enumerate(types)])
+    return params, ", ".join(["nb", "arena"] + [f"in{k}" for k in range(len(types))])
+
+
+def _functions(gen: Gen) -> list[str]:
+    """One static function per op that computes anything (each optimised on its own, which
+    keeps gcc's time linear in the program)."""
+    params, _ = _params(gen)
+    unused = " ".join(f"(void){p.split()[-1].lstrip('*')};" for p in params.split(", "))
+    lines: list[str] = []
+    for k, (note, body) in enumerate(gen.funcs):
+        if body:
+            lines += [f"/* {note} */", f"static NNC_NOINLINE int nnc_op{k}({params}) {{",
+                      f"    {unused}", *(f"    {ln}" for ln in body), "    return 0;", "}", ""]
+    return lines
+
+
 def _entry(gen: Gen, entry: str, arena_bytes: int) -> list[str]:
     p, infos = gen.p, gen.infos
     ins = ["input"] if len(p.inputs) == 1 else [f"input{k}" for k in range(len(p.inputs))]
@@ -191,7 +218,9 @@ def _entry(gen: Gen, entry: str, arena_bytes: int) -> list[str]:
         info = infos[name]
         lines += [f"        const {info.ctype} *in{k} = (const {info.ctype} *){ins[k]} + "
                   f"(size_t)b0 * {info.numel};", f"        (void)in{k};"]
-    lines += [f"        {ln}" for ln in gen.body]
+    _, args = _params(gen)
+    lines += [f"        if (nnc_op{k}({args})) return 1;"
+              for k, (_, body) in enumerate(gen.funcs) if body]
     for k, name in enumerate(p.outputs):
         info = infos[name]
         dst = f"{outs[k]} + (size_t)b0 * {info.numel}"
@@ -224,8 +253,9 @@ def _emit_op(gen: Gen, op: Op) -> None:
         raise UnsupportedLayerError(f"op {op.kind!r} ({op.source or op.outputs[0]}): no C "
                                     "kernel for this kind")
     note = f"{op.kind} {op.source} -> {', '.join(op.outputs)}".replace("*/", "* /")
-    gen.emit(f"/* {note} */")
+    gen.body = []
     emitter(gen, op)
+    gen.funcs.append((note, gen.body))
 
 
 def generate_c(program: Program, sample_shapes: Sequence[Sequence[int]], *, block: int = 8,
@@ -249,14 +279,14 @@ def generate_c(program: Program, sample_shapes: Sequence[Sequence[int]], *, bloc
     info = CInfo(entry, arena, block, gen.const_bytes,
                  tuple((n, infos[n].dtype, infos[n].shape) for n in program.inputs),
                  tuple((n, infos[n].dtype, infos[n].shape) for n in program.outputs),
-                 len(program.float_ops()))
+                 len(program.float_ops()),
+                 tuple(infos[n].batch_axis for n in program.outputs))
     parts = ["/* Generated by nncompress (kernels/int8_codegen.py): an integer-only int8 "
              "program,", " * Jacob et al. (2018). Do not edit. */",
              (_C_DIR / "int8_ops.h").read_text()]
-    if gen.math:
-        parts.append((_C_DIR / "int8_float.h").read_text())
+    parts += [(_C_DIR / h).read_text() for h in _HEADERS if h in gen.headers]
     code = [_TOKEN.sub(lambda m: str(offsets[m.group(1)]), ln)
-            for ln in _entry(gen, entry, arena)]
+            for ln in _functions(gen) + _entry(gen, entry, arena)]
     parts += [*gen.decls, "", *code]
     return "\n".join(parts) + "\n", _header(info, prefix), info
 

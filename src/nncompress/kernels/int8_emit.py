@@ -24,21 +24,21 @@ from nncompress.kernels.int8_emit_move import (
     emit_embedding,
     emit_move,
 )
+from nncompress.kernels.int8_emit_rnn import emit_recurrent
+from nncompress.kernels.int8_layout import pack_weights, pad_k
 from nncompress.quant import reference
 from nncompress.quant.affine import QMAX, QMIN
-from nncompress.quant.affine import multiply_by_quantized_multiplier as mbqm
 from nncompress.quant.program import Op
 
-__all__ = ["DIRECT_CONV_MAX_K", "EMITTERS", "pad_k"]
+__all__ = ["DIRECT_CONV_MAX_K", "EMITTERS"]
 
 #: Convolutions whose per-group dot product is shorter than this run as direct loops
 #: (depthwise, first layers); longer ones as im2col + the VNNI dot-product kernel.
 DIRECT_CONV_MAX_K = 32
 
 
-def pad_k(k: int) -> int:
-    """The dot-product length weights are zero-padded to (whole 16-byte vectors)."""
-    return -(-k // 16) * 16
+def _al64(n: int) -> int:
+    return -(-n // 64) * 64
 
 
 def _name(op: Op) -> str:
@@ -83,37 +83,38 @@ def emit_quantize(gen: Gen, op: Op) -> None:
              f"{qo.zero_point});")
 
 
-def _weights(gen: Gen, op: Op, zx: int, kp: int | None) -> tuple[str, str, str, str]:
-    """C names of the weights (rows zero-padded to ``kp``), folded int64 bias, m and s."""
+def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str]:
+    """The weights ``[O, K]`` and the C names of the folded int64 bias
+    ``b - (128 + zx) * sum(w)``, m and s (one per output)."""
     w = gen.p.consts[op.consts["w"]].to(torch.int64)
     w2 = w.reshape(w.shape[0], -1)
     bias = gen.p.consts[op.consts["b"]].to(torch.int64) if "b" in op.consts \
         else torch.zeros(w.shape[0], dtype=torch.int64)
     bias = bias - (128 + zx) * w2.sum(dim=1)
-    if kp is not None and kp != w2.shape[1]:
-        w2 = torch.cat([w2, torch.zeros(w2.shape[0], kp - w2.shape[1], dtype=torch.int64)], 1)
     m, s = gen.p.consts[op.consts["m"]], gen.p.consts[op.consts["s"]]
     _shift(op, s)
     if m.numel() != w.shape[0] or s.numel() != w.shape[0]:
         m, s = m.reshape(-1).expand(w.shape[0]), s.reshape(-1).expand(w.shape[0])
-    return (gen.const("w", "int8_t", w2), gen.const("bias", "int64_t", bias),
-            gen.const("m", "int32_t", m), gen.const("s", "int32_t", s))
+    return (w2, gen.const("bias", "int64_t", bias), gen.const("m", "int32_t", m),
+            gen.const("s", "int32_t", s))
 
 
 def emit_linear(gen: Gen, op: Op) -> None:
     x, y = op.inputs[0], op.outputs[0]
     xi = gen.infos[x]
     xi.sample_dim(-1)                                  # the features are not the batch
-    out_f, in_f = gen.p.consts[op.consts["w"]].shape
-    rows, kp = xi.numel // in_f, pad_k(in_f)
-    W, B, M, S = _weights(gen, op, _zp(gen, x), kp)
+    w2, B, M, S = _weights(gen, op, _zp(gen, x))
+    out_f, in_f = w2.shape
+    packed, kp, c16 = pack_weights(w2)
+    W = gen.const("w", "int8_t", packed)
+    rows = xi.numel // in_f
     block_rows = rows * (gen.block if xi.batched else 1)
-    U, ACC = gen.scratch("uint8_t", block_rows * kp), gen.scratch("int32_t", block_rows * out_f)
+    U, ACC = gen.scratch("uint8_t", block_rows * kp), gen.scratch("int32_t", block_rows * c16)
     R = gen.count(x, rows)
     gen.emit(f"nnc_to_u8({gen.ptr(x)}, {U}, {R}, {in_f}, {kp});",
-             f"nnc_gemm({U}, {R}, {kp}, {W}, {out_f}, {ACC});",
-             f"nnc_requant({ACC}, {R}, {out_f}, {B}, {M}, {S}, {_zp(gen, y)}, {_req(op)}, "
-             f"{gen.out(y)}, {out_f}, 1);")
+             f"nnc_gemm({U}, {R}, {kp}, {W}, {c16}, {ACC});",
+             f"nnc_requant({ACC}, {R}, {out_f}, {c16}, {B}, {M}, {S}, {_zp(gen, y)}, "
+             f"{_req(op)}, {gen.out(y)}, {out_f}, 1);")
 
 
 def _spatial(gen: Gen, op: Op, kernel: list[int]) -> dict[str, int]:
@@ -151,19 +152,19 @@ def emit_conv(gen: Gen, op: Op) -> None:
     zo = _zp(gen, y)
     lines = [f"nnc_pad_u8({gen.at(x)}, {d['c']}, {d['h']}, {d['w']}, {d['ph']}, {d['pw']}, "
              f"(uint8_t){zx + 128}, {XP});"]
+    w2, B, M, S = _weights(gen, op, zx)
     if k < DIRECT_CONV_MAX_K:
-        W, B, M, S = _weights(gen, op, zx, None)
-        ACC = gen.scratch("int32_t", p)
+        W, ACC = gen.const("w", "int8_t", w2), gen.scratch("int32_t", p)
         lines.append(f"nnc_conv_direct({XP}, {hp}, {wp}, {cg}, {og}, {W}, {d['o']}, {geo}, {B}, "
                      f"{M}, {S}, {zo}, {_req(op)}, {ACC}, {gen.at(y)});")
     else:
-        kp = pad_k(k)
-        W, B, M, S = _weights(gen, op, zx, kp)
-        U, ACC = gen.scratch("uint8_t", p * kp), gen.scratch("int32_t", p * og)
+        packed, kp, c16 = pack_weights(w2, groups)
+        W = gen.const("w", "int8_t", packed)
+        U, ACC = gen.scratch("uint8_t", p * kp), gen.scratch("int32_t", p * c16)
         lines += [f"for (int32_t grp = 0; grp < {groups}; grp++) {{",
                   f"    nnc_im2col({XP}, {hp}, {wp}, grp * {cg}, {cg}, {geo}, {kp}, {U});",
-                  f"    nnc_gemm({U}, {p}, {kp}, {W} + (size_t)grp * {og * kp}, {og}, {ACC});",
-                  f"    nnc_requant({ACC}, {p}, {og}, {B} + grp * {og}, {M} + grp * {og}, "
+                  f"    nnc_gemm({U}, {p}, {kp}, {W} + (size_t)grp * {c16 * kp}, {c16}, {ACC});",
+                  f"    nnc_requant({ACC}, {p}, {og}, {c16}, {B} + grp * {og}, {M} + grp * {og}, "
                   f"{S} + grp * {og}, {zo}, {_req(op)}, {gen.at(y)} + (size_t)grp * {og * p}, "
                   f"1, {p});", "}"]
     gen.per_sample(y, lines)
@@ -215,7 +216,9 @@ def emit_matmul(gen: Gen, op: Op) -> None:
     count = math.prod(lead.shape)
     AO, BO = gen.const("aoff", "int32_t", offs[0]), gen.const("boff", "int32_t", offs[1])
     _shift(op, op.attrs["s"])
-    SCR = gen.scratch("int16_t", (mm + nn) * kk)
+    kp, n16 = pad_k(kk), -(-nn // 16) * 16
+    SCR = gen.scratch("uint8_t", _al64(mm * kp) + _al64(n16 * kp) + _al64(mm * n16 * 4)
+                      + _al64(n16 * 8) + 8 * nn)      # nnc_matmul's scratch layout
     gen.out(y)
     gen.per_sample(y, [f"for (int32_t l = 0; l < {count}; l++)",
                        f"    nnc_matmul({gen.at(a)} + {AO}[l], {_zp(gen, a)}, {gen.at(b)} + "
@@ -231,11 +234,8 @@ def emit_binary(gen: Gen, op: Op) -> None:
     (pa, da, la), (pb, db, lb) = (broadcast_operand(gen, v, y, _name(op)) for v in (a, b))
     if op.kind == "add":
         _shift(op, t["sa"], t["sb"], t["so"])
-        vals = torch.arange(QMIN, QMAX + 1)
-        ta = mbqm((vals - _zp(gen, a)) * (1 << 20), torch.tensor(t["ma"]), torch.tensor(t["sa"]))
-        tb = mbqm((vals - _zp(gen, b)) * (1 << 20), torch.tensor(t["mb"]), torch.tensor(t["sb"]))
-        TA, TB = gen.const("addta", "int32_t", ta), gen.const("addtb", "int32_t", tb)
-        args = f"{TA}, {TB}, {t['mo']}, {t['so']}"
+        args = (f"{_zp(gen, a)}, {t['ma']}, {t['sa']}, {_zp(gen, b)}, {t['mb']}, {t['sb']}, "
+                f"{t['mo']}, {t['so']}")
     else:
         _shift(op, t["s"])
         args = f"{_zp(gen, a)}, {_zp(gen, b)}, {t['m']}, {t['s']}"
@@ -252,7 +252,7 @@ def emit_float(gen: Gen, op: Op) -> None:
     """layer_norm / softmax in double on the dequantized input (``int8_float.h``)."""
     x, y = op.inputs[0], op.outputs[0]
     xi, args, qo = gen.infos[x], op.attrs["args"], gen.p.values[y]
-    gen.math = True
+    gen.headers.add("int8_float.h")
     qx = gen.p.values[x]
     real = (torch.arange(QMIN, QMAX + 1) - qx.zero_point).to(torch.float32) \
         * torch.tensor(qx.scale, dtype=torch.float32)
@@ -273,10 +273,6 @@ def emit_float(gen: Gen, op: Op) -> None:
     gen.emit(f"nnc_layer_norm({F}, {gen.count(x, xi.numel // n)}, {n}, "
              f"{consts.get('weight', '0')}, {consts.get('bias', '0')}, {float(args['eps'])!r}, "
              f"{c_float(qo.scale)}, {qo.zero_point}, {Y});")
-
-
-def emit_recurrent(gen: Gen, op: Op) -> None:
-    raise UnsupportedLayerError(f"{_name(op)}: the C engine has no recurrent kernel yet")
 
 
 #: op kind -> emitter: the one table the generator reads.

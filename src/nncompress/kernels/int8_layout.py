@@ -27,8 +27,8 @@ from nncompress.errors import DataError, UnsupportedLayerError
 from nncompress.quant import reference
 from nncompress.quant.program import Op, Program
 
-__all__ = ["BIG", "Block", "Strided", "ValueInfo", "index_tensor", "infer_values", "plan_arena",
-           "sample_gather", "strided"]
+__all__ = ["BIG", "Block", "Strided", "ValueInfo", "index_tensor", "infer_values",
+           "pack_weights", "pad_k", "plan_arena", "sample_gather", "strided"]
 
 #: The per-sample tag of index tensors (larger than any per-sample element count).
 BIG = 1 << 32
@@ -221,3 +221,21 @@ def plan_arena(blocks: list[Block], align: int = 64) -> int:
         placed.append(blk)
         total = max(total, at + blk.size)
     return -(-total // align) * align
+
+
+def pad_k(k: int) -> int:
+    """The dot-product length weights are zero-padded to (groups of 4 bytes: VNNI)."""
+    return -(-k // 4) * 4
+
+
+def pack_weights(w2: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, int, int]:
+    """``w2`` ``[O, K]`` in the dot-product kernel's layout, per group: ``[cols16 / 16][kp /
+    4][16][4]``, zero-padded (``nnc_gemm`` in ``c/int8_ops.h``); returns it flat, ``kp`` and
+    ``cols16`` (per group)."""
+    o, k = w2.shape
+    og, kp = o // groups, pad_k(k)
+    c16 = -(-og // 16) * 16
+    out = torch.zeros(groups, c16, kp, dtype=torch.int64)
+    out[:, :og, :k] = w2.to(torch.int64).reshape(groups, og, k)
+    packed = out.reshape(groups, c16 // 16, 16, kp // 4, 4).permute(0, 1, 3, 2, 4)
+    return packed.reshape(-1), kp, c16
