@@ -19,6 +19,7 @@ Usage: ``python -c "import sys; sys.path.insert(0, 'bench'); import int8; print(
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -261,7 +262,7 @@ def section(ours: Ours | None = None, out_dir: Path | None = None, *,
     then, with ``ours``, the targets table. ``out_dir``: where the peers' files go (per
     model; a temporary directory when None). ``threads``: intra-op threads of every torch
     call and ORT session (``ours`` should build its sessions with ``int8_peers.THREADS``)."""
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     parts = [intro(threads), ""]
     found: list[tuple[str, Verdict | None]] = []
     for name, dataset in models:
@@ -280,5 +281,8 @@ def section(ours: Ours | None = None, out_dir: Path | None = None, *,
             echo(f"  int8 peers: {name} done at {time.perf_counter() - start:.0f} s")
     if ours is not None:
         parts += ["### Targets (issue 9, int8 PTQ)", "", verdicts_markdown(found), ""]
-    parts.append(f"Section run time: {time.perf_counter() - start:.0f} s.")
+    parts.append(f"Section run time: {time.perf_counter() - start:.0f} s; 1-minute load "
+                 f"average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+                 f"{os.cpu_count()} CPUs (a load above the CPU count distorts the latencies, "
+                 "multi-threaded torch's most).")
     return "\n".join(parts)
