@@ -19,6 +19,7 @@ step 2's observers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,24 +38,91 @@ __all__ = ["Calibration", "build_program", "calibrate", "convert", "positional",
 
 
 class _Tracer(fx.Tracer):
-    """PyTorch's own layers are leaves (fx's default), and so are our recurrent wrappers."""
+    """PyTorch's own layers are leaves (fx's default), and so are the recurrent layers.
+
+    With ``example`` inputs, Python control flow on traced values (``if x.dim() == 3``,
+    as in PyTorch's attention) is decided by running the graph traced so far on the
+    example: the program is specialised to inputs shaped like the calibration data, as an
+    exported model is.
+    """
+
+    def __init__(self, example: tuple[torch.Tensor, ...] | None = None) -> None:
+        super().__init__()
+        self.example = example
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (nn.RNNBase,)):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def _concrete(self, obj: fx.Proxy) -> Any:
+        graph = fx.Graph()
+        copied: dict[fx.Node, fx.Node] = {}
+        graph.graph_copy(self.graph, copied)
+        graph.output(copied[obj.node])
+        # an active trace patches Module.__call__ / __getattr__: undo that while running
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+        with torch.no_grad(), _maybe_revert_all_patches():
+            return fx.GraphModule(self.root, graph)(*self.example)
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as an fx graph (a new module sharing the model's parameters)."""
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.example is None:
+            return super().to_bool(obj)
+        return bool(self._concrete(obj))
+
+
+def trace(model: nn.Module, example: tuple[torch.Tensor, ...] | None = None
+          ) -> fx.GraphModule:
+    """``model`` as an fx graph (a new module sharing the model's parameters); control flow
+    on traced values is decided on ``example`` when given (see :class:`_Tracer`)."""
+    was_training = model.training
+    model.eval()
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(example).trace(model)
     except Exception as exc:  # fx raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedLayerError(
             f"int8 conversion needs a model torch.fx can trace; {type(model).__name__} "
             f"cannot be traced: {first[:200]}") from None
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if example is not None:
+        _expand_attention(gm, example)
+    return gm
+
+
+def _expand_attention(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout) rewritten as the
+    ops it stands for -- ``softmax(q @ k^T * scale) @ v`` -- so each gets a calibrated range
+    and an integer rule (the scale is read from ``q``'s width on the example)."""
+    import operator
+
+    import torch.nn.functional as F
+    from torch.fx.passes.shape_prop import ShapeProp
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target is F.scaled_dot_product_attention]
+    plain = [n for n in nodes if len(n.args) == 3 and not any(
+        n.kwargs.get(k) for k in ("attn_mask", "dropout_p", "is_causal"))]
+    if not plain:
+        return
+    was_training = gm.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example)
+    gm.train(was_training)
+    for node in plain:
+        q, k, v = node.args
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(q.meta["tensor_meta"].shape[-1])
+        with gm.graph.inserting_before(node):
+            kt = gm.graph.call_method("transpose", (k, -2, -1))
+            scores = gm.graph.call_function(operator.matmul, (q, kt))
+            scaled = gm.graph.call_function(operator.mul, (scores, float(scale)))
+            attn = gm.graph.call_method("softmax", (scaled, -1))
+            out = gm.graph.call_function(operator.matmul, (attn, v))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 @dataclass
@@ -111,6 +179,15 @@ def positional(gm: fx.GraphModule, x: inputs.Inputs) -> tuple[torch.Tensor, ...]
     return tuple(x)
 
 
+def positional_model(model: nn.Module, x: inputs.Inputs) -> tuple[torch.Tensor, ...]:
+    """:func:`positional` for a model not traced yet (a dict by its forward's names)."""
+    if isinstance(x, dict):
+        import inspect
+        names = list(inspect.signature(model.forward).parameters)
+        return tuple(x[name] for name in names if name in x)
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
 def build_program(gm: fx.GraphModule, calibration: Calibration, *,
                   per_channel: bool = True) -> tuple[Program, list[str]]:
     """The integer program of ``gm`` with ``calibration``'s ranges, and the log lines (layers
@@ -137,7 +214,8 @@ def convert(model: nn.Module, batches: Iterable[inputs.Inputs], *, observer: str
             per_channel: bool = True, **options: Any) -> tuple[Program, list[str]]:
     """Trace, calibrate and build: ``model``'s integer program and its log. The model is
     not changed (fold BatchNorm into it first: ``fold_batchnorm``)."""
-    gm = trace(model)
+    batches = list(batches)
+    gm = trace(model, positional_model(model, batches[0]) if batches else None)
     return build_program(gm, calibrate(gm, batches, observer, **options),
                          per_channel=per_channel)
 

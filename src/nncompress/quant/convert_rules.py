@@ -176,6 +176,8 @@ class Builder:
     def visit(self, node: fx.Node) -> None:
         if node.name in self.env:
             return
+        if not node.users and node.op in ("call_function", "call_method", "call_module"):
+            return   # dead code (e.g. the x.dim() an if decided on while tracing)
         if node.op == "placeholder":
             return self.placeholder(node)
         if node.op == "get_attr":

@@ -192,7 +192,11 @@ def to_int8(model: nn.Module, ctx: Context, *, calibration: Any = None,
     """Fold BatchNorm, convert, log what stayed float, compile the engine for the data's
     input shape. ``calibration``: ranges from QAT (else the observers run on training
     batches)."""
-    from nncompress.quant.convert import build_program, trace
+    from nncompress.modules import decompose
+    from nncompress.quant.convert import build_program, positional_model, trace
+    model, notes = decompose(model, ctx.masks)   # PyTorch attention built-ins -> plain layers
+    for line in notes:
+        ctx.note(line)
     model.eval()
     fold_batchnorm(model, FoldBatchNormConfig(), ctx)
     batches = _batches(ctx, 8 if calibration is not None else
@@ -201,7 +205,8 @@ def to_int8(model: nn.Module, ctx: Context, *, calibration: Any = None,
         program, log = convert(model, batches, observer=observer, per_channel=per_channel,
                                **(options or {}))
     else:
-        program, log = build_program(trace(model), calibration, per_channel=per_channel)
+        program, log = build_program(trace(model, positional_model(model, batches[0])),
+                                     calibration, per_channel=per_channel)
     for line in log:
         ctx.note(line)
     result = Int8Model.from_program(program)

@@ -26,7 +26,13 @@ from pydantic import Field
 from torch import nn
 
 from nncompress.errors import UnsupportedLayerError
-from nncompress.quant.convert import Calibration, calibrate, quantization_points, trace
+from nncompress.quant.convert import (
+    Calibration,
+    calibrate,
+    positional_model,
+    quantization_points,
+    trace,
+)
 from nncompress.quant.fakequant import FakeQuantize, fake_quant_weight
 from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
 from nncompress.quant.int8 import Int8Model, QuantizeInt8Config, _batches, to_int8
@@ -61,12 +67,13 @@ class _FakeQuantLayer(nn.Module):
         return self._op(x, fake_quant_weight(self.weight, self.per_channel), self.bias)
 
 
-def prepare_qat(model: nn.Module, cal: Calibration, *, per_channel: bool = True,
-                momentum: float = 0.01) -> tuple[fx.GraphModule, dict[str, FakeQuantize]]:
+def prepare_qat(model: nn.Module, cal: Calibration, example: tuple[torch.Tensor, ...], *,
+                per_channel: bool = True, momentum: float = 0.01
+                ) -> tuple[fx.GraphModule, dict[str, FakeQuantize]]:
     """The traced model with fake quantizers after every quantization point (ranges
     initialised from ``cal``) and fake-quantized Linear/Conv weights; and the quantizers by
     the node they follow."""
-    gm = trace(model)
+    gm = trace(model, example)
     points = quantization_points(gm, cal)
     nodes = {n.name: n for n in gm.graph.nodes}
     quantizers: dict[str, FakeQuantize] = {}
@@ -105,11 +112,17 @@ def qat_int8(model: nn.Module, config: QATInt8Config, ctx: Context) -> Int8Model
     """Fold BatchNorm, calibrate, train with fake quantization, convert (Jacob et al., 2018)."""
     if isinstance(model, Int8Model):
         raise UnsupportedLayerError("qat_int8: the model is already an int8 model")
+    from nncompress.modules import decompose
+    model, notes = decompose(model, ctx.masks)   # PyTorch attention built-ins -> plain layers
+    for line in notes:
+        ctx.note(line)
     fold_batchnorm(model, FoldBatchNormConfig(), ctx)
-    gm = trace(model)   # refuses an untraceable model before any training
+    batches = _batches(ctx, config.calibration_batches)
+    example = positional_model(model, batches[0])
+    gm = trace(model, example)   # refuses an untraceable model before any training
     options = {"percentile": config.percentile} if config.percentile is not None else {}
-    cal = calibrate(gm, _batches(ctx, config.calibration_batches), config.observer, **options)
-    qat, quantizers = prepare_qat(model, cal, per_channel=config.per_channel,
+    cal = calibrate(gm, batches, config.observer, **options)
+    qat, quantizers = prepare_qat(model, cal, example, per_channel=config.per_channel,
                                   momentum=config.momentum)
     rnns = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
     if rnns:
