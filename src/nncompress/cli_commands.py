@@ -233,6 +233,39 @@ def _entropy_table(path: Path) -> str:
                 rows))
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``nncompress export MODEL --format onnx [--out F]``: every check (format, output
+    path, the model file) passes before anything is written; the file appears whole."""
+    from nncompress import export
+    from nncompress.export.examples import example_for_file
+    from nncompress.report import fmt_bytes
+
+    spec = model_spec(args)
+    refuse_pickled(spec, "MODEL")
+    if args.format not in export.formats():
+        raise CLIError(f"--format {printable(repr(args.format))[:40]}: unknown; known: "
+                       f"{', '.join(export.formats())}")
+    is_file = looks_like_file(spec)
+    if args.out is None and not is_file:
+        raise CLIError(f"--out is required when MODEL {quoted(spec)} is not a file")
+    out = check_output_file(args.out or Path(spec).with_suffix(f".{args.format}"))
+    if is_file and Path(spec).exists() and out.resolve() == Path(spec).resolve():
+        raise CLIError(f"--out {quoted(out)} is the model file itself")
+    model = load_model(spec, args.model_class, "MODEL")
+    example, source = example_for_file(Path(spec) if is_file else None, model,
+                                       input_shape=args.input_shape)
+    result = export.export_bytes(model, example, args.format)
+    export.write_atomic(result.data, out)
+    emit(f"exported {spec} to {out} ({fmt_bytes(len(result.data))}, {result.exporter})")
+    emit(f"check: {result.check} ({source})")
+    for note in result.notes:
+        emit(f"note: {note}")
+    return 0
+
+
 # --------------------------------------------------------------------------- listings
 
 
@@ -268,5 +301,6 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"demo": _cmd_demo, "train": _cmd_train, "compress": _cmd_compress,
-            "eval": _cmd_eval, "inspect": _cmd_inspect, "techniques": _cmd_techniques,
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
+            "techniques": _cmd_techniques,
             "models": _cmd_models, "recipes": _cmd_recipes}

@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_model_commands(sub)
+    _add_export_command(sub)
     _add_multi_commands(sub)
     for name, text in (("techniques", "list every registered technique and multi-model "
                                       "method"),
@@ -209,6 +210,34 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--entropy", action="store_true",
                    help="also compare each Huffman-coded stream with its entropy")
     _common(p, handler="inspect")
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 1,40``: one sample's shape, positive integers, no batch dimension."""
+    parts = [p.strip() for p in text.split(",")]
+    if not 1 <= len(parts) <= 8 or not all(p.isdigit() and 0 < int(p) <= 2**20 for p in parts):
+        raise CLIError(f"--input-shape {printable(repr(text))[:60]}: expected one sample's "
+                       "shape as positive integers such as 1,40 (no batch dimension)")
+    return tuple(int(p) for p in parts)
+
+
+def _add_export_command(sub: Any) -> None:
+    """``export``: a model file to a deployment format."""
+    p = sub.add_parser("export", help="export a model to ONNX: an int8 model as integer ONNX "
+                                      "that ONNX Runtime runs bit-exactly like nncompress, "
+                                      "any other model as float ONNX")
+    _model_argument(p)
+    p.add_argument("--model-class", default=None, help=CLASS_HELP)
+    p.add_argument("--format", default="onnx", metavar="FORMAT",
+                   help="output format (default: onnx, the only one today)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file, written whole or not at all (default: MODEL with the "
+                        "format's suffix, e.g. model.onnx beside model.nnc)")
+    p.add_argument("--input-shape", type=input_shape, default=None, metavar="D,D,...",
+                   help="one sample's input shape, without the batch dimension (default: "
+                        "test samples of the dataset the file names, else its recorded "
+                        "input shape)")
+    _common(p, handler="export")
 
 
 def _add_multi_commands(sub: Any) -> None:

@@ -28,7 +28,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from nncompress.errors import NNCError, UnsupportedLayerError
+from nncompress.errors import ModelError, NNCError, UnsupportedLayerError
 from nncompress.export.onnx_graph import IR_VERSION, OFFSET, OPSET, Graph
 from nncompress.export.onnx_ops import EMITTERS, Emit
 from nncompress.quant.program import Program
@@ -61,7 +61,13 @@ def _probe(program: Program, sample_shapes: Sequence[Sequence[int]], batch: int
     for name, shape in zip(program.inputs, sample_shapes, strict=True):
         dtype = torch.int64 if program.values[name].dtype == "int64" else torch.float32
         args.append(torch.zeros((batch, *shape), dtype=dtype))
-    return {k: tuple(v.shape) for k, v in run_values(program, *args).items()}
+    try:
+        values = run_values(program, *args)
+    except (RuntimeError, IndexError, ValueError) as exc:   # shapes the program cannot take
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"the integer program fails on the example input shaped "
+                         f"{[tuple(a.shape) for a in args]}: {first}") from None
+    return {k: tuple(v.shape) for k, v in values.items()}
 
 
 def value_shapes(program: Program, sample_shapes: Sequence[Sequence[int]]
