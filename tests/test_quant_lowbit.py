@@ -15,7 +15,7 @@ from helpers import tiny_data
 from nncompress import formats, models
 from nncompress.errors import RecipeError, UnsupportedLayerError
 from nncompress.measure import accuracy
-from nncompress.quant.lowbit import LowBitConfig, code_bytes, lowbit
+from nncompress.quant.lowbit import LowBitConfig, code_bytes, lowbit, plan_layers
 from nncompress.quant.lowbit_layers import (
     FrozenLowBitConv1d,
     FrozenLowBitConv2d,
@@ -147,6 +147,15 @@ def test_lowbit_technique_plans_bits_and_notes() -> None:
     assert any("layers.fc2: 3-bit linear weights, 4-bit unsigned inputs" in line
                for line in ctx.log)
     assert trained > 0.8 and accuracy(out, data.test) > trained - 0.2
+
+
+def test_kept_layers_use_uniform_levels_under_the_log_quantizer() -> None:
+    torch.manual_seed(0)
+    model = models.build("mlp", (1, 12), 3, hidden=[8, 8])
+    plans, _ = plan_layers(model, LowBitConfig(quantizer="log", weight_bits=3),
+                           torch.randn(16, 1, 12))
+    assert [(p.name, p.quantizer, p.weight_bits) for p in plans] == [
+        ("layers.fc1", "linear", 8), ("layers.fc2", "log", 3), ("layers.fc3", "linear", 8)]
 
 
 def test_technique_composes_after_pruning_and_sharing(tmp_path: Path) -> None:

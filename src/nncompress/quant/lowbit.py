@@ -11,8 +11,9 @@ Steps of :func:`lowbit`:
 1. built-ins that read their weights directly are rewritten (``modules.decompose``);
 2. the plan (:func:`plan_layers`, nothing changed yet): every ``nn.Linear`` /
    ``nn.Conv1d`` / ``nn.Conv2d`` (exact types) the model's forward calls, minus
-   ``exclude``; the first and last of them in call order at 8 bits (``keep_first`` /
-   ``keep_last``), ``bits: {layer: b}`` overriding any layer's weight bits; an input
+   ``exclude``; the first and last of them in call order at 8 bits with uniform levels
+   (``keep_first`` / ``keep_last``; a power-of-two quantizer gains range, not precision,
+   from more bits), ``bits: {layer: b}`` overriding any layer's weight bits; an input
    quantizer is unsigned when the layer's calibration inputs are all non-negative (after a
    ReLU), signed otherwise. Layers it does not handle (recurrent layers, embeddings,
    norms, other parameters) stay float and are named in the log with the reason; an empty
@@ -91,7 +92,7 @@ class LowBitConfig(TechniqueConfig):
 
     ``weight_bits`` / ``activation_bits`` (None: float inputs): 2..8; ``quantizer``:
     ``linear`` (LSQ) or ``log`` (powers of two); ``keep_first`` / ``keep_last``: the first /
-    last quantized layer in call order at 8 bits; ``bits``: ``{layer name: weight bits}``
+    last quantized layer in call order at 8 bits, uniform; ``bits``: ``{layer: weight bits}``
     overriding all of these for a layer; ``exclude``: fnmatch patterns of layers left
     float; ``init``: the steps' start (``lsq`` rule or least-squared-error ``mse``);
     ``calibration``: training samples that set the input steps and signs; ``epochs`` /
@@ -114,10 +115,11 @@ class LowBitConfig(TechniqueConfig):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer to quantize: its weight bits, input bits (None: float) and input sign."""
+    """One layer to quantize: its quantizer kind, weight bits, input bits (None: float) and
+    input sign."""
 
     name: str
-    kind: str
+    quantizer: str
     weight_bits: int
     activation_bits: int | None
     act_signed: bool
@@ -184,7 +186,7 @@ def plan_layers(model: nn.Module, config: LowBitConfig,
         kept = (config.keep_first and i == 0) or (config.keep_last and i == len(order) - 1)
         act = config.activation_bits
         plans.append(LayerPlan(
-            name, type(model.get_submodule(name)).__name__,
+            name, "linear" if kept else config.quantizer,
             config.bits.get(name, KEEP_BITS if kept else config.weight_bits),
             None if act is None else (KEEP_BITS if kept else act), not called[name]))
     return plans, _float_notes(model, set(order))
@@ -220,7 +222,7 @@ def lowbit(model: nn.Module, config: LowBitConfig, ctx: Context) -> nn.Module:
     for plan in plans:
         model.set_submodule(plan.name, from_float(
             model.get_submodule(plan.name), weight_bits=plan.weight_bits,
-            activation_bits=plan.activation_bits, quantizer=config.quantizer,
+            activation_bits=plan.activation_bits, quantizer=plan.quantizer,
             act_signed=plan.act_signed, init=config.init))
     model.eval()
     with torch.no_grad():  # input steps from the calibration batch (quantized upstream)

@@ -93,22 +93,43 @@ def linear_values(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * step.clamp_min(_TINY)
 
 
+#: float32 mantissa bits of the smallest significand above sqrt(2): ``|x| = 2**e * 1.m``
+#: rounds up in the log domain exactly when ``m >= _HALF_OCTAVE``.
+_HALF_OCTAVE = 0x3504F4
+#: Below this exponent powers of two are float32 denormals: they count as 0.
+_MIN_EXPONENT = -126
+
+
+def round_log2(a: torch.Tensor) -> torch.Tensor:
+    """``round(log2(a))`` of non-negative ``a`` as int32, read from the float32 exponent and
+    mantissa bits (as exact as ``log2`` and much faster on CPUs without a vector ``log``);
+    0 and denormals give ``-2**20``."""
+    bits = a.to(torch.float32).contiguous().view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    rounded = exponent - 127 + ((bits & 0x7FFFFF) >= _HALF_OCTAVE).to(torch.int32)
+    return torch.where(exponent == 0, torch.full_like(rounded, -(1 << 20)), rounded)
+
+
 def log_codes(v: torch.Tensor, scale: torch.Tensor, qmax: int, signed: bool) -> torch.Tensor:
     """Signed codes ``sign(v) * clip(round(log2(|v| / scale)) + qmax, 0, qmax)`` (int32);
     unsigned quantizers map negative values to 0."""
-    r = v / scale.clamp_min(_TINY)
-    if not signed:
-        r = r.clamp_min(0.0)
     with torch.no_grad():
-        m = (torch.round(torch.log2(r.abs())) + qmax).clamp(0, qmax)
-    return (torch.sign(r) * m).to(torch.int32)
+        r = v / scale.clamp_min(_TINY)
+        if not signed:
+            r = r.clamp_min(0.0)
+        m = (round_log2(r.abs()) + qmax).clamp(0, qmax)
+        return torch.sign(r).to(torch.int32) * m
 
 
 def log_values(codes: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``sign(c) * scale * 2**(|c| - qmax)``, 0 for code 0 (float32)."""
-    c = codes.to(torch.float32)
-    magnitude = torch.exp2(c.abs() - qmax) * scale.clamp_min(_TINY)
-    return torch.where(c == 0, torch.zeros_like(c), torch.sign(c) * magnitude)
+    """``sign(c) * scale * 2**(|c| - qmax)``, 0 for code 0 (float32; levels below float32's
+    normal range, 2**-126, count as 0)."""
+    c = codes.to(torch.int32)
+    exponent = c.abs() - qmax
+    magnitude = torch.exp2(exponent.clamp_min(_MIN_EXPONENT).to(torch.float32))
+    zero = (c == 0) | (exponent < _MIN_EXPONENT)
+    out = torch.sign(c).to(torch.float32) * magnitude * scale.clamp_min(_TINY)
+    return torch.where(zero, torch.zeros_like(out), out)
 
 
 def to_codes(kind: str, v: torch.Tensor, step: torch.Tensor, qmax: int,
