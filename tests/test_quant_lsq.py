@@ -13,6 +13,7 @@ from nncompress.quant.lsq import (
     LogQuantizer,
     make_quantizer,
     qmax_of,
+    round_log2,
 )
 
 BITS = range(2, 9)
@@ -180,3 +181,12 @@ def test_bad_bits_are_refused(bits: object) -> None:
         LinearQuantizer(bits)  # type: ignore[arg-type]
     with pytest.raises(RecipeError, match="quantizer"):
         make_quantizer("ternary", 3)
+
+
+def test_round_log2_reads_the_float_bits_exactly() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.exp2(torch.rand(20_000, generator=gen) * 120 - 60)
+    assert torch.equal(round_log2(v), torch.round(torch.log2(v.double())).to(torch.int32))
+    edges = torch.tensor([2**0.5 * 0.9999999, 2**0.5 * 1.0000001, 1.0, 0.75, 2.0**-126])
+    assert round_log2(edges).tolist() == [0, 1, 0, 0, -126]
+    assert int(round_log2(torch.tensor([0.0, 1e-45]))[0]) < -1000  # zero and denormals
