@@ -153,6 +153,18 @@ def test_frozen_kernel_path_equals_reference(index: int) -> None:
     assert layer._use_kernel(x)
 
 
+def test_frozen_layer_copies_after_running_the_kernel() -> None:
+    layer = _frozen(bl.FrozenBinaryLinear(65, 9), 2)
+    x = _seeded(2, 65)
+    with torch.no_grad():
+        before = layer(x)
+        twin = copy.deepcopy(layer)
+        with torch.no_grad():
+            twin.weight.neg_()  # the copy owns its tensors and derives its own plan
+        assert torch.equal(layer(x), before)
+        assert torch.equal(twin(x), twin.reference(x)) and not torch.equal(twin(x), before)
+
+
 def test_frozen_falls_back_to_reference_with_a_log_note(monkeypatch, caplog) -> None:
     layer = _frozen(bl.FrozenBinaryLinear(65, 9), 0)
     x = _seeded(3, 65)

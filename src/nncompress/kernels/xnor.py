@@ -41,8 +41,15 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES: dict[str, list[type]] = {
     "xnor_pack": [_P, _I, _I, _P, _P],
     "xnor_linear": [_P, _I, _I, _P, _P, _I, _P, _P, _P],
+    "xnor_linear_layer": [_P, _P, _I, _P],
     "xnor_conv2d": [_P, _P, _P, _P, _I, _P, _P, _P],
 }
+
+
+class _LinearLayer(ctypes.Structure):
+    """``LinearLayer`` of xnor.c: a binary Linear's prepared operands."""
+
+    _fields_ = [("k", _I), ("n", _I), ("thr", _P), ("w", _P), ("alpha", _P), ("bias", _P)]
 
 
 @functools.cache
@@ -182,17 +189,24 @@ class LinearPlan(_Plan):
             raise ValueError(f"weight_bits has {self.bits.shape[1]} words per row, "
                              f"{in_features} inputs need {words_for(in_features)}")
 
+        thr, bits, n, alpha, bias = self.pointers
+        self.layer = _LinearLayer(self.in_features, n, thr, bits, alpha, bias)
+        self.layer_ref = ctypes.byref(self.layer)
+        self.run = self.lib.xnor_linear_layer
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
-        if x.shape[-1] != k:
+        if x.dim() == 2 and x.shape[1] == k and x.is_contiguous() and x.dtype is torch.float32 \
+                and x.is_cpu:
+            flat = x  # the common case, checked cheaply: a batch of rows as they come
+        elif x.shape[-1] != k:
             raise ValueError(f"expected inputs [..., {k}], got {list(x.shape)}")
-        flat = _as_input(x.reshape(-1, k))
+        else:
+            flat = _as_input(x.reshape(-1, k))
         rows = flat.shape[0]
-        out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        thr, bits, n, alpha, bias = self.pointers
-        _check(self.lib.xnor_linear(flat.data_ptr(), rows, k, thr, bits, n, alpha, bias,
-                                    out.data_ptr()), "xnor_linear")
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+        out = torch.empty(rows, self.out_features)
+        _check(self.run(self.layer_ref, flat.data_ptr(), rows, out.data_ptr()), "xnor_linear")
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
 
 def xnor_linear(x: torch.Tensor, weight_bits: torch.Tensor, in_features: int,

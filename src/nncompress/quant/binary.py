@@ -28,6 +28,7 @@ ImageNet classification using binary convolutional neural networks".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -82,8 +83,9 @@ class BinarizeConfig(TechniqueConfig):
     """``activations``: binarize layer inputs too (BNN / XNOR-Net; runs the XNOR kernel),
     else weights only (BinaryConnect). ``scaling``: per-output-channel ``alpha = mean|W|``.
     ``stochastic``: hard-sigmoid stochastic binarization while training. ``keep_first`` /
-    ``keep_last``: leave the first / last binarizable layer in float. ``epochs``, ``lr``:
-    training with the straight-through estimator; ``seed``: the stochastic draws."""
+    ``keep_last``: leave the first / last binarizable layer in float. ``epochs``, ``lr``,
+    ``lr_schedule``: training with the straight-through estimator (cosine annealing lets
+    the last epochs settle the signs); ``seed``: the stochastic draws."""
 
     activations: bool = True
     scaling: bool = True
@@ -92,6 +94,7 @@ class BinarizeConfig(TechniqueConfig):
     keep_last: bool = True
     epochs: int = Field(default=3, ge=0, le=1000)
     lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
@@ -251,7 +254,8 @@ def binarize(model: nn.Module, config: BinarizeConfig, ctx: Context) -> nn.Modul
         if ctx.masks.pop(f"{name}.weight", None) is not None:
             ctx.note(f"binarize: {name}: its pruning mask is dropped (a binary weight is "
                      "+-1, never 0)")
-    ctx.fine_tune(model, epochs=config.epochs, lr=config.lr, desc="binarize")
+    ctx.fine_tune(model, epochs=config.epochs, lr=config.lr, desc="binarize",
+                  lr_schedule=config.lr_schedule)
     for name in plan.selected:
         model.set_submodule(name, model.get_submodule(name).freeze())
     _note_result(ctx, plan, binary_in)

@@ -247,27 +247,34 @@ class _FrozenBinary:
         module.register_buffer("alpha", torch.ones(out))
         module.register_buffer("threshold", torch.zeros(threshold_size) if activations
                                else None)
-        self._derived: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        self._derived: dict[str, tuple[Any, ...]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the derived tensors and kernel plans behind (a plan
+        holds raw addresses; the copy derives its own on first use)."""
+        state = dict(self.__dict__)
+        state["_derived"] = {}
+        return state
 
     def _derive(self, kind: str, make: Any, dtype: torch.dtype | None = None) -> Any:
         """Something computed from the layer's tensors, rebuilt when any of them changes
-        (``load_state_dict``, in-place edits: a new version or storage)."""
-        tensors = (self.weight, self.alpha, self.bias, self.threshold)
-        key = (*((t.data_ptr(), t._version) if t is not None else None for t in tensors),
-               dtype)
+        (replaced, moved, or edited in place: a new object or a new version). The entry
+        holds the tensors it was made from, so an ``id`` seen again is the same tensor."""
+        params, buffers = self._parameters, self._buffers  # type: ignore[attr-defined]
+        w, b, a, t = tensors = (params["weight"], params["bias"], buffers["alpha"],
+                                buffers["threshold"])
+        key = (id(w), w._version, id(a), a._version, dtype,
+               None if b is None else (id(b), b._version),
+               None if t is None else (id(t), t._version))
         held = self._derived.get(kind)
         if held is None or held[0] != key:
-            held = (key, make())
+            held = (key, make(), tensors)
             self._derived[kind] = held
         return held[1]
 
     def packed_weight(self) -> torch.Tensor:
         """``[out, words]`` int64 sign bits of ``weight`` (packed once per weight version)."""
         return self._derive("packed", lambda: xnor.pack_signs(self.weight))
-
-    def kernel_plan(self) -> Any:
-        """The XNOR kernel's prepared operands for this layer (see ``kernels.xnor``)."""
-        return self._derive("plan", self._make_plan)
 
     def _make_plan(self) -> Any:
         raise NotImplementedError
@@ -279,14 +286,22 @@ class _FrozenBinary:
                                                * self.alpha.to(dtype).reshape(shape)), dtype)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if not self.activations or self.training or x.device.type != "cpu":
-            return False
-        if x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
-            return False
+        """Binary inputs, eval mode, float32 on CPU, no gradient wanted for ``x`` (the
+        kernel's availability is checked when its plan is made)."""
+        return (self.activations and not self.training and x.is_cpu
+                and x.dtype is torch.float32
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def kernel_plan(self) -> Any:
+        """The XNOR kernel's prepared operands for this layer (see ``kernels.xnor``), or
+        ``None`` (logged once) where the kernel is unavailable."""
+        return self._derive("plan", self._plan_or_none)
+
+    def _plan_or_none(self) -> Any:
         if not xnor.available():
             _note_fallback(str(xnor.unavailable_reason()))
-            return False
-        return True
+            return None
+        return self._make_plan()
 
     def _scale(self, out: torch.Tensor) -> torch.Tensor:
         shape = _channel_shape(self.dims)
@@ -318,7 +333,9 @@ class FrozenBinaryLinear(_FrozenBinary, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_kernel(x):
-            return self.kernel_plan()(x)
+            plan = self.kernel_plan()
+            if plan is not None:
+                return plan(x)
         return self.reference(x)
 
     def _make_plan(self) -> xnor.LinearPlan:
@@ -357,7 +374,9 @@ class _FrozenConv(_FrozenBinary):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: Any = self
         if m.groups == 1 and not isinstance(m.padding, str) and self._use_kernel(x):
-            return self.kernel_plan()(x)
+            plan = self.kernel_plan()
+            if plan is not None:
+                return plan(x)
         return self.reference(x)
 
     def _make_plan(self) -> xnor.ConvPlan:

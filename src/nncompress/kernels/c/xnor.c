@@ -168,6 +168,20 @@ int xnor_linear(const float *x, int64_t m, int64_t k, const float *thr, const ui
     return 0;
 }
 
+/* A binary Linear's weight-side operands, prepared once by the caller. */
+typedef struct {
+    int64_t k, n;
+    const float *thr;
+    const uint64_t *w;
+    const float *alpha, *bias;
+} LinearLayer;
+
+/* xnor_linear with the layer's operands in one struct (fewer arguments per call). */
+int xnor_linear_layer(const LinearLayer *layer, const float *x, int64_t m, float *out) {
+    return xnor_linear(x, m, layer->k, layer->thr, layer->w, layer->n, layer->alpha,
+                       layer->bias, out);
+}
+
 /* Geometry of a 2-D convolution (a 1-D one is h = kh = 1). */
 typedef struct {
     int64_t b, c, h, wd, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
