@@ -133,23 +133,40 @@ class Int8Model(ArchModule):
 
     def engine(self, *args: torch.Tensor) -> Any:
         """The compiled C engine for these inputs' per-sample shapes (compiled on first
-        use, then cached); raises KernelUnavailableError without a C compiler."""
-        key = tuple(tuple(a.shape[1:]) for a in args)
-        if key not in self._engines:
+        use, then cached); raises KernelUnavailableError without a C compiler (or
+        UnsupportedLayerError for an op the engine lacks)."""
+        key = _key(args)
+        engine = self._engines.get(key)
+        if engine is None:
             from nncompress.kernels.int8 import compile_program
-            self._engines[key] = compile_program(self.current_program(), list(key))
-        return self._engines[key]
+            try:
+                shapes = [list(a.shape[1:]) for a in args]
+                engine = compile_program(self.current_program(), shapes)
+            except _NO_ENGINE as exc:
+                engine = exc           # remembered: no recompiling on every call
+            self._engines[key] = engine
+        if isinstance(engine, Exception):
+            raise engine
+        return engine
 
     def forward(self, *args: torch.Tensor) -> Any:
-        outs = None
-        if not torch.is_grad_enabled() or not any(a.requires_grad for a in args):
+        """The program's output(s): the C engine when it runs this program (the integer
+        arithmetic is not differentiable either way), else the integer reference."""
+        engine = self._engines.get(_key(args))
+        if engine is None:
             try:
-                outs = self.engine(*args)(*args)
+                engine = self.engine(*args)
             except _NO_ENGINE:
-                outs = None
-        if outs is None:
+                engine = None
+        if engine is None or isinstance(engine, Exception):
             outs = reference.run(self.current_program(), *args)
+        else:
+            outs = engine(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._engines.clear()   # engines hold the constants they were compiled with
+        super()._load_from_state_dict(*args, **kwargs)
 
     def precision_table(self) -> list[tuple[str, str, str]]:
         """``(source layer, op kind, precision)`` per op: ``int8`` / ``float32`` / ``shape``."""
@@ -161,6 +178,11 @@ class Int8Model(ArchModule):
             precision = "float32" if op.kind == "float" else "int8"
             rows.append((op.source, op.kind, precision))
         return rows
+
+
+def _key(args: tuple[torch.Tensor, ...]) -> Any:
+    """The engine cache key: the per-sample shape(s) of the inputs."""
+    return args[0].shape[1:] if len(args) == 1 else tuple(a.shape[1:] for a in args)
 
 
 ARCHITECTURES.register(Int8Model.arch_name, Int8Model)
