@@ -9,7 +9,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nncompress.cli_inputs import (
     CLIError,
@@ -199,10 +199,14 @@ def _inspect_file(path: Path, args: argparse.Namespace, *, saved: bool) -> None:
     if args.json:
         print(json.dumps(formats.read_header(path), indent=2))
         return
-    rows = [[t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.encoding,
-             fmt_bytes(t.stored_bytes), fmt_bytes(t.raw_bytes), fmt_pct(t.sparsity)]
+    model, layers = _precision_rows(path)
+    names = dict(enumerate(getattr(model, "_names", [])))
+    rows = [[_tensor_label(t.name, names), "x".join(map(str, t.shape)) or "scalar", t.dtype,
+             t.encoding, fmt_bytes(t.stored_bytes), fmt_bytes(t.raw_bytes), fmt_pct(t.sparsity)]
             for t in info.tensors]
     emit(_table(["tensor", "shape", "dtype", "encoding", "stored", "raw", "sparsity"], rows))
+    if layers:
+        emit("\nprecision per layer\n" + _table(["layer", "kind", "precision"], layers))
     stored = sum(t.stored_bytes for t in info.tensors)
     raw = sum(t.raw_bytes for t in info.tensors)
     source = "as nc.save writes it: " if saved else ""
@@ -210,6 +214,26 @@ def _inspect_file(path: Path, args: argparse.Namespace, *, saved: bool) -> None:
          f"; tensors {fmt_bytes(stored)} stored vs {fmt_bytes(raw)} raw")
     if args.entropy:
         emit("\n" + _entropy_table(path))
+
+
+def _precision_rows(path: Path) -> tuple[Any, list[list[str]]]:
+    """The loaded model and its layers' precision rows (none for a file that needs the
+    user's skeleton to load)."""
+    from nncompress import formats
+    from nncompress.errors import NNCError
+    from nncompress.quant.precision import layer_precisions
+    try:
+        model = formats.load(path)
+    except NNCError:
+        return None, []
+    return model, [[r.layer, r.kind, r.precision] for r in layer_precisions(model)]
+
+
+def _tensor_label(name: str, names: dict[int, str]) -> str:
+    """An int8 model's constant ``c<i>`` with the program name it stands for."""
+    if name.startswith("c") and name[1:].isdigit() and int(name[1:]) in names:
+        return f"{name} ({names[int(name[1:])]})"
+    return name
 
 
 def _entropy_table(path: Path) -> str:
