@@ -38,7 +38,8 @@ __all__ = ["CInfo", "Gen", "c_float", "generate_c"]
 _C_DIR = Path(__file__).resolve().parent / "c"
 _TOKEN = re.compile(r"\$([A-Za-z0-9_:.]+)\$")
 _ALIGN = 64
-_SIZES = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4, "float": 4, "int64_t": 8}
+_SIZES = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4, "float": 4, "int64_t": 8,
+          "double": 8}
 #: kernel headers pasted after int8_ops.h when an emitter asks for them, in this order
 _HEADERS = ("int8_float.h", "int8_rnn.h")
 
@@ -156,6 +157,8 @@ class Gen:
         name = f"k{len(self.decls)}_{re.sub(r'[^a-z0-9]', '', hint.lower())[:12]}"
         if ctype == "float":
             items = [c_float(v) for v in flat.tolist()]
+        elif ctype == "double":
+            items = [float(v).hex() for v in flat.double().tolist()]
         else:
             items = [_c_int(int(v)) for v in flat.tolist()]
         items = items or ["0"]

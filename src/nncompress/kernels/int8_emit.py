@@ -2,10 +2,12 @@
 table from op kind to emitter (every kind of :data:`~nncompress.quant.program.OP_KINDS`).
 
 Jacob et al. (2018): weights are int8, accumulation int32, requantization by fixed-point
-multiplier and shift (``nnc_mbqm``). Dot products run as ``uint8 (x + 128) x int8 w`` so gcc
-emits VNNI ``vpdpbusd``; ``-(128 + zx) * sum(w)`` is folded into an int64 bias here, at
-generation. Ops of one int8 input (clamp, lut, rescale, dequantize) become 256-entry tables
-computed by the reference itself, exact by construction.
+multiplier and shift (``nnc_mbqm``). Dot products run as ``uint8 (x + 128) x int8 w`` on
+weights packed for AVX-512 VNNI ``vpdpbusd`` (``pack_weights``; plain C where the CPU lacks
+it); ``-(128 + zx) * sum(w)`` is folded into an int64 bias here, at generation. Ops of one
+int8 input (clamp, lut, rescale, dequantize) become 256-entry tables computed by the
+reference itself, exact by construction; softmax reads exp from a 256-entry table of the
+differences its int8 input can have.
 """
 
 from __future__ import annotations
@@ -249,30 +251,32 @@ def emit_binary(gen: Gen, op: Op) -> None:
 
 
 def emit_float(gen: Gen, op: Op) -> None:
-    """layer_norm / softmax in double on the dequantized input (``int8_float.h``)."""
+    """layer_norm / softmax in double (``int8_float.h``)."""
     x, y = op.inputs[0], op.outputs[0]
-    xi, args, qo = gen.infos[x], op.attrs["args"], gen.p.values[y]
+    xi, args, qo, qx = gen.infos[x], op.attrs["args"], gen.p.values[y], gen.p.values[x]
     gen.headers.add("int8_float.h")
-    qx = gen.p.values[x]
-    real = (torch.arange(QMIN, QMAX + 1) - qx.zero_point).to(torch.float32) \
-        * torch.tensor(qx.scale, dtype=torch.float32)
-    DQ, F = gen.const("dequant", "float", real), gen.scratch("float", xi.numel * gen.block)
     Y = gen.out(y)
-    gen.emit(f"nnc_lutf({gen.ptr(x)}, {F}, {gen.count(x)}, {DQ});")
     if op.attrs["fn"] == "softmax":
         d = xi.sample_dim(args["dim"])
         outer, inner = math.prod(xi.shape[:d]), math.prod(xi.shape[d + 1:])
-        gen.emit(f"nnc_softmax({F}, {gen.count(x, outer)}, {xi.shape[d]}, {inner}, "
-                 f"{c_float(qo.scale)}, {qo.zero_point}, {Y});")
+        # exp(x_i - max) takes 256 values: exp(-k * scale) for k = q_max - q_i
+        table = [math.exp(-k * qx.scale) for k in range(QMAX - QMIN + 1)]
+        E = gen.const("exp", "double", torch.tensor(table, dtype=torch.float64))
+        gen.emit(f"nnc_softmax({gen.ptr(x)}, {gen.count(x, outer)}, {xi.shape[d]}, {inner}, "
+                 f"{E}, {c_float(qo.scale)}, {qo.zero_point}, {Y});")
         return
     n = math.prod(args["shape"])
     for dim in range(-len(args["shape"]), 0):
         xi.sample_dim(dim)
-    consts = {k: gen.const(k, "float", gen.p.consts[v]) for k, v in op.consts.items()
-              if k in ("weight", "bias")}
-    gen.emit(f"nnc_layer_norm({F}, {gen.count(x, xi.numel // n)}, {n}, "
-             f"{consts.get('weight', '0')}, {consts.get('bias', '0')}, {float(args['eps'])!r}, "
-             f"{c_float(qo.scale)}, {qo.zero_point}, {Y});")
+    wb = {"weight": torch.ones(n), "bias": torch.zeros(n)}      # absent: exact no-ops
+    for k in wb:
+        if k in op.consts:
+            wb[k] = gen.p.consts[op.consts[k]].reshape(-1)
+    W, B = gen.const("lnweight", "float", wb["weight"]), gen.const("lnbias", "float", wb["bias"])
+    sx = float(torch.tensor(qx.scale, dtype=torch.float32))     # the reference's float32 scale
+    gen.emit(f"nnc_layer_norm({gen.ptr(x)}, {gen.count(x, xi.numel // n)}, {n}, {qx.zero_point}, "
+             f"{sx.hex()}, {W}, {B}, {float(args['eps'])!r}, {c_float(qo.scale)}, "
+             f"{qo.zero_point}, {Y});")
 
 
 #: op kind -> emitter: the one table the generator reads.

@@ -54,7 +54,12 @@ def emit_recurrent(gen: Gen, op: Op) -> None:
     dirs = 2 if a["bidirectional"] else 1
     g = (4 if lstm else 3) * hidden
     prefix = _prefix(op)
-    tab = gen.const("tanh", "int16_t", gen.p.consts[op.consts[prefix + "tanh"]])
+    table = gen.p.consts[op.consts[prefix + "tanh"]].to(torch.int64)
+    if table.shape != (257,):
+        raise UnsupportedLayerError(f"{op.kind} {op.source!r}: tanh table of shape "
+                                    f"{tuple(table.shape)} (need 257 entries)")
+    pairs = (table[:-1] & 0xFFFF) | (table[1:] << 16)             # entries j and j + 1
+    tab = gen.const("tanh", "int32_t", pairs.to(torch.int32))
     Y, HN = gen.out(op.outputs[0]), gen.out(op.outputs[1])
     CN = gen.out(op.outputs[2]) if lstm else "0"
     nb, rows = gen.block, gen.block * t_len

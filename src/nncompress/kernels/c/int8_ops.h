@@ -248,8 +248,28 @@ static inline __m512i nnc_mbqm8(__m512i x, __m512i m, __m512i s) {
                                _mm512_set1_epi64(1)));
 }
 
-static inline __m512i nnc_load8_i32(const int32_t *p) {
-    return _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(const void *)p));
+/* up to 8 lanes: the mask of the first min(n, 8); masked loads and stores */
+static inline __mmask8 nnc_lanes8(int32_t n) {
+    return n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1u);
+}
+static inline __m512i nnc_ld_i32(const int32_t *p, __mmask8 k) {
+    return _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, p));
+}
+static inline __m512i nnc_ld_i8(const int8_t *p, __mmask8 k) {
+    return _mm512_cvtepi8_epi64(_mm_maskz_loadu_epi8((__mmask16)k, p));
+}
+/* clamp(v + zo, lo, hi) of 8 lanes stored as int8 (contiguous, or at a stride) */
+static inline void nnc_st_req8(int8_t *p, int32_t stride, __mmask8 k, __m512i v, int32_t zo,
+                               int32_t lo, int32_t hi) {
+    v = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, _mm512_set1_epi64(zo)),
+                                          _mm512_set1_epi64(lo)), _mm512_set1_epi64(hi));
+    if (stride == 1) {
+        _mm512_mask_cvtepi64_storeu_epi8(p, k, v);
+    } else {
+        int8_t out[16];
+        _mm_storeu_si128((__m128i *)(void *)out, _mm512_cvtepi64_epi8(v));
+        for (int32_t i = 0; i < 8 && ((k >> i) & 1); i++) p[(int64_t)i * stride] = out[i];
+    }
 }
 #endif
 
@@ -264,20 +284,12 @@ NNC_KERNEL void nnc_requant(const int32_t *restrict acc, int32_t rows, int32_t c
         int8_t *yr = y + (int64_t)r * ys_row;
         int32_t o = 0;
 #ifdef NNC_VNNI
-        const __m512i vz = _mm512_set1_epi64(zo), vlo = _mm512_set1_epi64(lo),
-                      vhi = _mm512_set1_epi64(hi);
-        for (; o + 8 <= cols; o += 8) {
-            __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_load8_i32(ar + o),
-                                                   _mm512_loadu_si512(bias + o)),
-                                  nnc_load8_i32(m + o), nnc_load8_i32(s + o));
-            int8_t out[16];
-            v = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, vz), vlo), vhi);
-            _mm_storeu_si128((__m128i *)(void *)out, _mm512_cvtepi64_epi8(v));
-            if (ys_col == 1) {
-                memcpy(yr + o, out, 8);
-            } else {
-                for (int32_t i = 0; i < 8; i++) yr[(int64_t)(o + i) * ys_col] = out[i];
-            }
+        for (; o < cols; o += 8) {
+            const __mmask8 k = nnc_lanes8(cols - o);
+            const __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_ld_i32(ar + o, k),
+                                                         _mm512_maskz_loadu_epi64(k, bias + o)),
+                                        nnc_ld_i32(m + o, k), nnc_ld_i32(s + o, k));
+            nnc_st_req8(yr + (int64_t)o * ys_col, ys_col, k, v, zo, lo, hi);
         }
 #endif
         for (; o < cols; o++)
@@ -292,14 +304,11 @@ NNC_INLINE void nnc_requant_row(const int32_t *restrict acc, int32_t n, int64_t 
     int32_t i = 0;
 #ifdef NNC_VNNI
     const __m512i vb = _mm512_set1_epi64(bias), vm = _mm512_set1_epi64(m),
-                  vs = _mm512_set1_epi64(s), vz = _mm512_set1_epi64(zo),
-                  vlo = _mm512_set1_epi64(lo), vhi = _mm512_set1_epi64(hi);
-    for (; i + 8 <= n; i += 8) {
-        __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_load8_i32(acc + i), vb), vm, vs);
-        int8_t out[16];
-        v = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, vz), vlo), vhi);
-        _mm_storeu_si128((__m128i *)(void *)out, _mm512_cvtepi64_epi8(v));
-        memcpy(y + i, out, 8);
+                  vs = _mm512_set1_epi64(s);
+    for (; i < n; i += 8) {
+        const __mmask8 k = nnc_lanes8(n - i);
+        nnc_st_req8(y + i, 1, k, nnc_mbqm8(_mm512_add_epi64(nnc_ld_i32(acc + i, k), vb), vm, vs),
+                    zo, lo, hi);
     }
 #endif
     for (; i < n; i++) y[i] = nnc_req((int64_t)acc[i] + bias, m, s, zo, lo, hi);
@@ -468,19 +477,14 @@ NNC_INLINE void nnc_add(const int8_t *restrict a, const int8_t *restrict b, int3
     const __m512i vza = _mm512_set1_epi64(za), vma = _mm512_set1_epi64(ma),
                   vsa = _mm512_set1_epi64(sa), vzb = _mm512_set1_epi64(zb),
                   vmb = _mm512_set1_epi64(mb), vsb = _mm512_set1_epi64(sb),
-                  vm = _mm512_set1_epi64(m), vs = _mm512_set1_epi64(s),
-                  vz = _mm512_set1_epi64(zo), vlo = _mm512_set1_epi64(lo),
-                  vhi = _mm512_set1_epi64(hi);
-    for (; i + 8 <= n; i += 8) {
-        const __m512i xa = _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i *)(const void *)(a + i)));
-        const __m512i xb = _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i *)(const void *)(b + i)));
-        const __m512i ta = nnc_mbqm8(_mm512_slli_epi64(_mm512_sub_epi64(xa, vza), 20), vma, vsa);
-        const __m512i tb = nnc_mbqm8(_mm512_slli_epi64(_mm512_sub_epi64(xb, vzb), 20), vmb, vsb);
-        __m512i v = nnc_mbqm8(_mm512_add_epi64(ta, tb), vm, vs);
-        int8_t out[16];
-        v = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, vz), vlo), vhi);
-        _mm_storeu_si128((__m128i *)(void *)out, _mm512_cvtepi64_epi8(v));
-        memcpy(y + i, out, 8);
+                  vm = _mm512_set1_epi64(m), vs = _mm512_set1_epi64(s);
+    for (; i < n; i += 8) {
+        const __mmask8 k = nnc_lanes8(n - i);
+        const __m512i ta = nnc_mbqm8(_mm512_slli_epi64(_mm512_sub_epi64(nnc_ld_i8(a + i, k), vza),
+                                                       20), vma, vsa);
+        const __m512i tb = nnc_mbqm8(_mm512_slli_epi64(_mm512_sub_epi64(nnc_ld_i8(b + i, k), vzb),
+                                                       20), vmb, vsb);
+        nnc_st_req8(y + i, 1, k, nnc_mbqm8(_mm512_add_epi64(ta, tb), vm, vs), zo, lo, hi);
     }
 #endif
     for (; i < n; i++)
@@ -494,18 +498,12 @@ NNC_INLINE void nnc_mul(const int8_t *restrict a, const int8_t *restrict b, int3
     int32_t i = 0;
 #ifdef NNC_VNNI
     const __m512i vza = _mm512_set1_epi64(za), vzb = _mm512_set1_epi64(zb),
-                  vm = _mm512_set1_epi64(m), vs = _mm512_set1_epi64(s),
-                  vz = _mm512_set1_epi64(zo), vlo = _mm512_set1_epi64(lo),
-                  vhi = _mm512_set1_epi64(hi);
-    for (; i + 8 <= n; i += 8) {
-        const __m512i xa = _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i *)(const void *)(a + i)));
-        const __m512i xb = _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i *)(const void *)(b + i)));
-        __m512i v = nnc_mbqm8(_mm512_mul_epi32(_mm512_sub_epi64(xa, vza),
-                                               _mm512_sub_epi64(xb, vzb)), vm, vs);
-        int8_t out[16];
-        v = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, vz), vlo), vhi);
-        _mm_storeu_si128((__m128i *)(void *)out, _mm512_cvtepi64_epi8(v));
-        memcpy(y + i, out, 8);
+                  vm = _mm512_set1_epi64(m), vs = _mm512_set1_epi64(s);
+    for (; i < n; i += 8) {
+        const __mmask8 k = nnc_lanes8(n - i);
+        nnc_st_req8(y + i, 1, k, nnc_mbqm8(_mm512_mul_epi32(_mm512_sub_epi64(nnc_ld_i8(a + i, k), vza),
+                                                            _mm512_sub_epi64(nnc_ld_i8(b + i, k), vzb)),
+                                           vm, vs), zo, lo, hi);
     }
 #endif
     for (; i < n; i++)

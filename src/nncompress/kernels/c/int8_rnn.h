@@ -15,24 +15,32 @@ NNC_INLINE int64_t nnc_sat(int64_t v, int64_t lo, int64_t hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-/* sign(p) tanh(|p| / 2^f) in Q0.15 from the table (step 2^-5), linearly interpolated */
-NNC_INLINE int64_t nnc_gate_lookup(const int16_t *restrict tab, int64_t p, int32_t f) {
-    const int32_t k = f - 5;
-    const int64_t lim = ((int64_t)8 << f) - 1;
-    int64_t a = p < 0 ? -p : p, lo, v;
-    int32_t j;
-    if (a > lim) a = lim;
-    j = (int32_t)(a >> k);
-    lo = tab[j];
-    v = lo + nnc_rdpot((tab[j + 1] - lo) * (a & (((int64_t)1 << k) - 1)), k);
-    return p < 0 ? -v : v;
+/* rdpot on int32 (every such quantity of the cell fits: see nnc_cell) */
+NNC_INLINE int32_t nnc_rd32(int32_t x, int32_t n) {
+    const int32_t mask = (1 << n) - 1;
+    return (x >> n) + ((x & mask) > (mask >> 1) + (x < 0));
 }
 
-NNC_INLINE int64_t nnc_gate_tanh(const int16_t *restrict tab, int64_t p) {
+/* sign(p) tanh(|p| / 2^f) in Q0.15 from the table (step 2^-5), linearly interpolated.
+ * pairs[j] holds table entries j (low 16 bits) and j + 1 (high 16 bits): one load (one
+ * gather when vectorised) per lookup. */
+NNC_INLINE int32_t nnc_gate_lookup(const int32_t *restrict pairs, int32_t p, int32_t f) {
+    const int32_t k = f - 5, lim = (8 << f) - 1;
+    int32_t a = p < 0 ? -p : p;
+    a = a > lim ? lim : a;
+    {
+        const int32_t e = pairs[a >> k];
+        const int32_t lo = (int32_t)((uint32_t)e << 16) >> 16, hi = e >> 16;
+        const int32_t v = lo + nnc_rd32((hi - lo) * (a & ((1 << k) - 1)), k);
+        return p < 0 ? -v : v;
+    }
+}
+
+NNC_INLINE int32_t nnc_gate_tanh(const int32_t *restrict tab, int32_t p) {
     return nnc_gate_lookup(tab, p, 10);
 }
 
-NNC_INLINE int64_t nnc_gate_sigmoid(const int16_t *restrict tab, int64_t p) {
+NNC_INLINE int32_t nnc_gate_sigmoid(const int32_t *restrict tab, int32_t p) {
     return (nnc_gate_lookup(tab, p, 11) + 32768) >> 1;
 }
 
@@ -46,12 +54,13 @@ NNC_INLINE void nnc_pre16(const int32_t *restrict acc, int32_t rows, int32_t g, 
         int32_t o = 0;
 #ifdef NNC_VNNI
         const __m512i vlo = _mm512_set1_epi64(-32768), vhi = _mm512_set1_epi64(32767);
-        for (; o + 8 <= g; o += 8) {
-            __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_load8_i32(ar + o),
-                                                   _mm512_loadu_si512(bias + o)),
-                                  nnc_load8_i32(m + o), nnc_load8_i32(s + o));
+        for (; o < g; o += 8) {
+            const __mmask8 k = nnc_lanes8(g - o);
+            __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_ld_i32(ar + o, k),
+                                                   _mm512_maskz_loadu_epi64(k, bias + o)),
+                                  nnc_ld_i32(m + o, k), nnc_ld_i32(s + o, k));
             v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
-            _mm_storeu_si128((__m128i *)(void *)(orow + o), _mm512_cvtepi64_epi16(v));
+            _mm512_mask_cvtepi64_storeu_epi16(orow + o, k, v);
         }
 #endif
         for (; o < g; o++)
@@ -60,26 +69,32 @@ NNC_INLINE void nnc_pre16(const int32_t *restrict acc, int32_t rows, int32_t g, 
     }
 }
 
-/* one cell step of one sample: gx, gh [G*H] Q.10; h (Q0.15) and c (2^-15) updated */
-NNC_INLINE void nnc_cell(int32_t lstm, const int16_t *restrict gx, const int16_t *restrict gh,
-                         int32_t hidden, const int16_t *restrict tab, int32_t *restrict h,
+/* one cell step of one sample: gx, gh [G*H] Q.10; h (Q0.15) and c (2^-15) updated. In
+ * int32 (exact): gate arguments are sums of two int16, gates lie in [-32767, 32767], h stays
+ * between n and its previous value so |h - n| <= 65534 and z (h - n) < 2^31; only the LSTM's
+ * f * c needs int64. A plain loop gcc vectorises (gathers for the table); never inlined, so
+ * its restrict pointers keep telling gcc that nothing aliases. */
+static NNC_UNUSED NNC_NOINLINE void nnc_cell(int32_t lstm, const int16_t *restrict gx, const int16_t *restrict gh,
+                         int32_t hidden, const int32_t *restrict tab, int32_t *restrict h,
                          int32_t *restrict c) {
-    for (int32_t j = 0; j < hidden; j++) {
-        if (lstm) {
-            const int64_t i = nnc_gate_sigmoid(tab, (int64_t)gx[j] + gh[j]);
-            const int64_t f = nnc_gate_sigmoid(tab, (int64_t)gx[hidden + j] + gh[hidden + j]);
-            const int64_t g = nnc_gate_tanh(tab, (int64_t)gx[2 * hidden + j] + gh[2 * hidden + j]);
-            const int64_t o = nnc_gate_sigmoid(tab, (int64_t)gx[3 * hidden + j] + gh[3 * hidden + j]);
-            const int64_t cv = nnc_sat(nnc_rdpot(f * c[j], 15) + nnc_rdpot(i * g, 15),
-                                       NNC_I32_MIN, NNC_I32_MAX);
+    if (lstm) {
+        for (int32_t j = 0; j < hidden; j++) {
+            const int32_t i = nnc_gate_sigmoid(tab, gx[j] + gh[j]);
+            const int32_t f = nnc_gate_sigmoid(tab, gx[hidden + j] + gh[hidden + j]);
+            const int32_t g = nnc_gate_tanh(tab, gx[2 * hidden + j] + gh[2 * hidden + j]);
+            const int32_t o = nnc_gate_sigmoid(tab, gx[3 * hidden + j] + gh[3 * hidden + j]);
+            int64_t cv = nnc_rdpot((int64_t)f * c[j], 15) + nnc_rd32(i * g, 15);
+            cv = cv < NNC_I32_MIN ? NNC_I32_MIN : (cv > NNC_I32_MAX ? NNC_I32_MAX : cv);
             c[j] = (int32_t)cv;
-            h[j] = (int32_t)nnc_rdpot(o * nnc_gate_tanh(tab, nnc_rdpot(cv, 5)), 15);
-        } else {
-            const int64_t r = nnc_gate_sigmoid(tab, (int64_t)gx[j] + gh[j]);
-            const int64_t z = nnc_gate_sigmoid(tab, (int64_t)gx[hidden + j] + gh[hidden + j]);
-            const int64_t n = nnc_gate_tanh(tab, gx[2 * hidden + j]
-                                            + nnc_rdpot(r * gh[2 * hidden + j], 15));
-            h[j] = (int32_t)(n + nnc_rdpot(z * (h[j] - n), 15));
+            h[j] = nnc_rd32(o * nnc_gate_tanh(tab, (int32_t)nnc_rdpot(cv, 5)), 15);
+        }
+    } else {
+        for (int32_t j = 0; j < hidden; j++) {
+            const int32_t r = nnc_gate_sigmoid(tab, gx[j] + gh[j]);
+            const int32_t z = nnc_gate_sigmoid(tab, gx[hidden + j] + gh[hidden + j]);
+            const int32_t n = nnc_gate_tanh(tab, gx[2 * hidden + j]
+                                            + nnc_rd32(r * gh[2 * hidden + j], 15));
+            h[j] = n + nnc_rd32(z * (h[j] - n), 15);
         }
     }
 }
@@ -104,7 +119,7 @@ typedef struct {
 NNC_KERNEL void nnc_rnn_dir(int32_t lstm, const int8_t *restrict x, int32_t nb, int32_t t_len,
                             int32_t in_f, int32_t kp_in, int32_t hidden, int32_t kp_h,
                             int32_t g16,
-                            nnc_rnn_weights w, const int16_t *restrict tab, int32_t reverse,
+                            nnc_rnn_weights w, const int32_t *restrict tab, int32_t reverse,
                             int8_t *restrict y, int32_t y_len, int32_t y_off,
                             int8_t *restrict hn, int8_t *restrict cn, int32_t hn_stride,
                             nnc_rnn_scratch t) {
@@ -122,10 +137,14 @@ NNC_KERNEL void nnc_rnn_dir(int32_t lstm, const int8_t *restrict x, int32_t nb, 
             int32_t *h = t.h + (int64_t)s * hidden;
             nnc_cell(lstm, t.gx + ((int64_t)s * t_len + ti) * g, t.gh + (int64_t)s * g, hidden,
                      tab, h, t.c + (int64_t)s * hidden);
-            for (int32_t j = 0; j < hidden; j++) {
-                const int8_t v = (int8_t)nnc_sat(nnc_rdpot(h[j], 8), -128, 127);
-                t.h8[(int64_t)s * hidden + j] = v;
-                y[((int64_t)s * t_len + ti) * y_len + y_off + j] = v;
+            {
+                int8_t *h8 = t.h8 + (int64_t)s * hidden;
+                int8_t *ys = y + ((int64_t)s * t_len + ti) * y_len + y_off;
+                for (int32_t j = 0; j < hidden; j++) {
+                    const int32_t v = nnc_rd32(h[j], 8);
+                    h8[j] = (int8_t)(v < -128 ? -128 : (v > 127 ? 127 : v));
+                }
+                memcpy(ys, h8, (size_t)hidden);
             }
         }
     }
