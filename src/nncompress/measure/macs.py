@@ -147,6 +147,13 @@ def _rnn_cell(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
     return _weighted(rows, m.weight_ih) + _weighted(rows, m.weight_hh)
 
 
+def _program(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Term:
+    """An integer program (``nncompress.quant.Int8Model``): its own count, per sample."""
+    dense, sparse = m.macs(*args)
+    batch = args[0].shape[0]
+    return Term(dense * batch, sparse * batch)
+
+
 def _self_attention(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     out: Any) -> Term:
     """Hand-written self-attention on ``[B, T, dim]``: ``Q K^T`` and ``A V`` are each
@@ -210,6 +217,7 @@ MAC_RULES: Mapping[type[nn.Module] | str, MacRule] = MappingProxyType({
     nn.RNNCellBase: MacRule(_rnn_cell),  # nn.RNNCell, nn.GRUCell, nn.LSTMCell
     "MultiHeadSelfAttention": MacRule(_self_attention),
     "SplitMultiheadAttention": MacRule(_split_attention),
+    "Int8Model": MacRule(_program, recurse=True),
     nn.MultiheadAttention: MacRule(_multihead_attention, recurse=True),
     **{norm: _ZERO for norm in _NORMS},
     nn.Embedding: _ZERO, nn.EmbeddingBag: _ZERO, nn.PReLU: _ZERO,

@@ -101,7 +101,10 @@ class Int8Model(ArchModule):
         self.blob = blob
         self.program = Program.from_json(check_str(record["program"], "int8 program"),
                                          self._consts())
-        self._engines: dict[tuple, Any] = {}   # compiled engines per input shapes (a cache)
+        self._engines: dict[Any, Any] = {}   # compiled engines per input shapes (a cache)
+        for i in _weight_indices(self.program, self._names):
+            tensor = self._buffers.pop(f"c{i}")
+            self.register_parameter(f"c{i}", nn.Parameter(tensor, requires_grad=False))
 
     @classmethod
     def from_program(cls, program: Program) -> Int8Model:
@@ -120,11 +123,19 @@ class Int8Model(ArchModule):
         out = {}
         for i, name in enumerate(self._names):
             t = getattr(self, f"c{i}")
+            t = t.data if isinstance(t, nn.Parameter) else t
             out[name] = (t.to(torch.int32) << 16) if self._wide[i] else t
         return out
 
     def arch_config(self) -> dict[str, Any]:
         return {"blob": self.blob}
+
+    def macs(self, *args: torch.Tensor) -> tuple[int, int]:
+        """Per-sample multiply-accumulates of the program on inputs shaped like ``args``
+        (dense, and those whose int8 weight is non-zero), from one reference run on the
+        first sample."""
+        from nncompress.quant.program_macs import program_macs
+        return program_macs(self.current_program(), *(a[:1] for a in args))
 
     def current_program(self) -> Program:
         """The program over the module's current buffers (after a load or ``.to``)."""
@@ -178,6 +189,23 @@ class Int8Model(ArchModule):
             precision = "float32" if op.kind == "float" else "int8"
             rows.append((op.source, op.kind, precision))
         return rows
+
+
+#: const roles that are the model's parameters (weights, biases, a positional table)
+_PARAM_ROLES = frozenset({"w", "b", "value", "weight", "bias", "w_ih", "w_hh", "b_ih", "b_hh"})
+
+
+def _weight_indices(program: Program, names: list[str]) -> list[int]:
+    """Indices of the consts that are parameters of the model (count_params counts them):
+    weights and biases of every layer and embedding tables; not multipliers, shifts or
+    lookup tables."""
+    chosen: set[str] = set()
+    for op in program.ops:
+        for role, name in op.consts.items():
+            role = role.rsplit(".", 1)[-1]
+            if role in _PARAM_ROLES or (op.kind == "embedding" and role == "table"):
+                chosen.add(name)
+    return [i for i, name in enumerate(names) if name in chosen]
 
 
 def _key(args: tuple[torch.Tensor, ...]) -> Any:
