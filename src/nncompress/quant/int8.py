@@ -17,6 +17,7 @@ compiler is available or while gradients are needed; both give the same integers
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import zlib
 from typing import Any, Literal
@@ -292,8 +293,9 @@ def quantize_int8(model: nn.Module, config: QuantizeInt8Config, ctx: Context) ->
                                         "percentile observer only")
         options["percentile"] = config.percentile
     ctx.masks = {}
-    return to_int8(model, ctx, per_channel=config.per_channel, observer=config.observer,
-                   options=options)
+    # a copy: folding and rewriting must not touch the model handed in before a refusal
+    return to_int8(copy.deepcopy(model), ctx, per_channel=config.per_channel,
+                   observer=config.observer, options=options)
 
 
 TECHNIQUES.register("quantize_int8", Technique(

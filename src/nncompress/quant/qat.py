@@ -17,6 +17,7 @@ are not fake-quantized during training (their int8 conversion is post-training; 
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -112,6 +113,7 @@ def qat_int8(model: nn.Module, config: QATInt8Config, ctx: Context) -> Int8Model
     """Fold BatchNorm, calibrate, train with fake quantization, convert (Jacob et al., 2018)."""
     if isinstance(model, Int8Model):
         raise UnsupportedLayerError("qat_int8: the model is already an int8 model")
+    model = copy.deepcopy(model)   # nothing below may touch the model handed in on a refusal
     from nncompress.modules import decompose
     model, notes = decompose(model, ctx.masks)   # PyTorch attention built-ins -> plain layers
     for line in notes:
