@@ -245,3 +245,20 @@ def test_pareto_points_and_the_report_section(trained: Trained, tmp_path: Path) 
     assert f"]({PARETO_PNG})" in section and "uniform 3-bit" in section
     paths = write_report(tmp_path, "t", [], {}, sections=[section])
     assert PARETO_PNG in paths.markdown.read_text()
+
+
+def test_recipe_stage_composes_after_pruning(trained: Trained, tmp_path: Path) -> None:
+    model, data = _trained_mlp(trained)
+    recipe = Recipe("prune-mixed", (
+        Stage.technique("magnitude_prune", sparsity=0.7, steps=1, epochs_per_step=1),
+        Stage.technique("mixed_precision", average_bits=2.5, epochs=1, lr=1e-3, samples=4)))
+    result = nc.compress(model, recipe, data, progress=False, measure_latency=False)
+    fc1 = result.model.get_submodule("layers.fc1")
+    assert isinstance(fc1, FrozenLowBitLinear)
+    assert float((fc1.weight == 0).float().mean()) >= 0.65  # pruned weights stayed code 0
+    assert any("mixed_precision: layers.fc1:" in line for line in result.log)
+    path = tmp_path / "pm.nnc"
+    nc.save(result.model, path)
+    stored = sum(t.stored_bytes for t in formats.inspect(path).tensors if t.dtype == "int8")
+    weights = sum(result.model.get_submodule(n).weight.numel() for n in LAYERS)
+    assert stored <= 1.02 * 2.5 * weights / 8  # the encoded cost sees the sparsity

@@ -25,7 +25,9 @@ Steps of :func:`mixed_precision`:
    freezing; the chosen widths, the predicted bytes and the bytes actually stored after
    training go to the log.
 
-The budget covers the quantized layers' weight codes only: biases, steps, float layers and
+Only weight widths are chosen: with ``activation_bits`` every quantized layer's inputs get
+that width (as in ``lowbit``), which the sensitivity measure does not include. The budget
+covers the quantized layers' weight codes only: biases, steps, float layers and
 the file's header come on top (the same for every allocation). With ``cost: encoded`` the
 bytes are those of the codes the quantizer starts from; fine-tuning moves a few codes,
 so entropy-coded sizes can drift slightly (the log says by how much); ``packed`` bounds

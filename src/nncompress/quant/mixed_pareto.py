@@ -37,7 +37,8 @@ __all__ = ["Point", "pareto", "uniform_bytes"]
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration measured by :func:`pareto`: ``kind`` "mixed" or "uniform",
+    """One configuration measured by :func:`pareto`: ``kind`` "mixed", "uniform" or
+    "pinned" (uniform but for the layers ``keep_first`` / ``keep_last`` pin at 8 bits),
     ``label``, ``bytes`` of the whole ``.nnc`` file, ``code_bytes`` of the quantized
     layers' weight codes as stored, top-1 test ``accuracy`` in [0, 1], the widths
     ``bits`` ((layer, bits) in module order) and the ``budget`` (mixed only; bytes of
@@ -84,13 +85,22 @@ def _with_budget(config: MixedPrecisionConfig, budget: int, seed: int) -> MixedP
     return MixedPrecisionConfig.model_validate(config.model_dump() | dict(update))
 
 
+def _uniform_kind(config: MixedPrecisionConfig, bits: int) -> tuple[str, str]:
+    """("uniform", "uniform 3-bit"), or with pinned layers ("pinned", "uniform 3-bit,
+    first/last 8-bit")."""
+    pins = [w for w, on in (("first", config.keep_first), ("last", config.keep_last)) if on]
+    if not pins:
+        return "uniform", f"uniform {bits}-bit"
+    return "pinned", f"uniform {bits}-bit, {'/'.join(pins)} 8-bit"
+
+
 def pareto(model: nn.Module, data: Dataset, budgets: Sequence[int], *,
            uniform: Sequence[int] = (), config: MixedPrecisionConfig | None = None,
            seed: int = 0, progress: bool = False) -> list[Point]:
     """Accuracy against bytes: ``lowbit`` with every quantized layer at each ``uniform``
-    width (pinned layers at 8), then ``mixed_precision`` at each budget (bytes of weight
-    codes), each from a copy of ``model`` with ``config``'s sensitivity and fine-tuning
-    options (default: :class:`MixedPrecisionConfig`'s) and ``seed``."""
+    width (pinned layers at 8: kind "pinned"), then ``mixed_precision`` at each budget
+    (bytes of weight codes), each from a copy of ``model`` with ``config``'s sensitivity
+    and fine-tuning options (default: :class:`MixedPrecisionConfig`'s) and ``seed``."""
     config = _default(config)
     points = []
     for b in uniform:
@@ -99,7 +109,7 @@ def pareto(model: nn.Module, data: Dataset, budgets: Sequence[int], *,
         x = inputs.concat([x for x, _ in training_batches(data, 1, seed)])
         bits, _ = uniform_bits(probe, config, x, b)
         out = lowbit(probe, lowbit_config(config, bits, seed), ctx)
-        points.append(_measured("uniform", f"uniform {b}-bit", out, data, None))
+        points.append(_measured(*_uniform_kind(config, b), out, data, None))
     for budget in budgets:
         ctx = Context(data, seed=seed, progress=progress)
         out = mixed_precision(copy.deepcopy(model), _with_budget(config, budget, seed), ctx)

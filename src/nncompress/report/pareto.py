@@ -25,8 +25,12 @@ __all__ = ["PARETO_PNG", "pareto_section", "plot_pareto", "widths_label"]
 
 #: file name of the plot in a report folder
 PARETO_PNG = "mixed_precision_pareto.png"
-_STYLE = {"uniform": {"marker": "s", "linestyle": "--", "color": "tab:gray"},
-          "mixed": {"marker": "o", "linestyle": "-", "color": "tab:blue"}}
+#: Point.kind -> (legend label, line style)
+_STYLE: dict[str, tuple[str, dict[str, str]]] = {
+    "uniform": ("uniform", {"marker": "s", "linestyle": "--", "color": "tab:gray"}),
+    "pinned": ("uniform, first/last 8-bit",
+               {"marker": "^", "linestyle": ":", "color": "tab:orange"}),
+    "mixed": ("mixed (HAWQ)", {"marker": "o", "linestyle": "-", "color": "tab:blue"})}
 
 
 def widths_label(point: Point) -> str:
@@ -37,16 +41,17 @@ def widths_label(point: Point) -> str:
 def plot_pareto(curves: Mapping[str, Sequence[Point]], path: Path,
                 title: str = "Mixed precision vs uniform widths") -> Path:
     """Test accuracy (%) against bytes of the ``.nnc`` file, one panel per model (the keys
-    of ``curves``), mixed and uniform points as two series sorted by bytes."""
+    of ``curves``), one series per kind of point (uniform, pinned, mixed) sorted by
+    bytes."""
     names = list(curves)
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.5 * max(1, len(names)), 4.2),
                              squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
-        for kind, style in _STYLE.items():
+        for kind, (legend, style) in _STYLE.items():
             mine = sorted((p for p in curves[name] if p.kind == kind), key=lambda p: p.bytes)
             if not mine:
                 continue
-            ax.plot([p.bytes for p in mine], [100 * p.accuracy for p in mine], label=kind,
+            ax.plot([p.bytes for p in mine], [100 * p.accuracy for p in mine], label=legend,
                     **style)
             for p in mine:
                 ax.annotate(widths_label(p), (p.bytes, 100 * p.accuracy), fontsize=6,
