@@ -321,10 +321,23 @@ def test_unsupported_and_bad_shapes_are_named() -> None:
         generate_c(mlp_program(), [(36,)])
 
 
+def _attention_program() -> Program:
+    b = Builder(11)
+    x = b.op("quantize", (b.input(),))
+    h = _attention(b, x, 5, 8, 2)
+    h = b.op("float", (h,), {"fn": "layer_norm", "args": {"shape": [8], "eps": 1e-5}})
+    return b.program(b.op("dequantize", (h,), dtype="float32"))
+
+
 @needs_gcc
-@pytest.mark.parametrize("program,shape", [(mlp_program(), (37,))])
-def test_source_is_portable_c99(program: Program, shape: tuple[int, ...], tmp_path: Path) -> None:
-    source, header, _ = generate_c(program, [shape], block=1)
+@pytest.mark.parametrize("which", ["mlp", pytest.param("attention", marks=pytest.mark.slow),
+                                   pytest.param("lstm", marks=pytest.mark.slow)])
+def test_source_is_portable_c99(which: str, tmp_path: Path) -> None:
+    """The generated unit builds as strict C99 for a microcontroller-like target (-O2, no
+    -march: the plain C kernels) and for this CPU; only float ops need <math.h>."""
+    program, shape = {"mlp": (mlp_program, (37,)), "attention": (_attention_program, (5, 8)),
+                      "lstm": (lambda: rnn_program("lstm", 1, False, True), (9, 5))}[which]
+    source, header, _ = generate_c(program(), [shape], block=1)
     (tmp_path / "model.c").write_text(source)
     (tmp_path / "model.h").write_text(header)
     (tmp_path / "main.c").write_text('#include "model.h"\nint main(void) { return '
@@ -332,9 +345,9 @@ def test_source_is_portable_c99(program: Program, shape: tuple[int, ...], tmp_pa
     for extra in (["-O2"], ["-O3", "-march=native"]):
         done = subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic",
                                *extra, "-o", str(tmp_path / "a.out"), str(tmp_path / "model.c"),
-                               str(tmp_path / "main.c")], capture_output=True, text=True)
+                               str(tmp_path / "main.c"), "-lm"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[:2000]
-    assert "#include <math.h>" not in source
+    assert ("#include <math.h>" in source) == (which == "attention")
 
 
 @needs_gcc
@@ -451,3 +464,18 @@ def test_converted_mlp_bit_exact() -> None:
 def test_converted_reference_models_bit_exact(name: str) -> None:
     program, shape = converted(name)
     _check_exact(program, [shape], block=8)
+
+
+@needs_gcc
+def test_requantization_general_path() -> None:
+    """Multipliers above 1 (left shifts, saturation) and biases near 2^31: the general
+    fixed-point path, not the short one the generator proves safe for typical layers."""
+    b = Builder(12)
+    h = b.op("quantize", (b.input(),))
+    m, s = fixed_point(1.0 + 3 * torch.rand(9, generator=b.g, dtype=torch.float64))
+    bias = torch.tensor([2**31 - 1, -(2**31), 2**30, -(2**30), 0, 5, -5, 2**29, 7],
+                        dtype=torch.int32)
+    h = b.op("linear", (h,), {}, {"w": b.const(b.ints(-127, 128, (9, 13), torch.int8)),
+                                  "b": b.const(bias), "m": b.const(m), "s": b.const(s)})
+    h = b.linear(h, 9, 6)
+    _check_exact(b.program(b.op("dequantize", (h,), dtype="float32")), [(13,)])

@@ -34,8 +34,8 @@ from nncompress.quant.program import Op
 
 __all__ = ["DIRECT_CONV_MAX_K", "EMITTERS"]
 
-#: Convolutions whose per-group dot product is shorter than this run as direct loops
-#: (depthwise, first layers); longer ones as im2col + the VNNI dot-product kernel.
+#: Grouped convolutions whose per-group dot product is shorter than this (depthwise) run as
+#: direct loops; the others as im2col + the VNNI dot-product kernel.
 DIRECT_CONV_MAX_K = 32
 
 
@@ -85,9 +85,10 @@ def emit_quantize(gen: Gen, op: Op) -> None:
              f"{qo.zero_point});")
 
 
-def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str]:
-    """The weights ``[O, K]`` and the C names of the folded int64 bias
-    ``b - (128 + zx) * sum(w)``, m and s (one per output)."""
+def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str, int]:
+    """The weights ``[O, K]``, the C names of the folded int64 bias ``b - (128 + zx) *
+    sum(w)``, m and s (one per output), and whether the short requantization applies
+    (``acc + bias`` provably within int32 for any input, every ``s <= 0``, ``m >= 0``)."""
     w = gen.p.consts[op.consts["w"]].to(torch.int64)
     w2 = w.reshape(w.shape[0], -1)
     bias = gen.p.consts[op.consts["b"]].to(torch.int64) if "b" in op.consts \
@@ -97,15 +98,17 @@ def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str]:
     _shift(op, s)
     if m.numel() != w.shape[0] or s.numel() != w.shape[0]:
         m, s = m.reshape(-1).expand(w.shape[0]), s.reshape(-1).expand(w.shape[0])
+    bound = 255 * w2.abs().sum(dim=1) + bias.abs()          # |sum (x + 128) w + bias|
+    fast = int(bool((bound < 2**31).all() and (s <= 0).all() and (m >= 0).all()))
     return (w2, gen.const("bias", "int64_t", bias), gen.const("m", "int32_t", m),
-            gen.const("s", "int32_t", s))
+            gen.const("s", "int32_t", s), fast)
 
 
 def emit_linear(gen: Gen, op: Op) -> None:
     x, y = op.inputs[0], op.outputs[0]
     xi = gen.infos[x]
     xi.sample_dim(-1)                                  # the features are not the batch
-    w2, B, M, S = _weights(gen, op, _zp(gen, x))
+    w2, B, M, S, fast = _weights(gen, op, _zp(gen, x))
     out_f, in_f = w2.shape
     packed, kp, c16 = pack_weights(w2)
     W = gen.const("w", "int8_t", packed)
@@ -116,7 +119,7 @@ def emit_linear(gen: Gen, op: Op) -> None:
     gen.emit(f"nnc_to_u8({gen.ptr(x)}, {U}, {R}, {in_f}, {kp});",
              f"nnc_gemm({U}, {R}, {kp}, {W}, {c16}, {ACC});",
              f"nnc_requant({ACC}, {R}, {out_f}, {c16}, {B}, {M}, {S}, {_zp(gen, y)}, "
-             f"{_req(op)}, {gen.out(y)}, {out_f}, 1);")
+             f"{_req(op)}, {gen.out(y)}, {out_f}, 1, {fast});")
 
 
 def _spatial(gen: Gen, op: Op, kernel: list[int]) -> dict[str, int]:
@@ -154,8 +157,8 @@ def emit_conv(gen: Gen, op: Op) -> None:
     zo = _zp(gen, y)
     lines = [f"nnc_pad_u8({gen.at(x)}, {d['c']}, {d['h']}, {d['w']}, {d['ph']}, {d['pw']}, "
              f"(uint8_t){zx + 128}, {XP});"]
-    w2, B, M, S = _weights(gen, op, zx)
-    if k < DIRECT_CONV_MAX_K:
+    w2, B, M, S, fast = _weights(gen, op, zx)
+    if groups > 1 and k < DIRECT_CONV_MAX_K:
         W, ACC = gen.const("w", "int8_t", w2), gen.scratch("int32_t", p)
         lines.append(f"nnc_conv_direct({XP}, {hp}, {wp}, {cg}, {og}, {W}, {d['o']}, {geo}, {B}, "
                      f"{M}, {S}, {zo}, {_req(op)}, {ACC}, {gen.at(y)});")
@@ -168,7 +171,7 @@ def emit_conv(gen: Gen, op: Op) -> None:
                   f"    nnc_gemm({U}, {p}, {kp}, {W} + (size_t)grp * {c16 * kp}, {c16}, {ACC});",
                   f"    nnc_requant({ACC}, {p}, {og}, {c16}, {B} + grp * {og}, {M} + grp * {og}, "
                   f"{S} + grp * {og}, {zo}, {_req(op)}, {gen.at(y)} + (size_t)grp * {og * p}, "
-                  f"1, {p});", "}"]
+                  f"1, {p}, {fast});", "}"]
     gen.per_sample(y, lines)
 
 

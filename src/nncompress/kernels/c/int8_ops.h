@@ -248,6 +248,24 @@ static inline __m512i nnc_mbqm8(__m512i x, __m512i m, __m512i s) {
                                _mm512_set1_epi64(1)));
 }
 
+/* nnc_mbqm8 where the generator proved x in int32, s <= 0 and 0 <= m < 2^31: no left shift,
+ * no saturation (the same result, fewer instructions) */
+static inline __m512i nnc_mbqm8_fast(__m512i x, __m512i m, __m512i s) {
+    const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1);
+    const __m512i right = _mm512_sub_epi64(zero, s);
+    __m512i ab = _mm512_mul_epi32(x, m), hi, mask, thr;
+    ab = _mm512_add_epi64(ab, _mm512_mask_blend_epi64(_mm512_cmplt_epi64_mask(ab, zero),
+        _mm512_set1_epi64((int64_t)1 << 30), _mm512_set1_epi64(1 - ((int64_t)1 << 30))));
+    ab = _mm512_mask_add_epi64(ab, _mm512_cmplt_epi64_mask(ab, zero), ab,
+                               _mm512_set1_epi64(NNC_I32_MAX));
+    hi = _mm512_srai_epi64(ab, 31);
+    mask = _mm512_sub_epi64(_mm512_sllv_epi64(one, right), one);
+    thr = _mm512_add_epi64(_mm512_srai_epi64(mask, 1),
+                           _mm512_maskz_mov_epi64(_mm512_cmplt_epi64_mask(hi, zero), one));
+    return _mm512_add_epi64(_mm512_srav_epi64(hi, right),
+        _mm512_maskz_mov_epi64(_mm512_cmpgt_epi64_mask(_mm512_and_si512(hi, mask), thr), one));
+}
+
 /* up to 8 lanes: the mask of the first min(n, 8); masked loads and stores */
 static inline __mmask8 nnc_lanes8(int32_t n) {
     return n >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << n) - 1u);
@@ -273,12 +291,14 @@ static inline void nnc_st_req8(int8_t *p, int32_t stride, __mmask8 k, __m512i v,
 }
 #endif
 
-/* y[r * ys_row + o * ys_col] = req(acc[r * ldc + o] + bias[o], m[o], s[o]), o < cols */
+/* y[r * ys_row + o * ys_col] = req(acc[r * ldc + o] + bias[o], m[o], s[o]), o < cols;
+ * fast: the generator proved acc + bias in int32, every s <= 0 and m >= 0 */
 NNC_KERNEL void nnc_requant(const int32_t *restrict acc, int32_t rows, int32_t cols,
                             int32_t ldc, const int64_t *restrict bias,
                             const int32_t *restrict m, const int32_t *restrict s, int32_t zo,
                             int32_t lo, int32_t hi, int8_t *restrict y, int32_t ys_row,
-                            int32_t ys_col) {
+                            int32_t ys_col, int32_t fast) {
+    (void)fast;
     for (int32_t r = 0; r < rows; r++) {
         const int32_t *ar = acc + (int64_t)r * ldc;
         int8_t *yr = y + (int64_t)r * ys_row;
@@ -286,10 +306,11 @@ NNC_KERNEL void nnc_requant(const int32_t *restrict acc, int32_t rows, int32_t c
 #ifdef NNC_VNNI
         for (; o < cols; o += 8) {
             const __mmask8 k = nnc_lanes8(cols - o);
-            const __m512i v = nnc_mbqm8(_mm512_add_epi64(nnc_ld_i32(ar + o, k),
-                                                         _mm512_maskz_loadu_epi64(k, bias + o)),
-                                        nnc_ld_i32(m + o, k), nnc_ld_i32(s + o, k));
-            nnc_st_req8(yr + (int64_t)o * ys_col, ys_col, k, v, zo, lo, hi);
+            const __m512i x = _mm512_add_epi64(nnc_ld_i32(ar + o, k),
+                                               _mm512_maskz_loadu_epi64(k, bias + o));
+            const __m512i mv = nnc_ld_i32(m + o, k), sv = nnc_ld_i32(s + o, k);
+            nnc_st_req8(yr + (int64_t)o * ys_col, ys_col, k,
+                        fast ? nnc_mbqm8_fast(x, mv, sv) : nnc_mbqm8(x, mv, sv), zo, lo, hi);
         }
 #endif
         for (; o < cols; o++)
@@ -463,7 +484,7 @@ NNC_KERNEL void nnc_matmul(const int8_t *restrict a, int32_t za, const int8_t *r
         const int32_t c = (int32_t)(-(int64_t)zb * sum + (int64_t)kk * zz * zb);
         for (int32_t j = 0; j < nn; j++) acc[(int64_t)i * n16 + j] += c;
     }
-    nnc_requant(acc, mm, nn, n16, col, mv, sv, zo, lo, hi, y, nn, 1);
+    nnc_requant(acc, mm, nn, n16, col, mv, sv, zo, lo, hi, y, nn, 1, 0);
 }
 
 /* TensorFlow Lite's int8 add: ta = mbqm((a - za) 2^20, ma, sa), tb alike, then
