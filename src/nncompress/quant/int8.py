@@ -84,6 +84,7 @@ class Int8Model(ArchModule):
         record = check_keys(_unpack(blob), "int8 record", ("program", "consts"))
         self._names: list[str] = []
         self._wide: list[bool] = []
+        self._specs: list[tuple[torch.dtype, tuple[int, ...]]] = []   # as the record says
         for i, spec in enumerate(check_list(record["consts"], "int8 consts",
                                             max_len=1_000_000)):
             items = check_list(spec, f"int8 const {i}", max_len=3)
@@ -94,10 +95,13 @@ class Int8Model(ArchModule):
                 fail(f"int8 const {name!r} has dtype {dtype!r}; allowed: {', '.join(_STORED)}")
             shape = [check_int(d, f"int8 const {name!r} shape", hi=2**31)
                      for d in check_list(items[2], "shape", max_len=8)]
+            self._specs.append((_STORED[dtype], tuple(shape)))
+            self._names.append(name)
             given = (tensors or {}).get(name)
+            if given is not None:
+                self._check_const(i, given)
             self.register_buffer(f"c{i}", given if given is not None
                                  else torch.zeros(shape, dtype=_STORED[dtype]))
-            self._names.append(name)
             self._wide.append(dtype == "m16")
         self.blob = blob
         self.program = Program.from_json(check_str(record["program"], "int8 program"),
@@ -176,9 +180,22 @@ class Int8Model(ArchModule):
             outs = engine(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _check_const(self, i: int, tensor: torch.Tensor) -> None:
+        """A tensor for const ``i`` has the dtype and shape the (validated) record says."""
+        dtype, shape = self._specs[i]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            from nncompress.formats._checks import fail
+            fail(f"int8 const {self._names[i]!r} is {tensor.dtype} {list(tensor.shape)}; its "
+                 f"record says {dtype} {list(shape)}")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
         self._engines.clear()   # engines hold the constants they were compiled with
-        super()._load_from_state_dict(*args, **kwargs)
+        for i in range(len(self._names)):   # a file's tensors must be what was validated
+            tensor = state_dict.get(f"{prefix}c{i}")
+            if isinstance(tensor, torch.Tensor):
+                self._check_const(i, tensor)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def precision_table(self) -> list[tuple[str, str, str]]:
         """``(source layer, op kind, precision)`` per op: ``int8`` / ``float32`` / ``shape``."""
