@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import math
 import zlib
 from typing import Any, Literal
 
@@ -80,11 +81,19 @@ class Int8Model(ArchModule):
 
     def __init__(self, blob: str, tensors: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
-        from nncompress.formats._checks import check_int, check_keys, check_list, check_str, fail
+        from nncompress.formats._checks import (
+            MAX_ELEMENTS,
+            check_int,
+            check_keys,
+            check_list,
+            check_str,
+            fail,
+        )
         record = check_keys(_unpack(blob), "int8 record", ("program", "consts"))
         self._names: list[str] = []
         self._wide: list[bool] = []
         self._specs: list[tuple[torch.dtype, tuple[int, ...]]] = []   # as the record says
+        elements = 0
         for i, spec in enumerate(check_list(record["consts"], "int8 consts",
                                             max_len=1_000_000)):
             items = check_list(spec, f"int8 const {i}", max_len=3)
@@ -95,6 +104,9 @@ class Int8Model(ArchModule):
                 fail(f"int8 const {name!r} has dtype {dtype!r}; allowed: {', '.join(_STORED)}")
             shape = [check_int(d, f"int8 const {name!r} shape", hi=2**31)
                      for d in check_list(items[2], "shape", max_len=8)]
+            elements += math.prod(shape)
+            if elements > MAX_ELEMENTS:    # before torch.zeros allocates (or overflows)
+                fail(f"int8 consts declare more than {MAX_ELEMENTS} elements (at {name!r})")
             self._specs.append((_STORED[dtype], tuple(shape)))
             self._names.append(name)
             given = (tensors or {}).get(name)
