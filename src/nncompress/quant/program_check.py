@@ -144,6 +144,13 @@ def check_program(program: Program) -> None:
         for name in op.inputs:
             if name not in defined:
                 fail(f"{what} reads {short(name)} before it is computed")
+        for item in op.attrs.get("shape", []) if op.kind == "reshape" else []:
+            if isinstance(item, list) and not (len(item) == 3 and item[0] == "dim"
+                                               and isinstance(item[1], str)
+                                               and item[1] in defined
+                                               and isinstance(item[2], int)):
+                fail(f"{what} reshapes by {short(item)}, not [\"dim\", a computed value, "
+                     "an axis]")
         for name in op.outputs:
             if name not in program.values:
                 fail(f"{what} writes {short(name)}, which has no qtype")
