@@ -37,7 +37,7 @@ from nncompress.recipe import Recipe, Stage
 from nncompress.report import fmt_bytes, fmt_ms, fmt_ratio, render_markdown
 
 SEED = 0
-THREADS = 2
+THREADS = 1  # the XNOR kernel runs on one thread; torch gets the same
 #: (model, dataset, binarize parameters overriding the packaged recipe's, row label)
 MODELS: tuple[tuple[str, str, dict[str, bool], str], ...] = (
     ("mlp", "digits", {}, "BNN"),
@@ -83,7 +83,7 @@ def _recipe(overrides: dict[str, bool]) -> Recipe:
 
 
 def _model_row(name: str, dataset: str, overrides: dict[str, bool], label: str,
-               out_dir: Path, echo: Callable[[str], None]) -> ModelRow:
+               out_dir: Path, echo: Callable[[str], None], threads: int) -> ModelRow:
     model, data = zoo.load(name, dataset, seed=SEED, progress=False)
     model.eval()
     start = time.perf_counter()
@@ -94,7 +94,7 @@ def _model_row(name: str, dataset: str, overrides: dict[str, bool], label: str,
     binary = nc.load(path).eval()
     echo(f"  binarize {name}: {time.perf_counter() - start:.0f} s")
     reports = latency_ab([model, binary], batch_sizes=BATCHES, rounds=ROUNDS,
-                         repeats=REPEATS, threads=THREADS, example=example_input(data, 1))
+                         repeats=REPEATS, threads=threads, example=example_input(data, 1))
     ms = [{r.batch: r.median_ms for r in rep.results} for rep in reports]
     return ModelRow(f"{name} ({dataset}), {label}", train.evaluate(model, data.test),
                     train.evaluate(binary, data.test), _weights(model, True),
@@ -102,7 +102,7 @@ def _model_row(name: str, dataset: str, overrides: dict[str, bool], label: str,
                     ms[0], ms[1])
 
 
-def _kernel_rows() -> list[KernelRow]:
+def _kernel_rows(threads: int) -> list[KernelRow]:
     out_f, in_f = KERNEL_SHAPE
     torch.manual_seed(SEED)
     dense = nn.Sequential(nn.Linear(in_f, out_f)).eval()
@@ -113,7 +113,7 @@ def _kernel_rows() -> list[KernelRow]:
         layer.alpha.uniform_(0.01, 0.1, generator=g)
     binary = nn.Sequential(layer).eval()
     reports = latency_ab([dense, binary], (in_f,), BATCHES, rounds=ROUNDS, repeats=REPEATS,
-                         threads=THREADS, seed=SEED)
+                         threads=threads, seed=SEED)
     return [KernelRow(a.batch, a.median_ms, b.median_ms)
             for a, b in zip(reports[0].results, reports[1].results, strict=True)]
 
@@ -158,17 +158,17 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-def section(out_dir: Path | None = None,
-            echo: Callable[[str], None] | None = None) -> str:
+def section(out_dir: Path | None = None, echo: Callable[[str], None] | None = None,
+            threads: int = THREADS) -> str:
     """The markdown section (``out_dir``: where the binarized ``.nnc`` files are kept; a
-    temporary directory when None)."""
+    temporary directory when None; ``threads``: torch intra-op threads while timing)."""
     say = echo or (lambda _msg: None)
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(out_dir) if out_dir is not None else Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
-        rows = [_model_row(*spec, where, say) for spec in MODELS]
+        rows = [_model_row(*spec, where, say, threads) for spec in MODELS]
     say("  XNOR kernel vs fp32 Linear")
-    kernel = _kernel_rows()
+    kernel = _kernel_rows(threads)
     return "\n".join([
         "## Binarization (BNN, Courbariaux/Hubara et al. 2016; XNOR-Net, Rastegari et al. "
         "2016)",
@@ -185,7 +185,7 @@ def section(out_dir: Path | None = None,
         _models_markdown(rows),
         "",
         f"Latency: `measure.latency_ab`, {ROUNDS} interleaved rounds, {REPEATS} calls, "
-        f"median, {THREADS} threads for torch (the XNOR kernel runs on one), "
+        f"median, {threads} thread(s) for torch (the XNOR kernel runs on one), "
         f"popcount path: {xnor.kernel_status()}. The kernel row times a random "
         f"{KERNEL_SHAPE[0]}x{KERNEL_SHAPE[1]} layer with binary inputs; whole-model rows "
         "time the re-loaded model on real test samples.",
