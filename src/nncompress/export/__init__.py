@@ -89,6 +89,7 @@ LAYER_FORMS: Registry[Callable[[nn.Module], nn.Module]] = Registry(
 EXPORTER_PACKAGES: tuple[str, ...] = (
     "nncompress.export.onnx_int8",          # integer programs (int8 models)
     "nncompress.export.onnx_torch",         # any nn.Module (float ONNX)
+    "nncompress.export.onnx_quant_layers",  # binary / low-bit layers (stand-ins)
 )
 
 
