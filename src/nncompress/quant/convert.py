@@ -51,15 +51,20 @@ class _Tracer(fx.Tracer):
         self.example = example
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.RNNBase,)):
+        """Layers with a conversion rule are leaves; any other module (a user's block, or
+        a PyTorch container such as ``nn.TransformerEncoder``) is traced through."""
+        from nncompress.quant.convert_ops import RULES
+        if isinstance(m, nn.RNNBase):
             return True
-        return super().is_leaf_module(m, qualname)
+        return type(m) in RULES or (super().is_leaf_module(m, qualname)
+                                    and next(m.children(), None) is None)
 
     def _concrete(self, obj: fx.Proxy) -> Any:
+        target = obj.node   # an attribute proxy creates its node on first access
         graph = fx.Graph()
         copied: dict[fx.Node, fx.Node] = {}
         graph.graph_copy(self.graph, copied)
-        graph.output(copied[obj.node])
+        graph.output(copied[target])
         # an active trace patches Module.__call__ / __getattr__: undo that while running
         from torch.fx._symbolic_trace import _maybe_revert_all_patches
         with torch.no_grad(), _maybe_revert_all_patches():
@@ -69,6 +74,16 @@ class _Tracer(fx.Tracer):
         if self.example is None:
             return super().to_bool(obj)
         return bool(self._concrete(obj))
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self) if self.example is not None else super().proxy(node)
+
+
+class _SizedProxy(fx.Proxy):
+    """A proxy whose ``len()`` is read from the example run (``if len(x.size()) == 2``)."""
+
+    def __len__(self) -> int:
+        return len(self.tracer._concrete(self))
 
 
 def trace(model: nn.Module, example: tuple[torch.Tensor, ...] | None = None

@@ -140,14 +140,22 @@ def _transpose_attrs(b: Builder, node: fx.Node) -> dict:
     return {"dims": [int(node.args[1]) % nd, int(node.args[2]) % nd]}
 
 
+def _any_value(b: Builder, node: fx.Node, arg: Any) -> str:
+    """The value name of a tensor argument of any dtype (shapes of int64 ids are fine)."""
+    got = b.env.get(arg.name) if isinstance(arg, fx.Node) else None
+    if not isinstance(got, str):
+        b.fail(node, f"reads the shape of {getattr(arg, 'name', arg)!r}, not a tensor here")
+    return got
+
+
 def _getattr(b: Builder, node: fx.Node) -> None:
     if node.args[1] != "shape":
         b.fail(node, f"reads attribute {node.args[1]!r}")
-    b.env[node.name] = ShapeRef(b.value(node, node.args[0]), b.ndim(node.args[0].name))
+    b.env[node.name] = ShapeRef(_any_value(b, node, node.args[0]), b.ndim(node.args[0].name))
 
 
 def _size(b: Builder, node: fx.Node) -> None:
-    x = b.value(node, node.args[0])
+    x = _any_value(b, node, node.args[0])
     dim = _arg(node, 1, "dim")
     nd = b.ndim(node.args[0].name)
     b.env[node.name] = ShapeRef(x, nd) if dim is None else DimRef(x, dim % nd)
