@@ -35,6 +35,7 @@ from container import (
 from dead_units import DEAD_UNITS_INTRO, bench_dead_units, dead_units_markdown
 from fuzz import SECTIONS as FUZZ_SECTIONS
 from generality import GENERALITY_INTRO, bench_generality, generality_markdown
+from int8_ours import BUILDERS as INT8_OURS
 from multiplex import bench_multiplex
 from nncompress import models as zoo
 from nncompress.data import Dataset
@@ -151,6 +152,30 @@ def pruning_markdown(rows: list[PruneRow]) -> str:
     return render_markdown(headers, cells)
 
 
+def bench_bits(echo) -> list[str]:
+    """The bits-precision sections (issue 9), each its own markdown block."""
+    import binary
+    import int8
+    import int8_engine
+    import int8_rnn
+    import lowbit
+    import mixed
+    out = Path("bench_out")
+    echo("int8: ours (PTQ, QAT) beside ONNX Runtime and PyTorch int8 on the seven models")
+    parts = [int8.section(ours=INT8_OURS, echo=echo)]
+    echo("int8: the C engine vs the integer reference and fp32")
+    parts.append("## int8 C engine\n\n" + int8_engine.section())
+    echo("int8 GRU / LSTM: gate nonlinearities")
+    parts.append(int8_rnn.section(echo=echo))
+    echo("low-bit: 2/3/4 bits, linear vs log; deep compression + low-bit")
+    parts.append(lowbit.section(out_dir=out))
+    echo("mixed precision vs uniform bits at equal bytes")
+    parts.append(mixed.section(out_dir=Path("bench/figures")))   # tracked: BENCHMARKS.md links it
+    echo("binarization: BNN / XNOR-Net and the XNOR-popcount kernel")
+    parts.append(binary.section(out_dir=out, echo=echo))
+    return [block for part in parts for block in (part, "")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -179,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     dead_rows = bench_dead_units(echo)
     echo("accuracy budget on LeNet-300-100 from several seeds")
     budget_rows = bench_budget(echo)
+    bits = bench_bits(echo)
     echo("every technique on every architecture")
     cells = bench_generality(echo)
     echo("container: save / load speed, header bytes")
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         budget_markdown(budget_rows),
         "",
+        *bits,
         GENERALITY_INTRO,
         "",
         generality_markdown(cells),
