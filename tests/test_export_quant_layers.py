@@ -2,9 +2,11 @@
 small models, checked by ``onnx.checker`` and run in ONNX Runtime against the torch layer.
 
 Tolerance (see :mod:`nncompress.export.onnx_quant_layers`): frozen binary layers with
-binary inputs are bit-exact; otherwise float32 rounding of the sums only, bounded here by
-``REL`` times the largest output magnitude, with the same argmax on every sample. The input
-quantizers themselves are bit-exact in ONNX Runtime, edge cases included.
+binary inputs are bit-exact; any other layer alone differs by float32 rounding of its sums
+only (``REL`` of the largest output); a model also by a quantized input moved one level
+where an upstream sum rounded across a level boundary (``MODEL_REL``), with the same argmax
+on every sample. The input quantizers themselves are bit-exact in ONNX Runtime, edge cases
+included.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from nncompress.technique import Context
 
 #: float32 rounding of the sums: max |ORT - torch| <= REL * max |torch output| (+ tiny).
 REL = 1e-5
+#: a model: one quantized input moved one level by upstream rounding (measured <= 1.5e-3).
+MODEL_REL = 5e-3
 
 
 def _seeded(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -50,9 +54,9 @@ def _onnx_vs_torch(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.nd
     return run_onnx(data, x)[0], want
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
+def _assert_close(got: np.ndarray, want: np.ndarray, rel: float = REL) -> None:
     assert got.shape == want.shape and got.dtype == np.float32
-    bound = REL * float(np.abs(want).max()) + 1e-7
+    bound = rel * float(np.abs(want).max()) + 1e-7
     assert float(np.abs(got - want).max()) <= bound
 
 
@@ -218,9 +222,9 @@ def _assert_model_matches(model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         want = model(x).numpy()
     got = run_onnx(result.data, x)[0]
-    _assert_close(got, want)
+    _assert_close(got, want, MODEL_REL)
     assert (got.argmax(1) == want.argmax(1)).all()
-    assert result.max_abs_diff <= REL * float(np.abs(want).max()) + 1e-7
+    assert result.max_abs_diff <= MODEL_REL * float(np.abs(want).max()) + 1e-7
 
 
 @pytest.mark.parametrize("activations", [True, False])
@@ -263,5 +267,5 @@ def test_cli_exports_saved_quantized_models(kind: str, tmp_path: Path,
     with torch.no_grad():
         want = nc.load(path).eval()(x).numpy()
     got = run_onnx(out.read_bytes(), x)[0]
-    _assert_close(got, want)
+    _assert_close(got, want, MODEL_REL)
     assert (got.argmax(1) == want.argmax(1)).all()

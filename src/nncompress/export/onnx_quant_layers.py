@@ -24,9 +24,16 @@ exporter swaps them in on a copy of the model, then PyTorch's TorchScript export
   quantized inputs are thus identical; only the float sums of the layer may round
   differently (float32 rounding, as above).
 
-Tolerance: outputs differ from the torch layer's by float32 rounding of the sums only
-(exact for frozen binary layers with binary inputs); the tests bound a model's max abs
-difference by ``1e-4`` relative to its largest output and require the same argmax.
+Tolerance, against the torch model's own forward: each layer alone, float32 rounding of
+its sums only (bit-exact for frozen binary layers with binary inputs; measured <= 6e-7 of
+the largest output on the reference models). In a model, a layer that quantizes (or
+binarizes) its input can see an upstream sum that rounded differently land on the other
+side of a level boundary: that input moves one level, and the output by about one step
+times the weights it meets. Measured on the test sets (digits mlp, 360 samples; mnist1d
+cnn1d, 1000), 3-bit weights with 4- or 8-bit inputs: max |diff| <= 1.5e-3 of the largest
+output, on <= 0.7% of the samples, argmax identical on every sample; binarized models and
+low-bit ones with float inputs: <= 6e-7 relative. The tests bound layers by ``1e-5`` and
+models by ``5e-3`` of the largest output, with the same argmax.
 Weights are stored as float32 initializers (PyTorch's exporter folds any dequantization
 of int8 codes into a float constant), so the ``.onnx`` file is not 1- or k-bit packed.
 """
