@@ -67,3 +67,34 @@ def qat(name: str, model: nn.Module, data: Dataset) -> Artifact:
 
 #: (builder, accuracy budget in points) as issue 9 sets them: PTQ 0.5 pt, QAT 0.3 pt
 BUILDERS = ((ptq, 0.5), (qat, 0.3))
+
+
+def pruned_rnn_section(names: tuple[str, ...] = ("gru", "lstm")) -> str:
+    """Hidden-unit pruning + int8 (recipe ``prune-int8``) on the recurrent models: test
+    accuracy and ``.nnc`` bytes against fp32 ``torch.save`` (issue 9: the GRU >= 10x
+    smaller at <= 1 pt)."""
+    import io
+
+    from nncompress import models as zoo
+    from nncompress.report import fmt_bytes, fmt_pct, fmt_ratio, render_markdown
+    rows = []
+    for name in names:
+        model, data = zoo.load(name, "mnist1d", seed=SEED, progress=False)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        result = nc.compress(model, "prune-int8", data, seed=SEED, progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            size = nc.save(result.model, Path(tmp) / "m.nnc")
+        base, final = result.baseline.accuracy, result.final.accuracy
+        drop = 100 * (final - base)
+        rows.append([name, fmt_pct(base), fmt_pct(final), f"{drop:+.2f} pt",
+                     fmt_bytes(len(buffer.getvalue())), fmt_bytes(size),
+                     fmt_ratio(len(buffer.getvalue()) / size),
+                     "yes" if drop >= -1.0 and len(buffer.getvalue()) / size >= 10 else "NO"])
+    return "\n".join([
+        "### Hidden-unit pruning + int8 on the recurrent models (recipe `prune-int8`)", "",
+        "Half of every hidden-unit group removed by L1 norm (all gates of a unit together), "
+        "8 epochs of fine-tuning, then `quantize_int8`; bytes: fp32 `torch.save` of the "
+        "trained model vs the `.nnc` file. Target (issue 9): >= 10x smaller at <= 1 pt.", "",
+        render_markdown(["model", "fp32 accuracy", "pruned int8 accuracy", "Δ", "fp32 "
+                         "torch.save", ".nnc", "ratio", ">= 10x at <= 1 pt"], rows)])

@@ -163,6 +163,9 @@ def bench_bits(echo) -> list[str]:
     out = Path("bench_out")
     echo("int8: ours (PTQ, QAT) beside ONNX Runtime and PyTorch int8 on the seven models")
     parts = [int8.section(ours=INT8_OURS, echo=echo)]
+    echo("int8: hidden-unit pruning + int8 on the GRU / LSTM")
+    from int8_ours import pruned_rnn_section
+    parts.append(pruned_rnn_section())
     echo("int8: the C engine vs the integer reference and fp32")
     parts.append("## int8 C engine\n\n" + int8_engine.section())
     echo("int8 GRU / LSTM: gate nonlinearities")
