@@ -182,7 +182,7 @@ def section(out_dir: Path | None = None, *, models: Sequence[tuple[str, str]] = 
         models_markdown(rows, base), "", miyashita_line(rows), "",
         "What stayed float (named by the technique's log):", "", *notes, "",
         "### Deep Compression + low-bit codes (LeNet-300-100, digits)", "",
-        f"Recipe `{DC_RECIPE}`: sparse VD, BN folding, dead units, then 4-bit LSQ codes for "
+        f"Recipe `{DC_RECIPE}`: sparse VD, BN folding, dead units, then 5-bit LSQ codes for "
         "every layer (5 epochs); the container stores the pruned codes as relative "
         "indices / Huffman.", "", dc_markdown(dc), "",
         f"Section run time: {time.perf_counter() - start:.0f} s.",
