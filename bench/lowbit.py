@@ -31,9 +31,11 @@ from nncompress.report import fmt_bytes, fmt_pct, fmt_ratio, render_markdown
 from nncompress.technique import Context
 
 SEED = 0
+# gru / lstm are left out: `lowbit` quantizes Linear / Conv layers only, so on them it
+# would touch the classifier alone (their recurrent layers stay float; the int8 path
+# quantizes them, see the int8 sections)
 MODELS = (("mlp", "digits"), ("cnn1d", "mnist1d"), ("cnn2d", "digits"),
-          ("rescnn", "mnist1d"), ("gru", "mnist1d"), ("lstm", "mnist1d"),
-          ("transformer", "mnist1d"))
+          ("rescnn", "mnist1d"), ("transformer", "mnist1d"))
 BITS = (2, 3, 4)
 QUANTIZERS = ("linear", "log")
 EPOCHS = 1

@@ -27,11 +27,16 @@ DEMO_PLAN: dict[str, tuple[str, ...]] = {
     "l1-filter-prune": ("cnn1d", "gru", "rescnn"),
     "low-rank": ("lstm", "transformer"),
     "layer-prune": ("rescnn", "transformer"),
+    "int8": ("cnn1d", "gru", "transformer"),
+    "lowbit": ("cnn1d",),
+    "binarize": ("mlp",),
 }
 DEMO_RECIPES: tuple[str, ...] = tuple(DEMO_PLAN)
 #: the model whose per-group pruning sensitivity the report plots
 SENSITIVITY_MODEL = "cnn1d"
 QUICK_EPOCHS = 1
+#: the model whose mixed-precision vs uniform-bits Pareto plot the report shows
+PARETO_MODEL = "mlp"
 #: the recipe whose per-stage bytes table (Han et al. 2015, Table 1 style) the report shows
 BREAKDOWN_RECIPE = "deep-compression"
 
@@ -120,6 +125,10 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
         if name == SENSITIVITY_MODEL:
             echo(f"[{i}/{len(names)}] {name}: pruning sensitivity per channel group")
             sections.append(_sensitivity_section(model, data, out_dir))
+        if name == PARETO_MODEL:
+            echo(f"[{i}/{len(names)}] {name}: mixed precision vs uniform bits (Pareto)")
+            sections.append(_pareto_section(name, model, data, out_dir, quick=quick,
+                                            seed=seed))
         baseline = api.measure(model, data)  # one baseline for every recipe's row
         rows.append(ResultRow.build(name, data.name, "baseline (fp32)", baseline, baseline))
         for recipe in chosen[name]:
@@ -147,6 +156,20 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
     sections += [*_breakdown_section(stage_bytes),
                  *([_skipped_section(skipped)] if skipped else [])]
     return rows, skipped, sparsity, sections
+
+
+def _pareto_section(name: str, model: nn.Module, data: Dataset, out_dir: Path, *,
+                    quick: bool, seed: int) -> str:
+    """Accuracy against bytes of weight codes: uniform 3 / 4-bit weights and mixed
+    precision (HAWQ) at those two byte budgets (``mixed_precision``, 1 epoch each)."""
+    from nncompress.quant.mixed import MixedPrecisionConfig
+    from nncompress.quant.mixed_pareto import pareto, uniform_bytes
+    from nncompress.report.pareto import pareto_section
+
+    config = MixedPrecisionConfig(average_bits=4.0, epochs=1 if not quick else 0)
+    budgets = [uniform_bytes(model, data, bits, config) for bits in (3, 4)]
+    points = pareto(model, data, budgets, uniform=(3, 4), config=config, seed=seed)
+    return pareto_section({name: points}, out_dir)
 
 
 def _breakdown_section(tables: Sequence[str]) -> list[str]:
