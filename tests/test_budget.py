@@ -19,6 +19,9 @@ STARTS = {
     "thinet": {"macs_reduction": 3.0},
     "low_rank": {"energy": 0.9},
     "layer_prune": {"count": 3},
+    "lowbit": {"weight_bits": 2, "activation_bits": 2},
+    "mixed_precision": {"average_bits": 2.0},
+    "binarize": {"activations": True},
 }
 
 
@@ -47,3 +50,19 @@ def test_specific_notches() -> None:
     ws = techniques.get("weight_sharing").config.model_validate({"bits": 5})
     assert backed_off("weight_sharing", ws).bits == 6
     assert backed_off("fold_batchnorm", techniques.get("fold_batchnorm").config()) is None
+
+
+def test_bits_precision_backoffs_step_towards_more_bits() -> None:
+    from nncompress.technique import all_techniques
+    techniques = all_techniques()
+    low = backed_off("lowbit", techniques.get("lowbit").config(weight_bits=3,
+                                                               activation_bits=4))
+    assert (low.weight_bits, low.activation_bits) == (4, 5)
+    assert backed_off("lowbit", techniques.get("lowbit").config(weight_bits=8)) is None
+    mixed = backed_off("mixed_precision",
+                       techniques.get("mixed_precision").config(average_bits=3.0))
+    assert mixed.average_bits == 3.75
+    binary = techniques.get("binarize").config(activations=True)
+    milder = backed_off("binarize", binary)
+    assert milder.activations is False
+    assert backed_off("binarize", milder) is None

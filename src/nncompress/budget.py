@@ -127,6 +127,31 @@ def _layer_prune(p: Params) -> Params | None:
     return {**p, key: new} if new > 1.05 else None
 
 
+def _lowbit(p: Params) -> Params | None:
+    """One more bit for the weights (and the inputs, when they are quantized)."""
+    if int(p["weight_bits"]) >= 8:
+        return None
+    acts = p.get("activation_bits")
+    return {**p, "weight_bits": int(p["weight_bits"]) + 1,
+            "activation_bits": None if acts is None else min(8, int(acts) + 1)}
+
+
+def _mixed(p: Params) -> Params | None:
+    """A quarter more bytes for the weight codes (whichever budget was given)."""
+    for key, top in (("average_bits", 8.0), ("budget_ratio", 1.0), ("budget_bytes", None)):
+        if p.get(key) is not None:
+            new = float(p[key]) * 1.25
+            if top is not None and float(p[key]) >= top:
+                return None
+            return {**p, key: min(new, top) if top is not None else round(new)}
+    return None
+
+
+def _binarize(p: Params) -> Params | None:
+    """Binary inputs -> float inputs (weights stay 1-bit); then nothing milder."""
+    return {**p, "activations": False} if p.get("activations") else None
+
+
 def _named(*keys: str) -> Callable[[Params], str]:
     return lambda p: ", ".join(f"{k} {p[k]}" for k in keys if p.get(k) is not None)
 
@@ -145,6 +170,9 @@ BACKOFF: dict[str, Backoff] = {
     "low_rank": Backoff(_low_rank, _named("energy", "rank_ratio", "params_reduction")),
     "layer_prune": Backoff(_layer_prune, _named("count", "params_reduction",
                                                 "macs_reduction")),
+    "lowbit": Backoff(_lowbit, _named("weight_bits", "activation_bits")),
+    "mixed_precision": Backoff(_mixed, _named("average_bits", "budget_ratio", "budget_bytes")),
+    "binarize": Backoff(_binarize, _named("activations")),
 }
 
 
