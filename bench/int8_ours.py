@@ -41,8 +41,8 @@ def _artifact(label: str, model: nn.Module, data: Dataset, technique: str,
     engine = "C engine" if _engine_ok(loaded, data) else "integer reference (no C engine)"
 
     def predict(x: np.ndarray | torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return loaded(torch.as_tensor(as_numpy(x))).numpy()
+        # what a user writes: the int8 model computes no gradients, so no inference_mode
+        return loaded(torch.as_tensor(as_numpy(x))).numpy()
 
     notes = f"runs in the {engine}; float32 ops: {', '.join(kept) if kept else 'none'}"
     return Artifact(label, predict, int(size), notes=notes, kind="ours")

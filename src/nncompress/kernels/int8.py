@@ -57,6 +57,13 @@ class Engine:
         self._aligned = [self._arena(k) for k in range(self.threads)]
         self._dtypes = [torch.int64 if d == "int64" else torch.float32 for _, d, _ in info.inputs]
         self._moved = any(a != 0 for a in info.output_axes)
+        # the common call -- one input, one batch-first output, one thread's worth of
+        # samples -- checked and run with as little Python as possible (batch-1 latency)
+        self._single = (len(info.inputs) == 1 and len(info.outputs) == 1
+                        and not self._moved)
+        self._in_shape = torch.Size(info.inputs[0][2]) if info.inputs else None
+        self._out_shape = tuple(info.outputs[0][2]) if info.outputs else ()
+        self._serial_below = 2 * info.block * max(2, self.threads)
 
     @property
     def arena_bytes(self) -> int:
@@ -81,6 +88,24 @@ class Engine:
     def _run(self, tensors: list[torch.Tensor], start: int, stop: int, slot: int) -> int:
         ptrs = [t[start:stop].data_ptr() for t in tensors]
         return self._fn(*ptrs, stop - start, self._arena(slot))
+
+    def run_single(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output for one input tensor on the fast path (a contiguous CPU tensor of
+        the engine's dtype and shape, a batch one thread runs), or None when the general
+        :meth:`__call__` must handle it."""
+        if not (self._single and isinstance(x, torch.Tensor) and x.dtype is self._dtypes[0]
+                and x.shape[1:] == self._in_shape and x.is_contiguous() and x.is_cpu):
+            return None
+        batch = x.shape[0]
+        if batch >= self._serial_below and self.threads > 1:
+            return None
+        y = torch.empty((batch, *self._out_shape))
+        with self._lock:
+            code = self._fn(x.data_ptr(), y.data_ptr(), batch, self._aligned[0])
+        if code:
+            raise DataError("int8 engine: an embedding id is out of range" if code == 1
+                            else f"int8 engine: error code {code}")
+        return y
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         if len(inputs) != len(self.info.inputs):

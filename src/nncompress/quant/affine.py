@@ -58,7 +58,7 @@ def activation_qtype(lo: float, hi: float) -> QType:
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= 1e-12 or not math.isfinite(hi - lo):
         return QType("int8", 1.0, 0)
-    scale = (hi - lo) / (QMAX - QMIN)
+    scale = float(f"{(hi - lo) / (QMAX - QMIN):.8g}")   # 8 digits: a short record
     zero_point = round(QMIN - lo / scale)
     return QType("int8", scale, max(QMIN, min(QMAX, zero_point)))
 

@@ -291,10 +291,12 @@ def _softmax(b: Builder, node: fx.Node) -> None:
 def _layer_norm(b: Builder, node: fx.Node) -> None:
     m = _module(b, node)
     consts = {}
+    # parameters rounded to float16 (stored in 2 bytes; the normalised output is then
+    # quantized to int8, so the rounding is far below one output step)
     if m.weight is not None:
-        consts["weight"] = m.weight.detach().float().clone()
+        consts["weight"] = m.weight.detach().half().float()
     if m.bias is not None:
-        consts["bias"] = m.bias.detach().float().clone()
+        consts["bias"] = m.bias.detach().half().float()
     b.float_op(node, "layer_norm", {"shape": list(m.normalized_shape), "eps": float(m.eps)},
                consts, b.qtype(node.name), "layer normalisation needs a square root and a "
                "division (no integer kernel yet)")

@@ -227,7 +227,11 @@ class Builder:
         target = relu if relu is not None else node
         qo = self.qtype(target.name)
         w = layer.weight.detach()
+        # per-channel scales rounded up to a grid of 8 steps per octave (at most 9 % coarser,
+        # 0.13 bit of int8 resolution): the channels' multipliers then take a few distinct
+        # values, which the container stores in a few bits each instead of 15
         ws = weight_scales(w, self.per_channel).expand(w.shape[0])
+        ws = torch.exp2(torch.ceil(torch.log2(ws) * 8 - 1e-9) / 8)
         shape = (-1,) + (1,) * (w.dim() - 1)
         wq = quantize_tensor(w, ws.reshape(shape), 0, -WMAX, WMAX).to(torch.int8)
         m, s = fixed_point(qx.scale * ws / qo.scale, bits=15)

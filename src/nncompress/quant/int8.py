@@ -41,7 +41,7 @@ __all__ = ["Int8Model", "QuantizeInt8Config", "quantize_int8", "to_int8"]
 #: why the C engine may not run a program: no compiler, or an op it has no kernel for
 _NO_ENGINE = (KernelUnavailableError, UnsupportedLayerError, ImportError)
 _STORED = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
-           "float32": torch.float32, "m16": torch.int16}
+           "float32": torch.float32, "m16": torch.int16, "f16": torch.float16}
 _MAX_RECORD = 64 * 2**20
 
 
@@ -71,7 +71,8 @@ class Int8Model(ArchModule):
 
     Buffers ``c0, c1, ...`` are the program's constants in the order of the record's
     ``consts`` list (``[name, dtype, shape]``; dtype ``"m16"``: an int32 multiplier whose
-    low 16 bits are zero, stored as its int16 high half). ``blob`` is the record -- the
+    low 16 bits are zero, stored as its int16 high half; ``"f16"``: a float32 tensor whose
+    values are exact in float16, stored as float16). ``blob`` is the record -- the
     program's JSON (see :meth:`Program.to_json`) and that list -- zlib-compressed and
     base64-encoded (the structure of a transformer is 12 KB of JSON); it is validated on
     construction, so a hostile file fails with a one-line FormatError.
@@ -114,7 +115,7 @@ class Int8Model(ArchModule):
                 self._check_const(i, given)
             self.register_buffer(f"c{i}", given if given is not None
                                  else torch.zeros(shape, dtype=_STORED[dtype]))
-            self._wide.append(dtype == "m16")
+            self._wide.append(dtype in ("m16", "f16"))
         self.blob = blob
         self.program = Program.from_json(check_str(record["program"], "int8 program"),
                                          self._consts())
@@ -131,6 +132,8 @@ class Int8Model(ArchModule):
             if t.dtype == torch.int32 and t.numel() and bool(((t & 0xFFFF) == 0).all()) \
                     and bool((t >= 0).all()) and int(t.max()) < 2**31:
                 t, dtype = (t >> 16).to(torch.int16), "m16"
+            elif t.dtype == torch.float32 and t.numel() and torch.equal(t.half().float(), t):
+                t, dtype = t.half(), "f16"   # exactly representable: stored in half
             specs.append([name, dtype, list(t.shape)])
             tensors[name] = t
         blob = _pack({"program": program.to_json(), "consts": specs})
@@ -141,7 +144,9 @@ class Int8Model(ArchModule):
         for i, name in enumerate(self._names):
             t = getattr(self, f"c{i}")
             t = t.data if isinstance(t, nn.Parameter) else t
-            out[name] = (t.to(torch.int32) << 16) if self._wide[i] else t
+            if self._wide[i]:
+                t = t.float() if t.dtype == torch.float16 else (t.to(torch.int32) << 16)
+            out[name] = t
         return out
 
     def arch_config(self) -> dict[str, Any]:
@@ -181,6 +186,10 @@ class Int8Model(ArchModule):
         """The program's output(s): the C engine when it runs this program (the integer
         arithmetic is not differentiable either way), else the integer reference."""
         engine = self._engines.get(_key(args))
+        if len(args) == 1 and engine is not None and not isinstance(engine, Exception):
+            y = engine.run_single(args[0])
+            if y is not None:
+                return y
         if engine is None:
             try:
                 engine = self.engine(*args)

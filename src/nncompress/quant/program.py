@@ -129,8 +129,13 @@ class Op:
     source: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The op as JSON; consts named ``<first output>.<role>`` (the converter's
+        naming) are written as the list of their roles (a shorter record)."""
+        out = self.outputs[0] if self.outputs else ""
+        implicit = all(name == f"{out}.{role}" for role, name in self.consts.items())
+        consts: Any = list(self.consts) if implicit and self.consts else self.consts
         return {"kind": self.kind, "in": list(self.inputs), "out": list(self.outputs),
-                "attrs": self.attrs, "consts": self.consts, "source": self.source}
+                "attrs": self.attrs, "consts": consts, "source": self.source}
 
 
 @dataclass

@@ -96,8 +96,14 @@ def _op(raw: Any, index: int) -> Op:
         fail(f"{what} ({kind}) lacks attr {missing[0]!r}")
     if kind == "float" and attrs.get("fn") not in FLOAT_FNS:
         fail(f"{what} float fn must be one of {', '.join(FLOAT_FNS)}, got {short(attrs['fn'])}")
-    consts = {check_str(k, f"{what} const role"): check_str(v, f"{what} const")
-              for k, v in check_dict(entry["consts"], f"{what} consts").items()}
+    raw_consts = entry["consts"]
+    if isinstance(raw_consts, list):   # roles of consts named "<first output>.<role>"
+        roles = [check_str(r, f"{what} const role")
+                 for r in check_list(raw_consts, f"{what} consts", max_len=64)]
+        consts = {role: f"{outs[0] if outs else ''}.{role}" for role in roles}
+    else:
+        consts = {check_str(k, f"{what} const role"): check_str(v, f"{what} const")
+                  for k, v in check_dict(raw_consts, f"{what} consts").items()}
     need = [r for r in spec.consts if r not in consts]
     if need:
         fail(f"{what} ({kind}) lacks const {need[0]!r}")
