@@ -247,7 +247,8 @@ def verdicts_markdown(found: Sequence[tuple[str, Verdict | None]]) -> str:
             cells.append([name, "-", "-", "-", "-", "-", "-", "NO (ours failed)"])
             continue
         failed = [k for k, ok in v.checks.items() if not ok]
-        cells.append([name, f"{fmt_pct(v.accuracy_delta, signed=True)} (<= {v.max_drop} pt)",
+        cells.append([name, f"{fmt_pct(v.accuracy_delta, signed=True)} (<= "
+                      f"{100 * v.max_drop:g} pt)",
                       fmt_ratio(v.ratio),
                       v.fastest_peer or "-", fmt_ratio(v.peer_ratio), fmt_ratio(v.fp32_ratio),
                       fmt_ratio(v.ort_ratio), "yes" if v.met else "NO: " + ", ".join(failed)])
@@ -269,8 +270,9 @@ def section(ours: Ours | Sequence[tuple[Ours, float]] | None = None,
     then, with ``ours``, the targets table. ``out_dir``: where the peers' files go (per
     model; a temporary directory when None). ``threads``: intra-op threads of every torch
     call and ORT session (``ours`` should build its sessions with ``int8_peers.THREADS``).
-    ``ours``: one builder, or ``(builder, accuracy budget in points)`` pairs (e.g. PTQ at
-    0.5 and QAT at 0.3), each an ``"ours"`` row and a line of the targets table."""
+    ``ours``: one builder, or ``(builder, accuracy budget as a fraction)`` pairs (e.g.
+    PTQ at 0.005 and QAT at 0.003), each an ``"ours"`` row and a line of the targets
+    table."""
     builders = [] if ours is None else ([(ours, MAX_DROP)] if callable(ours) else list(ours))
     start, load = time.perf_counter(), os.getloadavg()[0]
     parts = [intro(threads), ""]
