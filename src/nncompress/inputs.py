@@ -14,7 +14,7 @@ assumes a single float32 tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "leaves",
     "map_tensors",
+    "observe",
     "packed",
     "repeat_to",
     "select",
@@ -93,6 +94,23 @@ def call(model: nn.Module | Callable[..., Any], x: Inputs) -> Any:
     if isinstance(x, Mapping):
         return model(**x)
     return model(*x)
+
+
+def observe(model: nn.Module, batches: Iterable[Inputs],
+            handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
+    """Run ``model`` on each batch in eval mode without autograd, for the hooks whose
+    ``handles`` are given; the hooks are removed and the model's train flag restored
+    afterwards, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                call(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 
 
 def packed(args: Sequence[torch.Tensor], kwargs: Mapping[str, torch.Tensor]) -> Inputs:

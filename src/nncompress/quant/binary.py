@@ -27,6 +27,7 @@ ImageNet classification using binary convolutional neural networks".
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -141,15 +142,7 @@ def _run_order(model: nn.Module, x: inputs.Inputs) -> tuple[list[str], set[str]]
                 order.append(name)
         handles += [module.register_forward_pre_hook(before),
                     module.register_forward_hook(after)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            inputs.call(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    inputs.observe(model, [x], handles)
     return order, data_fed
 
 
@@ -199,18 +192,8 @@ def _calibrate(model: nn.Module, ctx: Context, names: list[str]) -> dict[str, to
             sums[name] = sums.get(name, 0) + flat.sum(dim=0)
             counts[name] = counts.get(name, 0) + flat.shape[0]
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i, (x, _y) in enumerate(ctx.data.train):
-                if i >= CALIBRATION_BATCHES:
-                    break
-                inputs.call(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    batches = (x for x, _y in itertools.islice(ctx.data.train, CALIBRATION_BATCHES))
+    inputs.observe(model, batches, handles)
     return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
 
 

@@ -57,15 +57,7 @@ def fold_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
                 if source is not None:
                     pairs.append((source, name))
             handles.append(module.register_forward_pre_hook(before))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            inputs.call(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    inputs.observe(model, [x], handles)
     return pairs
 
 

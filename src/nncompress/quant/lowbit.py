@@ -136,15 +136,7 @@ def _calls(model: nn.Module, names: list[str], x: inputs.Inputs) -> dict[str, bo
             nonneg = first is not None and (not first.numel() or bool(first.min() >= 0))
             seen[name] = seen.get(name, True) and nonneg
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            inputs.call(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    inputs.observe(model, [x], handles)
     return seen
 
 
