@@ -55,19 +55,15 @@ def _check_supported(program: Program) -> None:
 
 def _probe(program: Program, sample_shapes: Sequence[Sequence[int]], batch: int
            ) -> dict[str, tuple[int, ...]]:
-    from nncompress.quant.reference import run_values
+    from nncompress.quant.reference import shapes_at
 
-    args = []
-    for name, shape in zip(program.inputs, sample_shapes, strict=True):
-        dtype = torch.int64 if program.values[name].dtype == "int64" else torch.float32
-        args.append(torch.zeros((batch, *shape), dtype=dtype))
     try:
-        values = run_values(program, *args)
+        return shapes_at(program, sample_shapes, batch)
     except (RuntimeError, IndexError, ValueError) as exc:   # shapes the program cannot take
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ModelError(f"the integer program fails on the example input shaped "
-                         f"{[tuple(a.shape) for a in args]}: {first}") from None
-    return {k: tuple(v.shape) for k, v in values.items()}
+                         f"{[(batch, *map(int, s)) for s in sample_shapes]}: {first}"
+                         ) from None
 
 
 def value_shapes(program: Program, sample_shapes: Sequence[Sequence[int]]

@@ -77,17 +77,12 @@ class ValueInfo:
 
 def _shapes(program: Program, sample_shapes: Sequence[Sequence[int]], batch: int
             ) -> dict[str, tuple[int, ...]]:
-    args = []
-    for name, shape in zip(program.inputs, sample_shapes, strict=True):
-        dtype = torch.int64 if program.values[name].dtype == "int64" else torch.float32
-        args.append(torch.zeros((batch, *shape), dtype=dtype))
     try:
-        env = reference.run_values(program, *args)
+        return reference.shapes_at(program, sample_shapes, batch)
     except (RuntimeError, IndexError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"sample shapes {[tuple(s) for s in sample_shapes]} do not fit the "
                         f"program: {first}") from None
-    return {k: tuple(v.shape) for k, v in env.items()}
 
 
 def infer_values(program: Program, sample_shapes: Sequence[Sequence[int]]

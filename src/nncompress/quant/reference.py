@@ -18,7 +18,7 @@ from nncompress.quant.affine import QMAX, QMIN, QType
 from nncompress.quant.affine import multiply_by_quantized_multiplier as mbqm
 from nncompress.quant.program import Op, Program
 
-__all__ = ["run", "run_values"]
+__all__ = ["run", "run_values", "shapes_at"]
 
 Env = dict[str, torch.Tensor]
 _LEFT = 20  # the add op's left shift (TensorFlow Lite's int8 add)
@@ -188,6 +188,17 @@ def run_values(program: Program, *args: torch.Tensor) -> Env:
         for name, out in zip(op.outputs, _step(program, op, env), strict=True):
             env[name] = out
     return env
+
+
+def shapes_at(program: Program, sample_shapes: Sequence[Sequence[int]], batch: int
+              ) -> dict[str, tuple[int, ...]]:
+    """Every value's shape when the program runs on zero inputs of ``batch`` samples shaped
+    ``sample_shapes`` (float32, or int64 for id inputs); the program's own exception if it
+    cannot take them."""
+    args = [torch.zeros((batch, *shape), dtype=torch.int64
+                        if program.values[name].dtype == "int64" else torch.float32)
+            for name, shape in zip(program.inputs, sample_shapes, strict=True)]
+    return {k: tuple(v.shape) for k, v in run_values(program, *args).items()}
 
 
 def run(program: Program, *args: torch.Tensor) -> list[torch.Tensor]:
