@@ -26,11 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, Subset
-
+from lowbit import train_subset
 from nncompress import models as zoo
-from nncompress.data import Dataset
 from nncompress.measure import accuracy
 from nncompress.quant.mixed import MixedPrecisionConfig
 from nncompress.quant.mixed_pareto import Point, pareto, uniform_bytes
@@ -54,16 +51,6 @@ def _config(pinned: bool = False) -> MixedPrecisionConfig:
                                 keep_last=pinned)
 
 
-def _subset(data: Dataset, count: int = TRAIN_SAMPLES) -> Dataset:
-    """``data`` with its training split cut to ``count`` seeded random samples."""
-    dataset = data.train.dataset
-    picked = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(MODEL_SEED))
-    loader = DataLoader(Subset(dataset, picked[:count].tolist()),
-                        batch_size=data.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(MODEL_SEED))
-    return Dataset(data.name, loader, data.test, data.input_shape, data.num_classes)
-
-
 #: (baseline points, mixed points), one point per seed each
 Pair = tuple[list[Point], list[Point]]
 
@@ -74,7 +61,7 @@ def measure(name: str, dataset: str, seeds: Sequence[int] = SEEDS,
     :data:`PINNED_BITS` with the first and last layer at 8 bits -- its points and those of
     mixed precision at its predicted bytes, one per seed)."""
     model, data = zoo.load(name, dataset, seed=MODEL_SEED, progress=False)
-    short = _subset(data)
+    short = train_subset(data, TRAIN_SAMPLES, MODEL_SEED)
     budgets = [uniform_bytes(model, short, b, _config()) for b in BITS]
     budgets.append(uniform_bytes(model, short, PINNED_BITS, _config(pinned=True)))
     runs = []
