@@ -28,7 +28,7 @@ import nncompress as nc
 from nncompress import formats
 from nncompress.data import Dataset
 from nncompress.errors import KernelUnavailableError, UnsupportedLayerError
-from nncompress.quant import reference
+from nncompress.quant import convert, reference
 from nncompress.quant.int8 import Int8Model, QuantizeInt8Config, quantize_int8
 from nncompress.quant.program import Program
 from nncompress.technique import Context
@@ -580,3 +580,23 @@ def test_qat_keeps_pruning_masks(trained: tuple[nn.Module, Dataset]) -> None:
     scales = weight_scales(before).reshape(-1, 1)
     untrained = quantize_tensor(before, scales, 0, -127, 127).to(torch.int8)
     assert not torch.equal(program.consts[linears[0].consts["w"]], untrained)   # QAT trained
+
+
+def test_dict_inputs_run_by_name_in_the_programs_order() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.e(ids).mean(dim=1)) + shift
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x = {"shift": torch.randn(4, 3), "ids": torch.randint(0, 20, (4, 5))}
+    program, _ = convert.convert(model, [x])
+    q = Int8Model.from_program(program)
+    assert program.inputs == ["ids", "shift"]
+    assert torch.equal(q(**x), q(x["ids"], x["shift"]))
+    assert float((q(**x) - model(**x)).abs().max()) < 0.05

@@ -182,9 +182,12 @@ class Int8Model(ArchModule):
             raise engine
         return engine
 
-    def forward(self, *args: torch.Tensor) -> Any:
+    def forward(self, *args: torch.Tensor, **named: torch.Tensor) -> Any:
         """The program's output(s): the C engine when it runs this program (the integer
-        arithmetic is not differentiable either way), else the integer reference."""
+        arithmetic is not differentiable either way), else the integer reference. Inputs
+        given by name (a dict batch) take the program's input order."""
+        if named:
+            args = (*args, *(named[n] for n in self.program.inputs[len(args):]))
         engine = self._engines.get(_key(args))
         if len(args) == 1 and engine is not None and not isinstance(engine, Exception):
             y = engine.run_single(args[0])
@@ -305,19 +308,11 @@ def to_int8(model: nn.Module, ctx: Context, *, calibration: Any = None,
     try:
         x = batches[0]
         with torch.no_grad():
-            result.engine(*_positional(x))
+            result.engine(*(t[:1] for t in positional_model(model, x)))
     except _NO_ENGINE as exc:
         ctx.note(f"int8: the C engine is unavailable ({str(exc)[:120]}); the model runs the "
                  "integer reference (same outputs, slower)")
     return result
-
-
-def _positional(x: inputs.Inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(x, torch.Tensor):
-        return (x[:1],)
-    if isinstance(x, dict):
-        return tuple(v[:1] for v in x.values())
-    return tuple(v[:1] for v in x)
 
 
 def quantize_int8(model: nn.Module, config: QuantizeInt8Config, ctx: Context) -> Int8Model:
