@@ -30,8 +30,7 @@ from torch import nn
 
 from nncompress import inputs
 from nncompress.errors import UnsupportedLayerError
-from nncompress.quant.affine import QType
-from nncompress.quant.program import Op, Program
+from nncompress.quant.program import Program
 
 __all__ = ["Calibration", "build_program", "calibrate", "convert", "positional",
            "quantization_points", "trace"]
@@ -233,11 +232,3 @@ def convert(model: nn.Module, batches: Iterable[inputs.Inputs], *, observer: str
     gm = trace(model, positional_model(model, batches[0]) if batches else None)
     return build_program(gm, calibrate(gm, batches, observer, **options),
                          per_channel=per_channel)
-
-
-def program_ops(program: Program, kind: str) -> list[Op]:
-    return [op for op in program.ops if op.kind == kind]
-
-
-def float_qtype() -> QType:
-    return QType("float32")

@@ -221,17 +221,6 @@ class Int8Model(ArchModule):
                 self._check_const(i, tensor)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def precision_table(self) -> list[tuple[str, str, str]]:
-        """``(source layer, op kind, precision)`` per op: ``int8`` / ``float32`` / ``shape``."""
-        rows = []
-        for op in self.program.ops:
-            if op.kind in ("reshape", "transpose", "permute", "flatten", "index", "squeeze",
-                           "unsqueeze"):
-                continue
-            precision = "float32" if op.kind == "float" else "int8"
-            rows.append((op.source, op.kind, precision))
-        return rows
-
 
 #: const roles that are the model's parameters (weights, biases, a positional table)
 _PARAM_ROLES = frozenset({"w", "b", "value", "weight", "bias", "w_ih", "w_hh", "b_ih", "b_hh"})

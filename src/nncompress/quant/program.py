@@ -60,7 +60,6 @@ from typing import Any
 
 import torch
 
-from nncompress.errors import FormatError
 from nncompress.quant.affine import QType
 
 __all__ = ["OP_KINDS", "Op", "OpKind", "Program"]
@@ -180,10 +179,3 @@ class Program:
         """Check the program is well formed (FormatError naming the first fault)."""
         from nncompress.quant.program_check import check_program
         check_program(self)
-
-
-def describe_value(values: Mapping[str, QType], name: str) -> str:
-    qt = values.get(name)
-    if qt is None:
-        raise FormatError(f"value {name!r} has no qtype")
-    return f"{name}: {qt.dtype} scale={qt.scale:.6g} zp={qt.zero_point}"
