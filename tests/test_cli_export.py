@@ -89,7 +89,7 @@ def test_export_replaces_an_existing_output_whole(work: Path, capsys) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (("bare.nnc",), "records no input shape or dataset; give --input-shape"),
-    (("int8.nnc", "--format", "tflite"), "--format 'tflite': unknown; known: onnx"),
+    (("int8.nnc", "--format", "tflite"), "--format 'tflite': unknown; known: c, onnx"),
     (("int8.nnc", "--input-shape", "1,0"), "--input-shape '1,0'"),
     (("int8.nnc", "--out", "int8.nnc"), "is the model file itself"),
     (("int8.nnc", "--out", "missing/x.onnx"), "output folder 'missing' does not exist"),
@@ -114,3 +114,65 @@ def test_corrupt_file_refused_before_anything_is_written(work: Path, capsys) -> 
         code, _, err = run_cli(capsys, name)
         assert code == 2 and err.startswith("nncompress: error:") and err.count("\n") == 1
     assert onnx_files(work) == []
+
+
+# ----------------------------------------------------------------------------- C + run
+
+
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="needs gcc")
+def test_c_export_and_run(work: Path, capsys) -> None:
+    code, out, _ = run_cli(capsys, "int8.nnc", "--format", "c")
+    assert code == 0
+    assert sorted(p.name for p in (work / "int8_c").iterdir()) == ["model.c", "model.h"]
+    assert "flash: " in out and "RAM: " in out and "bit for bit" in out
+    x = np.random.default_rng(0).normal(size=(6, 1, 16)).astype(np.float32)
+    np.save(work / "x.npy", x)
+    assert cli.main(["run", "int8_c", "--input", "x.npy", "--out", "y.npy"]) == 0
+    out, _ = capsys.readouterr()
+    assert "output: [6, 3] float32 (c)" in out
+    from nncompress.export import program_of
+
+    program = program_of(api.load(work / "int8.nnc"))
+    np.testing.assert_array_equal(np.load(work / "y.npy"),
+                                  run(program, torch.from_numpy(x))[0].numpy())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["float.nnc", "--format", "c", "--input-shape", "1,16"], "holds no integer program"),
+    (["int8.nnc", "--format", "c", "--out", "float.nnc"], "exists and is not a folder"),
+])
+def test_c_export_refusals_write_nothing(work: Path, capsys, argv, message) -> None:
+    before = sorted(p.name for p in work.iterdir())
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_corrupt_file_c_export_writes_nothing(work: Path, capsys) -> None:
+    (work / "bad.nnc").write_bytes(b"NNC\x00" + b"\x01" * 40)
+    code, _, err = run_cli(capsys, "bad.nnc", "--format", "c")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not (work / "bad_c").exists()
+
+
+@pytest.mark.parametrize("setup, argv, message", [
+    (None, ["run", "int8.nnc", "--input", "missing.npy"], "--input 'missing.npy': not found"),
+    ("text", ["run", "int8.nnc", "--input", "x.npy"], "not a readable .npy"),
+    ("pickle", ["run", "int8.nnc", "--input", "x.npy"], "not a readable .npy"),
+    ("wrong", ["run", "m.onnx", "--input", "x.npy"], "input 0: expected [batch, 1, 16]"),
+    (None, ["run", "nothing.onnx", "--input", "x.npy"], "not found"),
+])
+def test_run_bad_input(work: Path, capsys, setup, argv, message) -> None:
+    if setup == "text":
+        (work / "x.npy").write_text("hello")
+    elif setup == "pickle":
+        np.save(work / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif setup == "wrong":
+        assert cli.main(["export", "int8.nnc", "--out", "m.onnx"]) == 0
+        np.save(work / "x.npy", np.zeros((2, 16), dtype=np.float32))
+    else:
+        np.save(work / "x.npy", np.zeros((2, 1, 16), dtype=np.float32))
+    capsys.readouterr()
+    code = cli.main(argv)
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -33,7 +33,8 @@ _EXPORTS: dict[str, str] = {
     "fine_tune": "nncompress.train",
     "evaluate": "nncompress.train",
 }
-_SUBPACKAGES: tuple[str, ...] = ("data", "models", "formats", "report", "prune")
+_SUBPACKAGES: tuple[str, ...] = ("data", "models", "formats", "report", "prune", "export",
+                                  "runtime")
 
 __all__ = [
     "CompressionResult",
@@ -45,6 +46,7 @@ __all__ = [
     "compress",
     "data",
     "evaluate",
+    "export",
     "fine_tune",
     "fit",
     "formats",
@@ -53,11 +55,12 @@ __all__ = [
     "models",
     "prune",
     "report",
+    "runtime",
     "save",
 ]
 
 if TYPE_CHECKING:
-    from nncompress import data, formats, models, prune, report
+    from nncompress import data, export, formats, models, prune, report, runtime
     from nncompress.api import (
         CompressionResult,
         StageResult,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,8 +262,8 @@ def _entropy_table(path: Path) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """``nncompress export MODEL --format onnx [--out F]``: every check (format, output
-    path, the model file) passes before anything is written; the file appears whole."""
+    """``nncompress export MODEL --format onnx|c [--out F]``: every check (format, output
+    path, the model file) passes before anything is written; each file appears whole."""
     from nncompress import export
     from nncompress.export.examples import example_for_file
     from nncompress.report import fmt_bytes
@@ -275,19 +276,102 @@ def _cmd_export(args: argparse.Namespace) -> int:
     is_file = looks_like_file(spec)
     if args.out is None and not is_file:
         raise CLIError(f"--out is required when MODEL {quoted(spec)} is not a file")
-    out = check_output_file(args.out or Path(spec).with_suffix(f".{args.format}"))
+    folder = args.format == "c"
+    default = (Path(spec).with_name(Path(spec).stem + "_c") if folder
+               else Path(spec).with_suffix(f".{args.format}"))
+    out = (_check_output_folder(args.out or default) if folder
+           else check_output_file(args.out or default))
     if is_file and Path(spec).exists() and out.resolve() == Path(spec).resolve():
         raise CLIError(f"--out {quoted(out)} is the model file itself")
     model = load_model(spec, args.model_class, "MODEL")
     example, source = example_for_file(Path(spec) if is_file else None, model,
                                        input_shape=args.input_shape)
     result = export.export_bytes(model, example, args.format)
-    export.write_atomic(result.data, out)
-    emit(f"exported {spec} to {out} ({fmt_bytes(len(result.data))}, {result.exporter})")
+    export.write_result(result, out)
+    size = sum(len(d) for _, d in result.files) if result.files else len(result.data)
+    what = ", ".join(n for n, _ in result.files) if result.files else ""
+    emit(f"exported {spec} to {out}{f' ({what})' if what else ''} ({fmt_bytes(size)}, "
+         f"{result.exporter})")
+    if result.flash_bytes is not None:
+        emit(f"flash: {result.flash_bytes} B ({fmt_bytes(result.flash_bytes)}: code + const "
+             f"data), RAM: {result.ram_bytes} B ({fmt_bytes(result.ram_bytes or 0)}: arena + "
+             "state; stack not counted)")
     emit(f"check: {result.check} ({source})")
     for note in result.notes:
         emit(f"note: {note}")
     return 0
+
+
+def _check_output_folder(path: Path) -> Path:
+    """``path`` is a folder we may create or write into."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {quoted(path)} exists and is not a folder (the C export "
+                       "writes a folder)")
+    parent = path if path.exists() else path.parent
+    if not parent.is_dir():
+        raise CLIError(f"--out: output folder {quoted(path.parent)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out: cannot write to the folder {quoted(parent)} "
+                       "(permission denied)")
+    return path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``nncompress run MODEL --input F.npy [--out F.npy]``: the deployed model on a batch;
+    prints the output shape and the first rows' top class."""
+    import numpy as np
+
+    from nncompress import export, runtime
+
+    refuse_pickled(args.model, "MODEL")
+    xs = _read_arrays(args.input)
+    out = None if args.out is None else check_output_file(args.out)
+    deployed = runtime.load(args.model, threads=args.threads)
+    ys = deployed.predict(tuple(xs) if len(xs) > 1 else xs[0])
+    ys = ys if isinstance(ys, tuple) else (ys,)
+    if out is not None:
+        import io
+
+        buf = io.BytesIO()
+        if len(ys) == 1:
+            np.save(buf, ys[0], allow_pickle=False)
+        else:
+            np.savez(buf, *ys)
+        export.write_atomic(buf.getvalue(), out)
+    for k, y in enumerate(ys):
+        label = f"output {k}" if len(ys) > 1 else "output"
+        line = f"{label}: {list(y.shape)} float32 ({deployed.form})"
+        if y.ndim == 2 and y.shape[0]:
+            line += f"; top class of the first rows: {y[:8].argmax(axis=1).tolist()}"
+        emit(line)
+    if out is not None:
+        emit(f"wrote {out}")
+    return 0
+
+
+def _read_arrays(path: Path) -> list[Any]:
+    """The arrays of a ``.npy`` / ``.npz`` file, never unpickled; one-line errors."""
+    import zipfile
+
+    import numpy as np
+
+    if not path.is_file():
+        raise CLIError(f"--input {quoted(path)}: not found" if not path.exists()
+                       else f"--input {quoted(path)}: not a file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = [loaded]
+        else:
+            with loaded:
+                arrays = [loaded[k] for k in loaded.files]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CLIError(f"--input {quoted(path)}: not a readable .npy / .npz array file "
+                       f"({printable(str(exc).splitlines()[0] if str(exc) else '')[:120]})"
+                       ) from None
+    if not arrays or any(a.dtype.kind not in "fiub" for a in arrays):
+        raise CLIError(f"--input {quoted(path)}: holds no numeric arrays")
+    return arrays
 
 
 # --------------------------------------------------------------------------- listings
@@ -325,6 +409,6 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"demo": _cmd_demo, "train": _cmd_train, "compress": _cmd_compress,
-            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export,
+            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export, "run": _cmd_run,
             "techniques": _cmd_techniques,
             "models": _cmd_models, "recipes": _cmd_recipes}

@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_model_commands(sub)
     _add_export_command(sub)
+    _add_run_command(sub)
     _add_multi_commands(sub)
     for name, text in (("techniques", "list every registered technique and multi-model "
                                       "method"),
@@ -223,21 +224,40 @@ def input_shape(text: str) -> tuple[int, ...]:
 
 def _add_export_command(sub: Any) -> None:
     """``export``: a model file to a deployment format."""
-    p = sub.add_parser("export", help="export a model to ONNX: an int8 model as integer ONNX "
+    p = sub.add_parser("export", help="export a model to ONNX (an int8 model as integer ONNX "
                                       "that ONNX Runtime runs bit-exactly like nncompress, "
-                                      "any other model as float ONNX")
+                                      "any other model as float ONNX) or, an int8 model, to "
+                                      "dependency-free C99 (--format c: model.c + model.h)")
     _model_argument(p)
     p.add_argument("--model-class", default=None, help=CLASS_HELP)
     p.add_argument("--format", default="onnx", metavar="FORMAT",
-                   help="output format (default: onnx, the only one today)")
+                   help="output format: onnx (default) or c (a directory with model.c and "
+                        "model.h for microcontrollers; int8 models)")
     p.add_argument("--out", type=Path, default=None,
-                   help="output file, written whole or not at all (default: MODEL with the "
-                        "format's suffix, e.g. model.onnx beside model.nnc)")
+                   help="output file (onnx) or directory (c), each file written whole or not "
+                        "at all (default: MODEL with the format's suffix, e.g. model.onnx "
+                        "beside model.nnc, or the folder model_c)")
     p.add_argument("--input-shape", type=input_shape, default=None, metavar="D,D,...",
                    help="one sample's input shape, without the batch dimension (default: "
                         "test samples of the dataset the file names, else its recorded "
                         "input shape)")
     _common(p, handler="export")
+
+
+def _add_run_command(sub: Any) -> None:
+    """``run``: an exported model (ONNX, C export directory, .nnc) on inputs from a file."""
+    p = sub.add_parser("run", help="run a deployed model (a .onnx file, a C export directory "
+                                   "or a .nnc file) on a batch from a .npy file")
+    p.add_argument("model", metavar="MODEL", help="model.onnx, a C export directory or "
+                                                  "model.nnc")
+    p.add_argument("--input", type=Path, required=True, metavar="F.npy",
+                   help="the batch, batch first (.npy; .npz with one array per input, in "
+                        "order); never unpickled")
+    p.add_argument("--out", type=Path, default=None, metavar="F.npy",
+                   help="write the outputs here (.npy; .npz when the model has several)")
+    p.add_argument("--threads", type=_int_in("--threads", 1, 256), default=1,
+                   help="ONNX Runtime intra-op threads (default: 1)")
+    _common(p, handler="run")
 
 
 def _add_multi_commands(sub: Any) -> None:

@@ -1,7 +1,10 @@
 """Export a model to a deployment form: ``export(model_or_program, path, example, format)``.
 
 The deployed form is the product (design principle 15): what a user runs on a device.
-Today's forms, both ``"onnx"``:
+``nc.export(model, path, example, format)`` is :func:`export` (this package is callable).
+The forms: ``"c"`` -- an integer program as dependency-free C99 for microcontrollers
+(``model.c`` + ``model.h`` in the directory ``path``, :mod:`nncompress.export.c_source`) --
+and ``"onnx"``:
 
 - an integer :class:`~nncompress.quant.program.Program`, or a module holding one (the int8
   model of :mod:`nncompress.quant.int8`): exact integer ONNX (``MatMulInteger`` /
@@ -38,6 +41,7 @@ import importlib
 import os
 import sys
 import tempfile
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,7 @@ from nncompress.registry import Registry
 
 __all__ = ["EXPORTERS", "EXPORTER_PACKAGES", "LAYER_FORMS", "ExportResult", "Exporter",
            "export", "export_bytes", "exporter_for", "exporters", "formats", "program_of",
-           "write_atomic"]
+           "write_atomic", "write_result"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,10 @@ class ExportResult:
     """An exported model: the file's ``data``, the exporter's ``name``, and how its outputs
     were checked against ours on the example: ``exact`` (bit for bit), ``max_abs_diff``
     (largest output difference) and a one-line ``check`` for people; ``notes``: what a
-    user should know (ops kept in float, fixed sequence lengths, ...)."""
+    user should know (ops kept in float, fixed sequence lengths, ...). A format that writes
+    several files (C: ``model.c`` + ``model.h``) lists them in ``files`` (name, bytes) and is
+    written into a directory; ``flash_bytes`` / ``ram_bytes`` where the format measures
+    them (C: ``size`` on the compiled object)."""
 
     data: bytes
     exporter: str
@@ -66,6 +73,9 @@ class ExportResult:
     max_abs_diff: float
     check: str
     notes: tuple[str, ...] = ()
+    files: tuple[tuple[str, bytes], ...] = ()
+    flash_bytes: int | None = None
+    ram_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ EXPORTER_PACKAGES: tuple[str, ...] = (
     "nncompress.export.onnx_int8",          # integer programs (int8 models)
     "nncompress.export.onnx_torch",         # any nn.Module (float ONNX)
     "nncompress.export.onnx_quant_layers",  # binary / low-bit layers (stand-ins)
+    "nncompress.export.c_source",           # integer programs as dependency-free C99
 )
 
 
@@ -177,10 +188,37 @@ def _umask() -> int:
     return mask
 
 
+def write_result(result: ExportResult, path: str | Path) -> None:
+    """Write ``result`` to ``path``: one file, or for a multi-file format the directory
+    ``path`` (created if missing) with each file written whole."""
+    if not result.files:
+        write_atomic(result.data, path)
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NNCError(f"{path} exists and is not a directory (the {result.exporter} export "
+                       "writes a directory)")
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in result.files:
+        write_atomic(data, path / name)
+
+
 def export(obj: Any, path: str | Path, example: Any = None, format: str = "onnx"
            ) -> ExportResult:
-    """Export ``obj`` to ``path`` in ``format`` (see the module docstring); nothing is
-    written unless the export and its check succeed."""
+    """Export ``obj`` to ``path`` in ``format`` (see the module docstring; ``"c"`` writes
+    the directory ``path``); nothing is written unless the export and its check succeed."""
     result = export_bytes(obj, example, format)
-    write_atomic(result.data, path)
+    write_result(result, path)
     return result
+
+
+class _ExportModule(types.ModuleType):
+    """This package, callable: ``nc.export(model, path, example, format)`` is
+    :func:`export` (the package is also where the exporters live)."""
+
+    def __call__(self, obj: Any, path: str | Path, example: Any = None, format: str = "onnx"
+                 ) -> ExportResult:
+        return export(obj, path, example, format)
+
+
+sys.modules[__name__].__class__ = _ExportModule

@@ -201,7 +201,8 @@ class Block:
 
 def plan_arena(blocks: list[Block], align: int = 64) -> int:
     """Assign each block the lowest aligned offset free of every block live at the same
-    time (first fit, larger blocks first among those born together); returns the bytes."""
+    time (first fit, larger blocks first among those born together); returns the bytes up
+    to the end of the highest block (the arena's base must be ``align``-aligned)."""
     placed: list[Block] = []
     total = 0
     for blk in sorted(blocks, key=lambda b: (b.start, -b.size, b.key)):
@@ -215,7 +216,7 @@ def plan_arena(blocks: list[Block], align: int = 64) -> int:
         blk.offset = at
         placed.append(blk)
         total = max(total, at + blk.size)
-    return -(-total // align) * align
+    return total
 
 
 def pad_k(k: int) -> int:
