@@ -103,13 +103,33 @@ class OnnxDeployed(Deployed):
             raise NNCError(f"{path}: not a loadable ONNX model ({first})") from None
         ins = self.session.get_inputs()
         self._names = [i.name for i in ins]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._binding = self.session.io_binding()
+        self._out_shapes: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...]]] = {}
         shapes = [tuple(d if isinstance(d, int) else -1 for d in i.shape[1:]) for i in ins]
         super().__init__(path, [None if -1 in s else s for s in shapes],
                          [np.int64 if "int64" in i.type else np.float32 for i in ins])
 
     def _run(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        ys = self.session.run(None, dict(zip(self._names, xs, strict=True)))
-        return [np.asarray(y, dtype=np.float32) for y in ys]
+        """Through an IO binding onto preallocated outputs once the output shapes of these
+        input shapes are known (from a first plain ``run``): at batch 1 this halves ONNX
+        Runtime's per-call overhead on small models."""
+        key = tuple(a.shape for a in xs)
+        shapes = self._out_shapes.get(key)
+        if shapes is None:
+            ys = [np.asarray(y) for y in self.session.run(None, dict(zip(self._names, xs,
+                                                                          strict=True)))]
+            if all(y.dtype == np.float32 for y in ys) and len(self._out_shapes) < 64:
+                self._out_shapes[key] = [y.shape for y in ys]
+            return [y.astype(np.float32, copy=False) for y in ys]
+        ys = [np.empty(shape, dtype=np.float32) for shape in shapes]
+        binding = self._binding
+        for name, a in zip(self._names, xs, strict=True):
+            binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name, y in zip(self._outputs, ys, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return ys
 
 
 class CDeployed(Deployed):
