@@ -262,6 +262,8 @@ def test_cli_exports_saved_quantized_models(kind: str, tmp_path: Path,
     printed, err = capsys.readouterr()
     assert code == 0, err
     assert "onnx:module" in printed and "max |diff|" in printed
+    # k-bit / +-1 weights: at most 2**k values, stored as codebook + uint8 indices
+    assert "stored as codebook + uint8 indices" in printed
     onnx.checker.check_model(str(out), full_check=True)
     x = _seeded(16, *shape, seed=9)
     with torch.no_grad():

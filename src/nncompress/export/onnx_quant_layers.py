@@ -34,8 +34,11 @@ cnn1d, 1000), 3-bit weights with 4- or 8-bit inputs: max |diff| <= 1.5e-3 of the
 output, on <= 0.7% of the samples, argmax identical on every sample; binarized models and
 low-bit ones with float inputs: <= 6e-7 relative. The tests bound layers by ``1e-5`` and
 models by ``5e-3`` of the largest output, with the same argmax.
-Weights are stored as float32 initializers (PyTorch's exporter folds any dequantization
-of int8 codes into a float constant), so the ``.onnx`` file is not 1- or k-bit packed.
+PyTorch's exporter writes the weights as float32 constants; as they hold at most ``2**k``
+values, the float exporter's codebook pass (:mod:`nncompress.export.onnx_codebook`) stores
+each as a float codebook plus one uint8 index per weight, about 4x smaller than float32
+(not 1- or k-bit packed: ONNX has no sub-byte tensors a standard operator reads), and ONNX
+Runtime folds it back into the dense weight when it loads the file.
 """
 
 from __future__ import annotations

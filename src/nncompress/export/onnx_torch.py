@@ -56,24 +56,23 @@ __all__ = ["UnrolledLSTM", "dense_stand_in", "export_module", "first_unexportabl
 
 def with_stand_ins(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every layer of a type in LAYER_FORMS replaced by its
-    stand-in (the model itself when none is registered for its layers)."""
+    stand-in (the model itself when none is registered for its layers). The stand-ins are
+    made from the original layers and put in place through ``deepcopy``'s memo, so a
+    replaced layer is never copied (a CSR tensor cannot be)."""
     found = [(name, m) for name, m in model.named_modules()
              if f"onnx:{qualified_name(type(m))}" in LAYER_FORMS]
     if not found:
         return model
     if found[0][0] == "":
         return LAYER_FORMS.get(f"onnx:{qualified_name(type(model))}")(model)
-    model = copy.deepcopy(model)
-    replaced: list[str] = []
-    for name, _ in found:
-        if any(name.startswith(done + ".") for done in replaced):
-            continue                       # inside a layer already replaced
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, attr)
-        setattr(parent, attr, LAYER_FORMS.get(f"onnx:{qualified_name(type(layer))}")(layer))
-        replaced.append(name)
-    return model
+    memo: dict[int, Any] = {}
+    done: list[str] = []
+    for name, layer in found:
+        if any(name.startswith(outer + ".") for outer in done) or id(layer) in memo:
+            continue                       # inside a layer already replaced, or shared
+        memo[id(layer)] = LAYER_FORMS.get(f"onnx:{qualified_name(type(layer))}")(layer)
+        done.append(name)
+    return copy.deepcopy(model, memo)
 
 
 @contextlib.contextmanager
