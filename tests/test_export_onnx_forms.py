@@ -368,12 +368,59 @@ def test_saved_form_exports_checks_and_matches_in_onnx_runtime(form: str,
         assert [o.name for o in proto.graph.output] == ["output0", "output1"]
 
 
-def test_lstm_projection_note_and_fixed_sequence() -> None:
-    made = _low_rank("lstm", recurrent="projection")
-    result = export_bytes(made.model.eval(), made.example)
+class StatefulLSTMP(nn.Module):
+    """Time-major, stacked, bidirectional LSTM with projections, given its initial state,
+    read through its output and both final states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6, num_layers=2, proj_size=2, bidirectional=True)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, (h, c) = self.rnn(x.transpose(0, 1), (h0.transpose(0, 1), c0.transpose(0, 1)))
+        return out.transpose(0, 1), h.transpose(0, 1), c.transpose(0, 1)
+
+
+def test_lstm_with_projections_unrolls_in_every_layout() -> None:
+    torch.manual_seed(0)
+    model = StatefulLSTMP().eval()
+    g = torch.Generator().manual_seed(1)
+
+    def inputs(batch: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 5, 3, generator=g), torch.randn(batch, 4, 2, generator=g),
+                torch.randn(batch, 4, 6, generator=g))
+
+    with torch.no_grad():      # the stand-in itself, in torch: the layer's own outputs
+        args = inputs(4)
+        for got, want in zip(with_stand_ins(model)(*args), model(*args), strict=True):
+            torch.testing.assert_close(got, want, rtol=0.0, atol=1e-6)
+    result = export_bytes(model, inputs(N))
     assert any("sequence length is fixed" in n for n in result.notes)
-    assert result.max_abs_diff <= REL * float(np.abs(_outputs(made.model, made.example)[0]
-                                                     ).max())
+    assert len(result.notes) == 2
+    for batch in (1, 5):       # the batch stays dynamic; the 5 time steps are fixed
+        args = inputs(batch)
+        with torch.no_grad():
+            want = [w.numpy() for w in model(*args)]
+        _assert_matches(run_onnx(result.data, *args), want, "float")
+
+
+def test_cli_exports_a_deep_compression_file(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from nncompress import cli
+
+    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
+    made = _deep_compression("cnn1d")
+    path, out = tmp_path / "dc.nnc", tmp_path / "dc.onnx"
+    nc.save(made.model.eval(), path, meta={"input_shape": list(TINY["cnn1d"][0])},
+            encodings=made.encodings)
+    assert cli.main(["export", str(path), "--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx:module" in printed and "note: " in printed
+    onnx.checker.check_model(str(out), full_check=True)
+    _assert_matches(run_onnx(out.read_bytes(), made.example),
+                    _outputs(nc.load(path).eval(), made.example), "float")
 
 
 def test_sparse_engine_layers_export_as_their_dense_layers() -> None:
