@@ -2,7 +2,8 @@
 1-D and 2-D CNNs (depthwise and residual included), the GRU and the LSTM compile with
 ``gcc -std=c99 -Wall -Wextra -Werror -O2`` and equal the integer reference bit for bit (through
 ``ctypes`` and through a small C driver); nothing from libc but <string.h>'s memcpy /
-memmove / memset; the arena is exactly the peak the code touches; float ops and float models are refused by name."""
+memmove / memset; the arena is exactly the peak the code touches; float ops and float
+models are refused by name."""
 
 from __future__ import annotations
 
@@ -178,3 +179,21 @@ def test_onnx_and_c_and_nnc_through_one_runtime(tmp_path: Path) -> None:
         np.testing.assert_array_equal(runtime.load(path).predict(x), want, err_msg=str(path))
     with pytest.raises(NNCError, match=r"input 0: expected \[batch, 1, 23\], got \[5, 23\]"):
         runtime.load(tmp_path / "c").predict(x[:, 0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, dataset", [("mlp", "digits"), ("cnn1d", "mnist1d"),
+                                           ("cnn2d", "digits"), ("rescnn", "mnist1d"),
+                                           ("gru", "mnist1d"), ("lstm", "mnist1d")])
+def test_trained_reference_models_on_test_samples(name: str, dataset: str,
+                                                  tmp_path: Path) -> None:
+    from nncompress.quant.int8 import QuantizeInt8Config, quantize_int8
+    from nncompress.technique import Context
+
+    model, data = models.load(name, dataset=dataset)
+    q = quantize_int8(model, QuantizeInt8Config(), Context(data=data, progress=False))
+    x = torch.cat([b[0] for b in data.test])[:256]
+    result = export(q, tmp_path, x[:8], format="c")
+    assert result.exact
+    np.testing.assert_array_equal(runtime.load(tmp_path).predict(x),
+                                  run(q.program, x)[0].numpy())
