@@ -179,9 +179,21 @@ def bench_bits(echo) -> list[str]:
     return [block for part in parts for block in (part, "")]
 
 
+def bench_deploy(echo) -> str:
+    """The deployment section (issue 10): bench/deploy.py."""
+    import deploy
+    return deploy.section(echo)
+
+
+#: sections ``--only`` can run alone: name -> (echo) -> markdown
+ONLY = {"deploy": bench_deploy}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--only", choices=sorted(ONLY),
+                        help="run one section and write just it to --out")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     env = environment()  # before any section changes the thread count
@@ -189,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def echo(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.only:
+        args.out.write_text(ONLY[args.only](echo) + "\n")
+        echo(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         echo("magnitude pruning: nncompress vs torch.nn.utils.prune")
@@ -208,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     echo("accuracy budget on LeNet-300-100 from several seeds")
     budget_rows = bench_budget(echo)
     bits = bench_bits(echo)
+    echo("deployment: the deployed form beside the peers (issue 10)")
+    deployment = bench_deploy(echo)
     echo("every technique on every architecture")
     cells = bench_generality(echo)
     echo("container: save / load speed, header bytes")
@@ -279,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         budget_markdown(budget_rows),
         "",
         *bits,
+        deployment,
+        "",
         GENERALITY_INTRO,
         "",
         generality_markdown(cells),
