@@ -214,6 +214,18 @@ def _float(e: Emit, op: Op) -> list[str]:
     return [e.g.quantize(out, qo.scale, qo.zero_point)]
 
 
+def _sign(e: Emit, op: Op) -> list[str]:
+    """``1 if q >= t[c] else -1`` along ``axis``: held ``q + 128`` compared with ``t + 128``
+    in int32, the result held as 129 / 127."""
+    rank = e.rank(op.inputs[0])
+    axis = int(op.attrs["axis"]) % rank
+    t = e.const(op, "t").astype(np.int32) + OFFSET
+    thr = e.g.const(t.reshape((-1,) + (1,) * (rank - 1 - axis)), np.int32, "thr")
+    ge = e.g.node("GreaterOrEqual", [e.g.cast(e.x(op), TensorProto.INT32), thr], "ge")
+    return [e.g.node("Where", [ge, e.g.const(OFFSET + 1, np.uint8),
+                               e.g.const(OFFSET - 1, np.uint8)], "sign")]
+
+
 def _quantize(e: Emit, op: Op) -> list[str]:
     qo = e.q(op.outputs[0])
     return [e.g.quantize(e.x(op), qo.scale, qo.zero_point)]
@@ -352,5 +364,5 @@ EMITTERS: dict[str, Emitter] = {
     "clamp": _clamp, "lut": _lut, "maxpool": _maxpool, "avgpool": _avgpool, "mean": _mean,
     "reshape": _reshape, "transpose": _transpose, "permute": _permute, "flatten": _flatten,
     "index": _index, "unsqueeze": _unsqueeze, "squeeze": _squeeze, "const": _const,
-    "embedding": _embedding, "float": _float, "gru": _rnn, "lstm": _rnn,
+    "embedding": _embedding, "float": _float, "gru": _rnn, "lstm": _rnn, "sign": _sign,
 }

@@ -4,10 +4,12 @@ table from op kind to emitter (every kind of :data:`~nncompress.quant.program.OP
 Jacob et al. (2018): weights are int8, accumulation int32, requantization by fixed-point
 multiplier and shift (``nnc_mbqm``). Dot products run as ``uint8 (x + 128) x int8 w`` on
 weights packed for AVX-512 VNNI ``vpdpbusd`` (``pack_weights``; plain C where the CPU lacks
-it); ``-(128 + zx) * sum(w)`` is folded into an int64 bias here, at generation. Ops of one
-int8 input (clamp, lut, rescale, dequantize) become 256-entry tables computed by the
-reference itself, exact by construction; softmax reads exp from a 256-entry table of the
-differences its int8 input can have.
+it); ``-(128 + zx) * sum(w)`` is folded into an int64 bias here, at generation. Linear /
+conv ops whose weights are all +-1 (binary layers) keep them at 1 bit each
+(:mod:`nncompress.kernels.int8_emit_binary`). Ops of one int8 input (clamp, lut, rescale,
+dequantize) become 256-entry tables computed by the reference itself, exact by
+construction; softmax reads exp from a 256-entry table of the differences its int8 input
+can have.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import torch
 
 from nncompress.errors import UnsupportedLayerError
 from nncompress.kernels.int8_codegen import Gen, c_float
+from nncompress.kernels.int8_emit_binary import (
+    binary_weights,
+    emit_conv_bits,
+    emit_linear_bits,
+    emit_sign,
+    sign_input,
+)
 from nncompress.kernels.int8_emit_move import (
     broadcast_operand,
     emit_concat,
@@ -104,11 +113,24 @@ def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str, in
             gen.const("s", "int32_t", s), fast)
 
 
+def _bits(gen: Gen, op: Op) -> tuple[bool, bool, int]:
+    """Whether the op's weights are stored at 1 bit (all +-1), whether its input comes from
+    a ``sign`` op (XNOR-popcount), and the zero-point to fold into its bias (-128 folds
+    nothing: the XNOR kernels compute the centred dot product themselves)."""
+    bits = binary_weights(gen, op)
+    xnor = bits and sign_input(gen, op.inputs[0])
+    return bits, xnor, -128 if xnor else _zp(gen, op.inputs[0])
+
+
 def emit_linear(gen: Gen, op: Op) -> None:
     x, y = op.inputs[0], op.outputs[0]
     xi = gen.infos[x]
     xi.sample_dim(-1)                                  # the features are not the batch
-    w2, B, M, S, fast = _weights(gen, op, _zp(gen, x))
+    bits, xnor, zx = _bits(gen, op)
+    w2, B, M, S, fast = _weights(gen, op, zx)
+    if bits:
+        emit_linear_bits(gen, op, w2, (B, M, S, fast), f"{_zp(gen, y)}, {_req(op)}", xnor)
+        return
     out_f, in_f = w2.shape
     packed, kp, c16 = pack_weights(w2)
     W = gen.const("w", "int8_t", packed)
@@ -148,6 +170,11 @@ def emit_conv(gen: Gen, op: Op) -> None:
     w = gen.p.consts[op.consts["w"]]
     d = _spatial(gen, op, list(w.shape[2:]))
     groups, zx = op.attrs["groups"], _zp(gen, x)
+    bits, xnor, fold = _bits(gen, op)
+    if bits:
+        w2, B, M, S, fast = _weights(gen, op, fold)
+        emit_conv_bits(gen, op, d, w2, (B, M, S, fast), f"{_zp(gen, y)}, {_req(op)}", xnor)
+        return
     cg, og = d["c"] // groups, d["o"] // groups
     hp, wp, p = d["h"] + 2 * d["ph"], d["w"] + 2 * d["pw"], d["oh"] * d["ow"]
     k = cg * d["kh"] * d["kw"]
@@ -291,5 +318,5 @@ EMITTERS: dict[str, Callable[[Gen, Op], None]] = {
     "transpose": emit_move, "permute": emit_move, "flatten": emit_move, "index": emit_move,
     "unsqueeze": emit_move, "squeeze": emit_move, "const": emit_const,
     "embedding": emit_embedding, "gru": emit_recurrent, "lstm": emit_recurrent,
-    "float": emit_float,
+    "float": emit_float, "sign": emit_sign,
 }

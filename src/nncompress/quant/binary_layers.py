@@ -272,6 +272,20 @@ class _FrozenBinary:
             self._derived[kind] = held
         return held[1]
 
+    def fold_affine(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        """Fold ``y' = scale * y + offset`` (per output channel: a BatchNorm in inference,
+        Jacob et al. 2018, section 3.2) into ``alpha`` and ``bias``; a channel whose
+        ``scale * alpha`` is negative gets its signs flipped (exact), so ``alpha >= 0``."""
+        with torch.no_grad():
+            alpha = self.alpha * scale.to(self.alpha.dtype)
+            flip = (alpha < 0).reshape((-1,) + (1,) * (self.weight.dim() - 1))
+            self.weight.copy_(torch.where(flip, -self.weight, self.weight))
+            self.alpha.copy_(alpha.abs())
+            bias = self.bias if self.bias is not None else torch.zeros_like(self.alpha)
+            module: Any = self
+            module.bias = nn.Parameter((bias * scale + offset).to(self.alpha.dtype),
+                                       requires_grad=False)
+
     def packed_weight(self) -> torch.Tensor:
         """``[out, words]`` int64 sign bits of ``weight`` (packed once per weight version)."""
         return self._derive("packed", lambda: xnor.pack_signs(self.weight))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nncompress.quant.affine import QMAX, QType, activation_qtype, quantize_tensor, weight_scales
+from nncompress.quant.convert_binary import BINARY_RULES
 from nncompress.quant.convert_rules import (
     ADD,
     ALIAS,
@@ -55,21 +56,7 @@ def _linear(b: Builder, node: fx.Node) -> None:
 
 def _conv(b: Builder, node: fx.Node) -> None:
     conv = _module(b, node)
-    nd = conv.weight.dim() - 2
-    if conv.padding_mode != "zeros":
-        b.fail(node, f"uses padding_mode={conv.padding_mode!r}; only zeros is converted")
-    padding = conv.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0] * nd
-        else:  # "same" (stride 1): total padding d*(k-1), even only
-            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-            if any(t % 2 for t in totals):
-                b.fail(node, "uses padding='same' with an even kernel (asymmetric padding)")
-            padding = [t // 2 for t in totals]
-    b.weighted(node, "conv", conv, {"stride": _ints(conv.stride, nd),
-                                    "padding": _ints(padding, nd),
-                                    "dilation": _ints(conv.dilation, nd), "groups": conv.groups})
+    b.weighted(node, "conv", conv, b.conv_attrs(node, conv))
 
 
 def _relu(b: Builder, node: fx.Node) -> None:
@@ -364,6 +351,7 @@ def _table() -> dict[Any, Rule]:
         nn.LayerNorm: _layer_norm, nn.Embedding: _embedding, nn.RNNBase: _rnn,
         nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
     }
+    rules.update(BINARY_RULES)    # the frozen binary layers (BNN / XNOR-Net)
     for keys, rule in ((RELU, _relu), (ALIAS, _alias), (SOFTMAX, _softmax), (ADD, _add),
                        (MUL, _mul), (MATMUL, _matmul), (tuple(LUT), _lut)):
         for key in keys:

@@ -79,6 +79,10 @@ MUL = (operator.mul, torch.mul, "mul")
 MATMUL = (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
 
 
+def _ints(value: Any, n: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * n
+
+
 def _key(gm: fx.GraphModule, node: fx.Node) -> Any:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target))
@@ -222,10 +226,6 @@ class Builder:
     # -- requantized layers -------------------------------------------------------------
     def weighted(self, node: fx.Node, kind: str, layer: nn.Module, attrs: dict) -> None:
         x = self.value(node, node.args[0])
-        qx = self.values[x]
-        relu = self.sole_user(node, RELU)
-        target = relu if relu is not None else node
-        qo = self.qtype(target.name)
         w = layer.weight.detach()
         # per-channel scales rounded up to a grid of 8 steps per octave (at most 9 % coarser,
         # 0.13 bit of int8 resolution): the channels' multipliers then take a few distinct
@@ -234,17 +234,48 @@ class Builder:
         ws = torch.exp2(torch.ceil(torch.log2(ws) * 8 - 1e-9) / 8)
         shape = (-1,) + (1,) * (w.dim() - 1)
         wq = quantize_tensor(w, ws.reshape(shape), 0, -WMAX, WMAX).to(torch.int8)
+        bias = layer.bias.detach() if layer.bias is not None else None
+        self.requantized(node, kind, x, wq, ws, bias, attrs)
+
+    def requantized(self, node: fx.Node, kind: str, x: str, wq: torch.Tensor,
+                    ws: torch.Tensor, bias: torch.Tensor | None, attrs: dict) -> None:
+        """A ``linear`` / ``conv`` op on int8 value ``x``: int8 weights ``wq`` [O, ...] at
+        per-channel scales ``ws`` (float64 [O]), float ``bias`` [O] (int32 at scale
+        ``S_x ws``); a ReLU right after the node is fused into the clamp."""
+        qx = self.values[x]
+        relu = self.sole_user(node, RELU)
+        target = relu if relu is not None else node
+        qo = self.qtype(target.name)
         m, s = fixed_point(qx.scale * ws / qo.scale, bits=15)
         consts = {"w": wq, "m": m, "s": s}
-        if layer.bias is not None:
-            consts["b"] = quantize_tensor(layer.bias.detach(), qx.scale * ws, 0,
-                                          *_INT32).to(torch.int32)
+        if bias is not None:
+            consts["b"] = quantize_tensor(bias, qx.scale * ws, 0, *_INT32).to(torch.int32)
         act_min = qo.zero_point if relu is not None else QMIN
         out = self.emit(kind, node, [x], qo, {**attrs, "act_min": act_min, "act_max": QMAX},
                         consts, out=target.name)
         if relu is not None:
             self.env[relu.name] = out
             self.log.append(f"int8: {relu.name} fused into {node.target}")
+
+    def conv_attrs(self, node: fx.Node, conv: nn.Module) -> dict:
+        """``stride``, ``padding``, ``dilation``, ``groups`` of a Conv1d/Conv2d (zero
+        padding only; ``'same'`` with an odd total padding is refused)."""
+        nd = conv.weight.dim() - 2
+        if conv.padding_mode != "zeros":
+            self.fail(node, f"uses padding_mode={conv.padding_mode!r}; only zeros is converted")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = [0] * nd
+            else:  # "same" (stride 1): total padding d*(k-1), even only
+                totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size,
+                                                      strict=True)]
+                if any(t % 2 for t in totals):
+                    self.fail(node, "uses padding='same' with an even kernel (asymmetric "
+                                    "padding)")
+                padding = [t // 2 for t in totals]
+        return {"stride": _ints(conv.stride, nd), "padding": _ints(padding, nd),
+                "dilation": _ints(conv.dilation, nd), "groups": conv.groups}
 
     def lut(self, node: fx.Node, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         x = self.value(node, node.args[0])

@@ -66,6 +66,9 @@ def _fold_one(layer: nn.Module, bn: nn.Module) -> None:
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else (
             1.0 / torch.sqrt(bn.running_var + bn.eps))
         shift = bn.bias if bn.affine else torch.zeros_like(scale)
+        if hasattr(layer, "fold_affine"):   # frozen binary layers: into alpha and the signs
+            layer.fold_affine(scale, shift - bn.running_mean * scale)
+            return
         bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         layer.weight.mul_(scale.reshape(shape).to(layer.weight.dtype))

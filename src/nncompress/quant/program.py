@@ -45,6 +45,11 @@ Kinds (``x``: first input, ``zx``: its zero-point, ``zo``: the output's; ``clamp
 - ``const``: no input; the output is const ``value`` (int8 with the output's qtype).
 - ``embedding``: int64 ids -> int8 rows of const ``table`` int8 [N, D].
 - ``gru`` / ``lstm``: see :mod:`nncompress.quant.int8_rnn` (consts per layer and direction).
+- ``sign``: int8 -> int8 +-1 (scale 1, zero-point 0): ``1 if x >= t[c] else -1`` with
+  ``c`` the index along attr ``axis`` (of the batched tensor) and const ``t`` int16 [C]
+  (integer thresholds in [-128, 128]): a binary layer's input binarization (BNN / XNOR-Net,
+  :mod:`nncompress.quant.convert_binary`). A ``linear`` / ``conv`` whose int8 weights are
+  all +-1 is a binary layer too: the C engine stores it at 1 bit per weight.
 - ``float``: the one escape: ``fn`` in ``layer_norm`` (consts ``weight``, ``bias`` float32;
   attrs ``shape``, ``eps``) or ``softmax`` (attr ``dim``); computed in float32 on the
   dequantized input and quantized to the output's qtype. Every use is reported by
@@ -106,6 +111,7 @@ OP_KINDS: dict[str, OpKind] = {
     "squeeze": OpKind(1, ("dim",)),
     "const": OpKind(0, (), {"value": "int8"}),
     "embedding": OpKind(1, (), {"table": "int8"}),
+    "sign": OpKind(1, ("axis",), {"t": "int16"}),
     # consts of the recurrent ops are named "<layer>.<direction>.<name>"; see int8_rnn
     "gru": OpKind(1, _RNN_ATTRS, outputs=2),
     "lstm": OpKind(1, _RNN_ATTRS, outputs=3),

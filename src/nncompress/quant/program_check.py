@@ -135,6 +135,20 @@ def parse_program(text: str, consts: Mapping[str, torch.Tensor]) -> Program:
     return program
 
 
+def _check_sign(program: Program, op: Op, what: str) -> None:
+    """A sign op writes int8 +-1 at scale 1, zero-point 0 (what the binary kernels read),
+    from one threshold per channel along a non-negative ``axis``."""
+    qo = program.values[op.outputs[0]]
+    if (qo.dtype, qo.scale, qo.zero_point) != ("int8", 1.0, 0):
+        fail(f"{what} output must be int8 at scale 1, zero-point 0, got {short(qo.to_json())}")
+    axis = op.attrs["axis"]
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        fail(f"{what} axis must be a non-negative int, got {short(axis)}")
+    t = program.consts.get(op.consts.get("t", ""))
+    if t is not None and t.dim() != 1:
+        fail(f"{what} thresholds must be 1-D, got shape {list(t.shape)}")
+
+
 def check_program(program: Program) -> None:
     """Values defined before use and typed, consts present with the dtypes their roles
     need, inputs float32/int64 and outputs float32."""
@@ -161,6 +175,8 @@ def check_program(program: Program) -> None:
             if name not in program.values:
                 fail(f"{what} writes {short(name)}, which has no qtype")
             defined.add(name)
+        if op.kind == "sign":
+            _check_sign(program, op, what)
         roles = {**OP_KINDS[op.kind].consts, **OP_KINDS[op.kind].optional_consts}
         for role, name in op.consts.items():
             if name not in program.consts:

@@ -118,6 +118,13 @@ def _reshape(env: Env, x: torch.Tensor, shape: list[Any]) -> torch.Tensor:
     return x.reshape(dims)
 
 
+def _sign(p: Program, op: Op, x: torch.Tensor) -> torch.Tensor:
+    """``1`` where ``x >= t[c]`` (``c`` along attr ``axis``), else ``-1``."""
+    t = p.consts[op.consts["t"]].to(torch.int64)
+    axis = op.attrs["axis"] % x.dim()
+    return torch.where(x >= t.reshape((-1,) + (1,) * (x.dim() - 1 - axis)), 1, -1)
+
+
 def _float(p: Program, op: Op, x: torch.Tensor, qx: QType, qo: QType) -> torch.Tensor:
     real = (x - qx.zero_point).to(torch.float32) * torch.tensor(qx.scale, dtype=torch.float32)
     args = op.attrs["args"]
@@ -171,6 +178,7 @@ def _step(p: Program, op: Op, env: Env) -> list[torch.Tensor]:
         "const": lambda: p.consts[op.consts["value"]].to(torch.int64),
         "embedding": lambda: p.consts[op.consts["table"]].to(torch.int64)[xs[0]],
         "float": lambda: _float(p, op, xs[0], qs[0], qo),
+        "sign": lambda: _sign(p, op, xs[0]),
     }
     if kind in simple:
         return [simple[kind]()]
