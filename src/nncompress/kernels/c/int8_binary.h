@@ -11,8 +11,9 @@
  *     0, so its rows carry a mask of the positions inside the input:
  *     dot = popcount(mask) - 2 popcount((x XOR w) AND mask);
  *   - any other int8 input, as u = x + 128 (uint8, the int8 engine's operand; padding holds
- *     zx + 128): sum_k u_k w_k = sum(u) - 2 sum_{bit set} u_k, the -(128 + zx) sum(w) term
- *     folded into the bias at generation as for int8 weights.
+ *     zx + 128): sum_k u_k w_k with each weight word unpacked to +-1 once per call (equal to
+ *     sum(u) - 2 sum_{bit set} u_k), the -(128 + zx) sum(w) term folded into the bias at
+ *     generation as for int8 weights.
  *
  * Then the int8 engine's requantization (nnc_requant). Portable C99 after int8_ops.h (its
  * macros); popcount is __builtin_popcount under gcc / clang, else (or with
@@ -119,24 +120,24 @@ NNC_KERNEL void nnc_xnor_gemm_masked(const uint32_t *restrict xb, const uint32_t
 }
 
 /* acc[r * cols + o] = sum_i u[r, i] w[o, i] for rows of k uint8 u and +-1 weights w from
- * bits: sum(u) - 2 sum_{bit set} u */
+ * bits: each 32-bit word is unpacked once to int8 +-1 and used for every row (a product the
+ * compiler vectorises, as the int8 kernels) */
 NNC_KERNEL void nnc_bgemm(const uint8_t *restrict u, int32_t rows, int32_t k,
                           const uint32_t *restrict wb, int32_t words, int32_t cols,
                           int32_t *restrict acc) {
-    for (int32_t r = 0; r < rows; r++) {
-        const uint8_t *ur = u + (int64_t)r * k;
-        int32_t total = 0;
-        for (int32_t i = 0; i < k; i++) total += ur[i];
-        for (int32_t o = 0; o < cols; o++) {
-            const uint32_t *wr = wb + (int64_t)o * words;
-            int32_t neg = 0;
-            for (int32_t j = 0; j < words; j++) {
-                const uint32_t word = wr[j];
-                const int32_t n = k - 32 * j < 32 ? k - 32 * j : 32;
-                for (int32_t i = 0; i < n; i++)
-                    neg += (int32_t)(ur[32 * j + i] & (uint8_t)(0u - ((word >> i) & 1u)));
+    int8_t s[32];
+    for (int32_t o = 0; o < cols; o++) {
+        for (int32_t r = 0; r < rows; r++) acc[(int64_t)r * cols + o] = 0;
+        for (int32_t j = 0; j < words; j++) {
+            const uint32_t word = wb[(int64_t)o * words + j];
+            const int32_t n = k - 32 * j < 32 ? k - 32 * j : 32;
+            for (int32_t i = 0; i < 32; i++) s[i] = (int8_t)(1 - 2 * (int32_t)((word >> i) & 1u));
+            for (int32_t r = 0; r < rows; r++) {
+                const uint8_t *ur = u + (int64_t)r * k + 32 * j;
+                int32_t sum = 0;
+                for (int32_t i = 0; i < n; i++) sum += ur[i] * s[i];
+                acc[(int64_t)r * cols + o] += sum;
             }
-            acc[(int64_t)r * cols + o] = total - 2 * neg;
         }
     }
 }
