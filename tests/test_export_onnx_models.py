@@ -111,7 +111,7 @@ def test_program_export_needs_an_example() -> None:
 
 def test_unknown_format_is_refused() -> None:
     program, _ = _tiny_program("mlp")
-    with pytest.raises(NNCError, match="unknown export format .tflite.; known: c, onnx"):
+    with pytest.raises(NNCError, match=r"unknown export format .tflite.; known: c, onnx"):
         export_bytes(program, torch.zeros(1, 1, 5, 7), format="tflite")
 
 
