@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import nncompress as nc
+from c_loop import fmt_us
 from int8 import Int8Row, measure_artifacts
 from int8_peers import Artifact, peer_artifacts, torch_predict
 from nncompress import models as zoo
@@ -306,13 +307,13 @@ def deploy_markdown(rows: list[DeployRow]) -> str:
     for r in rows:
         cells.append([
             r.model, r.recipe, fmt_pct(r.accuracy), _forms_cell(r),
-            _pair([_best_ms(r, t, 1) for t in THREAD_COUNTS], fmt_ms),
+            _pair([_best_ms(r, t, 1) for t in THREAD_COUNTS], fmt_us),
             _pair([_best_ms(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
-            _pair([_eager(r, t, 1) for t in THREAD_COUNTS], fmt_ms),
+            _pair([_eager(r, t, 1) for t in THREAD_COUNTS], fmt_us),
             _pair([_eager(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
             _peer_cell(r),
             _pair([(p.b1_ms if p else None) for p in (r.peer(t) for t in THREAD_COUNTS)],
-                  fmt_ms),
+                  fmt_us),
             _pair([r.ratio(t) for t in THREAD_COUNTS], fmt_ratio),
             _pair([r.ratio(t, any_accuracy=True) for t in THREAD_COUNTS], fmt_ratio),
             _met_cell(r)])
