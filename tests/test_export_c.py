@@ -197,3 +197,18 @@ def test_trained_reference_models_on_test_samples(name: str, dataset: str,
     assert result.exact
     np.testing.assert_array_equal(runtime.load(tmp_path).predict(x),
                                   run(q.program, x)[0].numpy())
+
+
+def test_mlp_flash_is_close_to_its_int8_weights(tmp_path: Path) -> None:
+    """The compact Linear form: unpadded [out][k] int8 weights, int32 biases, 16-bit
+    multipliers, int8 shifts, computed dequantization -> flash <= 1.15x the weight bytes."""
+    torch.manual_seed(0)
+    model = models.build("mlp", (1, 8, 8), 10).eval()             # 64-300-100-10
+    program, _ = convert(model, [torch.randn(64, 1, 8, 8)])
+    c = c_source(program, [(1, 8, 8)])
+    assert "static const int64_t" not in c.source
+    assert c.source.count("    nnc_dense_c(") == 3                 # every Linear compact
+    result = export_bytes(Int8Model.from_program(program), torch.randn(4, 1, 8, 8), format="c")
+    weights = sum(t.numel() for t in program.consts.values() if t.dtype == torch.int8)
+    assert weights == 64 * 300 + 300 * 100 + 100 * 10
+    assert result.flash_bytes <= 1.15 * weights, (result.flash_bytes, weights)

@@ -1,5 +1,5 @@
 """``nc.runtime.load``: one ``predict`` over ONNX Runtime, the compiled C export and a
-``.nnc`` file; repeated calls (the IO-binding path) give the plain session's outputs."""
+``.nnc`` file; repeated calls of varying batch give the plain session's outputs."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_repeated_calls_equal_the_plain_session(onnx_file: Path) -> None:
     deployed = runtime.load(onnx_file)
     plain = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     g = np.random.default_rng(0)
-    for batch in (1, 1, 5, 1, 5, 3):          # first call of a shape, then bound calls
+    for batch in (1, 1, 5, 1, 5, 3):
         x = g.normal(size=(batch, 1, 23)).astype(np.float32)
         got = deployed.predict(x)
         want = plain.run(None, {plain.get_inputs()[0].name: x})[0]

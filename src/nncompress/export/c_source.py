@@ -95,7 +95,7 @@ def c_source(program: Program, sample_shapes: Sequence[Sequence[int]]) -> CSourc
     op the generator has no C for."""
     _refuse_float(program)
     body, header, info = generate_c(program, [tuple(s) for s in sample_shapes], block=1,
-                                    prefix=_PREFIX)
+                                    prefix=_PREFIX, compact=True)
     up = _PREFIX.upper()
     ins = ", ".join(["const void *input"] if len(info.inputs) == 1 else
                     [f"const void *input{k}" for k in range(len(info.inputs))])

@@ -41,7 +41,7 @@ _ALIGN = 64
 _SIZES = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4, "float": 4, "int64_t": 8,
           "double": 8}
 #: kernel headers pasted after int8_ops.h when an emitter asks for them, in this order
-_HEADERS = ("int8_float.h", "int8_rnn.h")
+_HEADERS = ("int8_float.h", "int8_rnn.h", "int8_compact.h")
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,10 @@ class Gen:
     for pointers and :meth:`emit` for C lines.
     """
 
-    def __init__(self, program: Program, infos: dict[str, ValueInfo], block: int) -> None:
+    def __init__(self, program: Program, infos: dict[str, ValueInfo], block: int,
+                 compact: bool = False) -> None:
         self.p, self.infos, self.block = program, infos, block
+        self.compact = compact                   # the smallest consts (the C export)
         self.decls: list[str] = []
         self.body: list[str] = []                # the C lines of the op being emitted
         self.funcs: list[tuple[str, list[str]]] = []   # (comment, lines) of each op
@@ -262,16 +264,18 @@ def _emit_op(gen: Gen, op: Op) -> None:
 
 
 def generate_c(program: Program, sample_shapes: Sequence[Sequence[int]], *, block: int = 8,
-               prefix: str = "nnc") -> tuple[str, str, CInfo]:
+               prefix: str = "nnc", compact: bool = False) -> tuple[str, str, CInfo]:
     """The C source, its header and a :class:`CInfo` for ``program`` on inputs shaped
     ``[batch, *sample_shapes[k]]``; ``block`` samples share one pass over the weights
-    (1 for the smallest arena, e.g. on a microcontroller). Raises UnsupportedLayerError
-    naming an op the engine cannot run."""
+    (1 for the smallest arena, e.g. on a microcontroller). ``compact``: Linear weights
+    unpadded with int32 biases and 16-bit multipliers, dequantization computed instead of
+    tabled (``c/int8_compact.h``: the least flash, for the C export). Raises
+    UnsupportedLayerError naming an op the engine cannot run."""
     if block < 1 or not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", prefix):
         raise ValueError(f"block must be >= 1 and prefix a C identifier, got {block}, {prefix!r}")
     infos = infer_values(program, sample_shapes)
     _check_io(program, infos)
-    gen = Gen(program, infos, block)
+    gen = Gen(program, infos, block, compact)
     for k, name in enumerate(program.inputs):
         gen.bind(name, f"in{k}")
     for index, op in enumerate(program.ops):

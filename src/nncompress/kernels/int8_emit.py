@@ -82,6 +82,12 @@ def emit_table(gen: Gen, op: Op) -> None:
     x, y = op.inputs[0], op.outputs[0]
     _shift(op, op.attrs.get("s", 0))
     is_float = gen.infos[y].dtype == "float32"
+    if gen.compact and op.kind == "dequantize":
+        qx = gen.p.values[x]
+        gen.headers.add("int8_compact.h")
+        gen.emit(f"nnc_dequant({gen.ptr(x)}, {gen.out(y)}, {gen.count(y)}, {qx.zero_point}, "
+                 f"{c_float(qx.scale)});")
+        return
     tab = gen.const(op.kind, "float" if is_float else "int8_t", _table(gen, op))
     fn = "nnc_lutf" if is_float else "nnc_lut8"
     gen.emit(f"{fn}({gen.ptr(x)}, {gen.out(y)}, {gen.count(y)}, {tab});")
@@ -127,6 +133,10 @@ def emit_linear(gen: Gen, op: Op) -> None:
     xi = gen.infos[x]
     xi.sample_dim(-1)                                  # the features are not the batch
     bits, xnor, zx = _bits(gen, op)
+    if gen.compact and not bits:
+        w = gen.p.consts[op.consts["w"]].to(torch.int64)
+        if _emit_linear_compact(gen, op, w.reshape(w.shape[0], -1), zx):
+            return
     w2, B, M, S, fast = _weights(gen, op, zx)
     if bits:
         emit_linear_bits(gen, op, w2, (B, M, S, fast), f"{_zp(gen, y)}, {_req(op)}", xnor)
@@ -142,6 +152,32 @@ def emit_linear(gen: Gen, op: Op) -> None:
              f"nnc_gemm({U}, {R}, {kp}, {W}, {c16}, {ACC});",
              f"nnc_requant({ACC}, {R}, {out_f}, {c16}, {B}, {M}, {S}, {_zp(gen, y)}, "
              f"{_req(op)}, {gen.out(y)}, {out_f}, 1, {fast});")
+
+
+def _emit_linear_compact(gen: Gen, op: Op, w2: torch.Tensor, zx: int) -> bool:
+    """The C export's Linear (``nnc_dense_c``): weights ``[O, K]`` unpadded, int32 bias
+    ``b - (128 + zx) * sum(w)``, multipliers as their high 16 bits, int8 shifts. False (the packed
+    form is used) where a value does not fit those types."""
+    x, y = op.inputs[0], op.outputs[0]
+    out_f, in_f = w2.shape
+    bias = gen.p.consts[op.consts["b"]].to(torch.int64) if "b" in op.consts \
+        else torch.zeros(out_f, dtype=torch.int64)
+    bias = bias - (128 + zx) * w2.sum(dim=1)
+    m = gen.p.consts[op.consts["m"]].to(torch.int64).reshape(-1).expand(out_f)
+    s = gen.p.consts[op.consts["s"]].to(torch.int64).reshape(-1).expand(out_f)
+    fits = (int(bias.abs().max()) + 255 * 128 * in_f < 2**31 and bool((m % 65536 == 0).all())
+            and bool((m >= 0).all()) and int(m.max()) < 2**31
+            and bool((s.abs() <= 62).all()))
+    if not fits:
+        return False
+    gen.headers.add("int8_compact.h")
+    W = gen.const("w", "int8_t", w2)
+    B, M = gen.const("bias", "int32_t", bias), gen.const("mh", "int16_t", m // 65536)
+    S = gen.const("s", "int8_t", s)
+    rows = gen.infos[x].numel // in_f
+    gen.emit(f"nnc_dense_c({gen.ptr(x)}, {gen.count(x, rows)}, {in_f}, {W}, {out_f}, {B}, {M}, "
+             f"{S}, {_zp(gen, y)}, {_req(op)}, {gen.out(y)});")
+    return True
 
 
 def _spatial(gen: Gen, op: Op, kernel: list[int]) -> dict[str, int]:
