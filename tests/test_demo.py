@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from helpers import tiny_data
 from nncompress import cli
+from nncompress.data import Dataset
 
 
 def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -34,6 +37,15 @@ def test_quick_demo_writes_a_report(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "| mlp: MTZ share 1 |" in report and "Multiplexing" not in report
     assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
     assert (out / "layer_sparsity.png").stat().st_size > 1000
+    # every row's deployed form (float models: ONNX) timed next to eager torch
+    assert "## Deployed form vs eager PyTorch" in report
+    deployed = {d["technique"]: d for d in payload["deployed"]}
+    assert set(deployed) == set(rows)
+    for technique, d in deployed.items():
+        assert d["form"] == "onnx" and d["b1_ms"] > 0 and d["bn_ms"] > 0, technique
+        assert d["eager_b1_ms"] > 0 and d["batch_n"] == 256
+    assert (out / "models" / "mlp-magnitude-prune" / "model.onnx").stat().st_size > 1000
+    assert "| mlp | magnitude-prune | ONNX Runtime |" in report
 
 
 def test_demo_rejects_unknown_model(tmp_path: Path, capsys) -> None:
@@ -61,3 +73,46 @@ def test_demo_reports_sensitivity_and_refusals(tmp_path: Path,
     # with cnn1d in the run: zipping of both pairs and both multiplexers
     assert "| cnn1d: MTZ share 1 |" in text and "| mlp: MTZ share 1 |" in text
     assert "| cascade, budget 35% |" in text and "| learned router, budget 50% |" in text
+
+
+def _tiny_int8() -> tuple[torch.nn.Module, Dataset]:
+    from nncompress.quant.int8 import QuantizeInt8Config, quantize_int8
+    from nncompress.technique import Context
+
+    data = tiny_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3)).eval()
+    ctx = Context(data=data, seed=0, progress=False)
+    return quantize_int8(model, QuantizeInt8Config(calibration_batches=2), ctx), data
+
+
+def test_deployed_forms_of_an_int8_model(tmp_path: Path) -> None:
+    from nncompress.demo_deploy import deploy_and_time
+
+    model, data = _tiny_int8()
+    lat = deploy_and_time(model, data, tmp_path / "m", batch_n=8, threads=1)
+    assert {form for form, _ in lat.forms} == {"onnx", "c"} and not lat.notes
+    assert lat.form in ("onnx", "c")
+    assert lat.b1_ms == dict(lat.forms)[lat.form] == min(ms for _, ms in lat.forms)
+    assert lat.bn_ms is not None and lat.bn_ms > 0 and lat.eager_bn_ms > 0 and lat.batch_n == 8
+    assert (tmp_path / "m" / "model.onnx").is_file()
+    assert (tmp_path / "m" / "c" / "model.c").is_file()
+
+
+def test_a_form_that_cannot_be_exported_is_a_note(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import nncompress.export as export_pkg
+    from nncompress.demo_deploy import deploy_and_time
+    from nncompress.errors import UnsupportedLayerError
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise UnsupportedLayerError("layer 'odd' (Odd) has no export form")
+
+    monkeypatch.setattr(export_pkg, "export", refuse)
+    data = tiny_data()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    lat = deploy_and_time(model, data, tmp_path / "m", batch_n=4, threads=1)
+    assert lat.form is None and lat.b1_ms is None and lat.bn_ms is None
+    assert lat.eager_b1_ms > 0
+    assert lat.notes == ("onnx: UnsupportedLayerError: layer 'odd' (Odd) has no export form",)

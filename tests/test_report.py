@@ -133,3 +133,24 @@ def test_bytes_breakdown_lists_a_tensor_removed_by_a_later_stage_once() -> None:
     assert [r[0] for r in rows] == ["a", "b", "total"]  # "b" once, though in two stages
     assert rows[1][3:7] == ["400 B", "100 B", "-", "-"]
     assert rows[2][3:8] == ["800 B", "200 B", "100 B", "80 B", "10.00x"]
+
+
+def test_deployed_section_table_and_notes() -> None:
+    from nncompress.demo_deploy import DeployedLatency
+    from nncompress.report.deployed import deployed_section, deployed_text
+
+    fast = DeployedLatency("c", 0.01, 0.5, 0.02, 2.0, 256, (("onnx", 0.015), ("c", 0.01)))
+    none = DeployedLatency(None, None, None, 0.03, 1.0, 256,
+                           notes=("onnx: UnsupportedLayerError: layer 'x' (Odd)",))
+    rows = [("cnn1d", "int8", fast), ("mlp", "odd", none)]
+    text = deployed_section(rows)
+    assert text.startswith("## Deployed form vs eager PyTorch")
+    assert "batch N = 256" in text
+    assert "| cnn1d | int8 | C (ctypes) | 0.020 ms | 0.010 ms | 2.00x | 2.000 ms | 0.500 ms " \
+           "| 4.00x |" in text
+    assert "| mlp | odd | none (see notes) | 0.030 ms | - | - | 1.000 ms | - | - |" in text
+    assert "- mlp / odd: onnx: UnsupportedLayerError: layer 'x' (Odd)" in text
+    terminal = deployed_text(rows)
+    assert terminal.splitlines()[0].split()[:3] == ["model", "technique", "deployed"]
+    assert "C (ctypes)" in terminal and "none (see notes)" in terminal
+    assert fast.to_json()["forms"] == [["onnx", 0.015], ["c", 0.01]]

@@ -14,9 +14,11 @@ from torch import nn
 from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, UnsupportedLayerError
 from nncompress.report import ReportPaths, ResultRow, rows_text, write_report
+from nncompress.report.deployed import deployed_section, deployed_text
 from nncompress.report.writer import staged_folder
 
 if TYPE_CHECKING:
+    from nncompress.demo_deploy import DeployedLatency
     from nncompress.recipe import Recipe
 
 #: recipe -> the reference models the demo shows it on: each family once, on the models
@@ -52,12 +54,14 @@ class Skipped:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo measured and where it wrote it."""
+    """What the demo measured and where it wrote it; ``deployed``: per row (model,
+    technique) its deployed form timed next to eager PyTorch."""
 
     rows: tuple[ResultRow, ...]
     skipped: tuple[Skipped, ...]
     report: ReportPaths
     seconds: float
+    deployed: tuple[tuple[str, str, DeployedLatency], ...] = ()
 
 
 def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
@@ -84,31 +88,39 @@ def run_demo(out_dir: Path, *, models: Sequence[str] | None = None,
     plans = [Recipe.resolve(r) for r in wanted]
     chosen = {name: [p for p in plans if recipes is not None or name in DEMO_PLAN[p.name]]
               for name in names}
+    deployed: list[tuple[str, str, DeployedLatency]] = []
     with staged_folder(out_dir) as stage:
         rows, skipped, sparsity, sections = _run_models(chosen, stage, quick=quick,
                                                         seed=seed, progress=progress,
-                                                        echo=echo)
+                                                        echo=echo, deployed=deployed)
         echo("")
         echo(rows_text(rows))
+        echo("")
+        echo(deployed_text(deployed))
         seconds = time.perf_counter() - start
         paths = write_report(stage, "nncompress demo", rows, sparsity,
                              extra={"seconds": seconds, "quick": quick, "seed": seed,
-                                    "skipped": [vars(k) for k in skipped]},
-                             sections=sections)
+                                    "skipped": [vars(k) for k in skipped],
+                                    "deployed": [{"model": m, "technique": t, **d.to_json()}
+                                                 for m, t, d in deployed]},
+                             sections=[deployed_section(deployed), *sections])
     paths = paths.moved(stage, out_dir)
     echo(f"\nreport written to {paths.markdown} ({seconds:.0f} s)")
     return DemoResult(rows=tuple(rows), skipped=tuple(skipped), report=paths,
-                      seconds=seconds)
+                      seconds=seconds, deployed=tuple(deployed))
 
 
 def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
-                quick: bool, seed: int, progress: bool, echo: Callable[[str], None]
+                quick: bool, seed: int, progress: bool, echo: Callable[[str], None],
+                deployed: list[tuple[str, str, DeployedLatency]]
                 ) -> tuple[list[ResultRow], list[Skipped], dict[str, list[tuple[str, float]]],
                            list[str]]:
     """Every model with its recipes (files into ``out_dir``); returns the rows, the
-    refusals, per-layer sparsity for the plot and the report's extra sections."""
+    refusals, per-layer sparsity for the plot and the report's extra sections; each row's
+    deployed form timed next to eager PyTorch goes into ``deployed``."""
     from nncompress import api
     from nncompress import models as zoo
+    from nncompress.demo_deploy import deploy_and_time
 
     rows: list[ResultRow] = []
     sparsity: dict[str, list[tuple[str, float]]] = {}
@@ -131,6 +143,9 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
                                             seed=seed))
         baseline = api.measure(model, data)  # one baseline for every recipe's row
         rows.append(ResultRow.build(name, data.name, "baseline (fp32)", baseline, baseline))
+        echo(f"[{i}/{len(names)}] {name}: deployed forms (ONNX, C) vs eager")
+        deployed.append((name, "baseline (fp32)",
+                         deploy_and_time(model, data, model_dir / f"{name}-baseline")))
         for recipe in chosen[name]:
             echo(f"[{i}/{len(names)}] {name}: compressing with {recipe.name}")
             try:
@@ -143,6 +158,8 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
             rows.append(ResultRow.build(name, data.name, recipe.name, result.baseline,
                                         result.final))
             api.save(result, model_dir / f"{name}-{recipe.name}.nnc")
+            deployed.append((name, recipe.name, deploy_and_time(
+                result.model, data, model_dir / f"{name}-{recipe.name}")))
             if recipe.name == BREAKDOWN_RECIPE:
                 stage_bytes.append(result.bytes_table(markdown=True))
             layers = [(layer.name, 1 - layer.nonzero_params / layer.params)
