@@ -34,14 +34,20 @@ import torch
 from torch import nn
 
 import nncompress as nc
-from c_loop import fmt_us
+from deploy_rows import (
+    FORMS,
+    THREAD_COUNTS,
+    DeployRow,
+    deploy_markdown,
+    findings,
+    int8_markdown,
+)
 from int8 import Int8Row, measure_artifacts
 from int8_peers import Artifact, peer_artifacts, torch_predict
 from nncompress import models as zoo
 from nncompress.data import Dataset, example_input
 from nncompress.demo import DEMO_PLAN
 from nncompress.recipe import Recipe
-from nncompress.report import fmt_ms, fmt_pct, fmt_ratio, render_markdown
 from nncompress.technique import Context, all_techniques
 from peers import try_peer
 
@@ -49,7 +55,6 @@ __all__ = ["QUICK", "DeployRow", "Exported", "deploy_markdown", "export_forms", 
            "quick_recipe", "section", "table_rows"]
 
 SEED = 0
-THREAD_COUNTS = (1, 2)
 CALIB_BATCHES = 4          # x 64 seeded training samples for ORT's static quantizer
 MODELS = ("mlp", "cnn1d", "cnn2d", "rescnn", "gru", "lstm", "transformer")
 UNCOMPRESSED = "uncompressed"
@@ -62,11 +67,6 @@ QUICK: dict[str, dict[str, dict[str, Any]]] = {
     "layer-prune": {"layer_prune": {"epochs": 3}},
     "lowbit": {"lowbit": {"epochs": 2}},
 }
-FORMS = ("torch", "onnx", "c")
-FORM_LABELS = {"torch": "eager torch (.nnc)", "onnx": "ONNX Runtime (.onnx)",
-               "c": "C int8 (ctypes)"}
-
-
 def quick_recipe(name: str) -> Recipe:
     """The packaged recipe ``name`` with :data:`QUICK`'s overrides applied."""
     recipe = Recipe.named(name)
@@ -120,10 +120,11 @@ def _c_source_model(model: nn.Module, data: Dataset) -> nn.Module | None:
 
 
 def export_forms(label: str, model: nn.Module, data: Dataset, folder: Path, *,
-                 c_source: nn.Module | None = None) -> Exported:
+                 c_source: nn.Module | None = None, int8_too: bool = False) -> Exported:
     """``model`` saved (.nnc), exported to ONNX and, where it applies, to C (``c_source``
     instead of ``model`` when given, e.g. its int8 conversion), under ``folder``;
-    failures become reasons, never exceptions."""
+    ``int8_too``: a model with no C form gets its ``quantize_int8`` conversion exported
+    as form ``"c8"``. Failures become reasons, never exceptions."""
     from nncompress.export import export
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,8 @@ def export_forms(label: str, model: nn.Module, data: Dataset, folder: Path, *,
                    else try_peer(lambda: _c_source_model(model, data)))
     if source is None:
         out.errors["c"] = err or "no integer program (a float model has no C form)"
+        if int8_too:
+            _export_c8(out, model, data, folder / "c8", example)
         return out
     out.c_model = source
     result, err = try_peer(lambda: export(source, folder / "c", example, format="c"))
@@ -148,6 +151,17 @@ def export_forms(label: str, model: nn.Module, data: Dataset, folder: Path, *,
     else:
         out.errors["c"] = err
     return out
+
+
+def _export_c8(out: Exported, model: nn.Module, data: Dataset, folder: Path,
+               example: Any) -> None:
+    from nncompress.export import export
+
+    _, err = try_peer(lambda: export(int8_of(model, data), folder, example, format="c"))
+    if err is None:
+        out.paths["c8"] = folder
+    else:
+        out.errors["c8"] = err
 
 
 def form_artifacts(exp: Exported, threads: int) -> list[Artifact]:
@@ -159,6 +173,8 @@ def form_artifacts(exp: Exported, threads: int) -> list[Artifact]:
     for form in FORMS:
         name = f"{exp.label} | {form}"
         path = exp.paths.get(form)
+        if form == "c8" and path is None and form not in exp.errors:
+            continue
         if path is None:
             arts.append(Artifact(name, None, 0, error=exp.errors.get(form)))
             continue
@@ -172,51 +188,6 @@ def form_artifacts(exp: Exported, threads: int) -> list[Artifact]:
         arts.append(Artifact(name, None if deployed is None else deployed.predict, size,
                              error=err))
     return arts
-
-
-@dataclass(frozen=True)
-class DeployRow:
-    """One (model, recipe) pair measured: per thread count, our forms' rows (``forms``:
-    torch / onnx / c, failed ones with ``error``) and the uncompressed model's peers
-    (``peers``). Accuracies are fractions, latencies ms per call."""
-
-    model: str
-    recipe: str
-    forms: dict[int, dict[str, Int8Row]]
-    peers: dict[int, tuple[Int8Row, ...]]
-
-    def best(self, threads: int) -> tuple[str, Int8Row] | None:
-        """Our fastest form at batch 1 (form name, row), or None when all failed."""
-        live = [(f, r) for f, r in self.forms[threads].items() if r.b1_ms is not None]
-        return min(live, key=lambda fr: fr[1].b1_ms or 0.0, default=None)
-
-    @property
-    def accuracy(self) -> float | None:
-        best = self.best(THREAD_COUNTS[0])
-        return None if best is None else best[1].accuracy
-
-    def peer(self, threads: int, *, any_accuracy: bool = False) -> Int8Row | None:
-        """The fastest peer artifact at batch 1 whose accuracy is >= ours (any accuracy
-        with ``any_accuracy``)."""
-        acc = self.accuracy
-        live = [r for r in self.peers[threads] if r.b1_ms is not None and r.kind != "fp32"
-                and (any_accuracy or acc is None or (r.accuracy or 0.0) >= acc - 1e-9)]
-        return min(live, key=lambda r: r.b1_ms or 0.0, default=None)
-
-    def ratio(self, threads: int, *, any_accuracy: bool = False) -> float | None:
-        """Peer b1 / ours b1 (>= 1: the target is met)."""
-        best, peer = self.best(threads), self.peer(threads, any_accuracy=any_accuracy)
-        if best is None or peer is None or not best[1].b1_ms or peer.b1_ms is None:
-            return None
-        return peer.b1_ms / best[1].b1_ms
-
-    @property
-    def met(self) -> bool | None:
-        """Met at every thread count (None: nothing to compare)."""
-        ratios = [self.ratio(t) for t in THREAD_COUNTS]
-        if any(r is None for r in ratios):
-            return None if self.best(THREAD_COUNTS[0]) is not None else False
-        return all(r >= 1.0 for r in ratios if r is not None)
 
 
 def _compress(name: str, recipe: str, model: nn.Module, data: Dataset) -> nn.Module:
@@ -240,7 +211,7 @@ def table_rows(name: str, recipes: list[str], folder: Path, echo: Callable[[str]
             exp = Exported(recipe, model, errors={f: f"compression failed: {err}"
                                                   for f in FORMS})
         else:
-            exp = export_forms(recipe, got, data, folder / name / recipe)
+            exp = export_forms(recipe, got, data, folder / name / recipe, int8_too=True)
         exports.append(exp)
     if keep is not None:
         keep.update({(name, e.label): e for e in exports})
@@ -257,71 +228,6 @@ def table_rows(name: str, recipes: list[str], folder: Path, echo: Callable[[str]
         peers = {t: tuple(r for r in measured[t] if r.kind != "ours") for t in THREAD_COUNTS}
         rows.append(DeployRow(name, exp.label, forms, peers))
     return rows
-
-
-def _pair(values: list[float | None], fmt: Callable[[float | None], str]) -> str:
-    return " / ".join(fmt(v) for v in values)
-
-
-def _forms_cell(row: DeployRow) -> str:
-    names = [row.best(t) for t in THREAD_COUNTS]
-    labels = [FORM_LABELS[b[0]] if b else "-" for b in names]
-    return labels[0] if len(set(labels)) == 1 else " / ".join(labels)
-
-
-def _eager(row: DeployRow, threads: int, batch: int) -> float | None:
-    r = row.forms[threads].get("torch")
-    return None if r is None else (r.b1_ms if batch == 1 else r.b256_ms)
-
-
-def _best_ms(row: DeployRow, threads: int, batch: int) -> float | None:
-    b = row.best(threads)
-    return None if b is None else (b[1].b1_ms if batch == 1 else b[1].b256_ms)
-
-
-def _peer_cell(row: DeployRow) -> str:
-    names = []
-    for t in THREAD_COUNTS:
-        p = row.peer(t)
-        names.append("none as accurate" if p is None else f"{p.name} ({fmt_pct(p.accuracy)})")
-    return names[0] if len(set(names)) == 1 else " / ".join(names)
-
-
-def _met_cell(row: DeployRow) -> str:
-    if row.best(THREAD_COUNTS[0]) is None:
-        return "NO (every form failed)"
-    if row.met is None:
-        return "yes (no peer as accurate)"
-    return "yes" if row.met else "NO"
-
-
-def deploy_markdown(rows: list[DeployRow]) -> str:
-    """The table of part (a) and the notes on failed forms."""
-    ts = "/".join(str(t) for t in THREAD_COUNTS)
-    headers = ["model", "recipe", "accuracy", "deployed form (fastest of ours, b1)",
-               f"b1 ({ts} thr)", f"b256 ({ts} thr)", f"eager b1 ({ts} thr)",
-               f"eager b256 ({ts} thr)", "fastest peer of >= accuracy",
-               f"peer b1 ({ts} thr)", f"ratio peer / ours ({ts} thr)",
-               f"vs fastest peer of any accuracy ({ts} thr)", "target met"]
-    cells = []
-    for r in rows:
-        cells.append([
-            r.model, r.recipe, fmt_pct(r.accuracy), _forms_cell(r),
-            _pair([_best_ms(r, t, 1) for t in THREAD_COUNTS], fmt_us),
-            _pair([_best_ms(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
-            _pair([_eager(r, t, 1) for t in THREAD_COUNTS], fmt_us),
-            _pair([_eager(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
-            _peer_cell(r),
-            _pair([(p.b1_ms if p else None) for p in (r.peer(t) for t in THREAD_COUNTS)],
-                  fmt_us),
-            _pair([r.ratio(t) for t in THREAD_COUNTS], fmt_ratio),
-            _pair([r.ratio(t, any_accuracy=True) for t in THREAD_COUNTS], fmt_ratio),
-            _met_cell(r)])
-    notes = sorted({f"- {r.model} / {r.recipe}, {form}: {row.error}"
-                    for r in rows for t in THREAD_COUNTS
-                    for form, row in r.forms[t].items() if row.error})
-    return "\n".join([render_markdown(headers, cells), "",
-                      *(["Forms that do not exist or failed:", "", *notes] if notes else [])])
 
 
 def plan() -> dict[str, list[str]]:
@@ -368,8 +274,9 @@ def part_a(root: Path, echo: Callable[[str], None],
         rows += table_rows(name, recipes, root, echo, keep)
     met = sum(1 for r in rows if r.met is not False)
     return "\n".join([intro(), "", deploy_markdown(rows), "",
-                      f"Target met on {met} of {len(rows)} rows; part (a) run time "
-                      f"{time.perf_counter() - start:.0f} s."])
+                      f"Target met on {met} of {len(rows)} rows. {findings(rows)}", "",
+                      int8_markdown(rows),
+                      "", f"Part (a) run time {time.perf_counter() - start:.0f} s."])
 
 
 def section(echo: Callable[[str], None]) -> str:
