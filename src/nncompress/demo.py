@@ -157,9 +157,10 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
                 continue
             rows.append(ResultRow.build(name, data.name, recipe.name, result.baseline,
                                         result.final))
-            api.save(result, model_dir / f"{name}-{recipe.name}.nnc")
+            nnc = model_dir / f"{name}-{recipe.name}.nnc"
+            api.save(result, nnc)
             deployed.append((name, recipe.name, deploy_and_time(
-                result.model, data, model_dir / f"{name}-{recipe.name}")))
+                result.model, data, model_dir / f"{name}-{recipe.name}", nnc=nnc)))
             if recipe.name == BREAKDOWN_RECIPE:
                 stage_bytes.append(result.bytes_table(markdown=True))
             layers = [(layer.name, 1 - layer.nonzero_params / layer.params)

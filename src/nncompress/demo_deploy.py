@@ -3,7 +3,9 @@ timed next to eager PyTorch (issue 10: the deployed form is the product).
 
 Every model is exported to ONNX (``nncompress.export.export``: float ONNX through the
 TorchScript exporter, exact integer ONNX for int8 models) and, when it holds an integer
-program (Jacob et al. 2018), to dependency-free C; each form is loaded with
+program (Jacob et al. 2018), to dependency-free C; with the model's ``.nnc`` file, that
+file is a form too (the eager module, e.g. an int8 model's own engine); each form is
+loaded with
 ``nncompress.runtime.load`` and timed through its ``predict`` call, interleaved with the
 eager module in alternating rounds (:func:`nncompress.measure.timing.latency_ab`) on real
 test samples at batch 1 and batch N. The deployed form is the fastest of those at batch 1.
@@ -34,9 +36,9 @@ REPEATS_N = 9
 class DeployedLatency:
     """The deployed form of one model timed next to its eager module (median ms per call;
     ``bn`` at batch ``batch_n``). ``form`` is the fastest deployed form at batch 1
-    (``"onnx"`` or ``"c"``; None when no form could be exported or loaded, then its
-    latencies are None); ``forms``: every form that ran, with its batch-1 median;
-    ``notes``: one line per form that could not be made."""
+    (``"onnx"``, ``"c"`` or ``"torch"``: the ``.nnc`` through ``runtime.load``; None when
+    no form could be exported or loaded, then its latencies are None); ``forms``: every
+    form that ran, with its batch-1 median; ``notes``: one line per form that could not be made."""
 
     form: str | None
     b1_ms: float | None
@@ -70,8 +72,8 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
-def _export_forms(model: nn.Module, data: Dataset, folder: Path,
-                  threads: int) -> tuple[dict[str, Any], list[str]]:
+def _export_forms(model: nn.Module, data: Dataset, folder: Path, threads: int,
+                  nnc: Path | None) -> tuple[dict[str, Any], list[str]]:
     """Form name -> loaded Deployed for every form ``model`` exports to; notes for the
     forms that failed (a failure never stops the demo)."""
     from nncompress import runtime
@@ -79,14 +81,17 @@ def _export_forms(model: nn.Module, data: Dataset, folder: Path,
 
     folder.mkdir(parents=True, exist_ok=True)
     example = example_input(data, 4)
-    targets = [("onnx", folder / "model.onnx", "onnx")]
+    targets: list[tuple[str, Path, str | None]] = [("onnx", folder / "model.onnx", "onnx")]
     if program_of(model) is not None:
         targets.append(("c", folder / "c", "c"))
     forms: dict[str, Any] = {}
     notes: list[str] = []
+    if nnc is not None:
+        targets.append(("torch", nnc, None))
     for form, path, fmt in targets:
         try:
-            export(model, path, example, format=fmt)
+            if fmt is not None:
+                export(model, path, example, format=fmt)
             forms[form] = runtime.load(path, threads=threads)
         except Exception as exc:  # an export that fails is reported, not fatal
             notes.append(f"{form}: {_first_line(exc)}")
@@ -94,15 +99,16 @@ def _export_forms(model: nn.Module, data: Dataset, folder: Path,
 
 
 def deploy_and_time(model: nn.Module, data: Dataset, folder: Path, *, batch_n: int = 256,
-                    threads: int | None = None) -> DeployedLatency:
+                    threads: int | None = None, nnc: Path | None = None) -> DeployedLatency:
     """Export ``model`` into ``folder`` (``model.onnx``; ``c/`` for an integer program),
     load each form with ``runtime.load`` and time it interleaved with the eager module at
     batch 1 and ``batch_n`` (``threads``: torch's and ONNX Runtime's intra-op threads;
-    default torch's current count)."""
+    default torch's current count). ``nnc``: the model's saved ``.nnc`` file, loaded by
+    ``runtime.load`` as one more form (``"torch"``: what a user shipping the file runs)."""
     from nncompress.measure.timing import latency_ab
 
     threads = threads or torch.get_num_threads()
-    forms, notes = _export_forms(model, data, folder, threads)
+    forms, notes = _export_forms(model, data, folder, threads, nnc)
     subjects: list[nn.Module] = [model, *(_Predict(d) for d in forms.values())]
     x = example_input(data, 1)
     b1 = latency_ab(subjects, batch_sizes=(1,), warmup=WARMUP, repeats=REPEATS,

@@ -11,7 +11,7 @@ from nncompress.report.tables import fmt_ms, fmt_ratio, render_markdown, render_
 __all__ = ["DEPLOYED_HEADERS", "Deployed", "deployed_cells", "deployed_markdown",
            "deployed_section", "deployed_text"]
 
-FORM_NAMES = {"onnx": "ONNX Runtime", "c": "C (ctypes)"}
+FORM_NAMES = {"onnx": "ONNX Runtime", "c": "C (ctypes)", "torch": "PyTorch (.nnc)"}
 DEPLOYED_HEADERS = ("model", "technique", "deployed form", "eager b1", "deployed b1",
                     "speed-up b1", "eager bN", "deployed bN", "speed-up bN")
 
@@ -60,11 +60,13 @@ def deployed_section(rows: Sequence[tuple[str, str, Deployed]]) -> str:
         "## Deployed form vs eager PyTorch", "",
         "Each row's model exported the way a user ships it -- ONNX always "
         "(`nncompress export` / `nc.export`), dependency-free C when the model holds an int8 "
-        "program -- and loaded with `nc.runtime.load`; the deployed form is the fastest of "
-        "those at batch 1 (ONNX Runtime session, or the C compiled with gcc and called "
-        "through ctypes). Each form is timed through its `predict` call, interleaved with "
-        "the eager `nn.Module` in alternating rounds on real test samples (median ms per "
-        f"call at batch 1 and batch N = {batch_n}); speed-up = eager / deployed. These "
-        "eager figures are from this run, so they may differ from the main table's.", "",
+        "program -- and loaded with `nc.runtime.load`, as is the compressed model's `.nnc` file "
+        "(the eager module, an int8 model's own engine); the deployed form is the fastest "
+        "of those at batch 1 (ONNX Runtime session, the C compiled with gcc and called "
+        "through ctypes, or PyTorch). Each form is timed through its `predict` call, "
+        "interleaved with the eager `nn.Module` in alternating rounds on real test "
+        f"samples (median ms per call at batch 1 and batch N = {batch_n}); speed-up = "
+        "eager / deployed. These eager figures are from this run, so they may differ "
+        "from the main table's.", "",
         deployed_markdown(rows), "",
         *(["Forms that could not be made:", "", *notes] if notes else [])]).rstrip()
