@@ -30,6 +30,7 @@ from nncompress.errors import DataError, NNCError
 
 __all__ = ["Deployed", "load"]
 
+_CHAR, _address = ctypes.c_char, ctypes.addressof
 _HEADER_IO = re.compile(r"#define (\w+)_(INPUT|OUTPUT)(\d+)_NUMEL (\d+)\s+/\* (.*): (\w+) "
                         r"\[([0-9, ]*)\] per sample \*/")
 
@@ -153,9 +154,12 @@ class CDeployed(Deployed):
         """As :meth:`Deployed.predict`; one contiguous array of the right dtype and shape
         goes straight to the C call (batch-1 latency)."""
         if (self._single and type(x) is np.ndarray and x.dtype == self.input_dtypes[0]
-                and x.shape[1:] == self.input_shapes[0] and x.flags.c_contiguous):
+                and x.shape[1:] == self.input_shapes[0] and x.flags.c_contiguous
+                and x.flags.writeable and x.size):
             y = np.empty((x.shape[0], *self._out_shapes[0]), dtype=np.float32)
-            code = self._fn(x.ctypes.data, y.ctypes.data, x.shape[0], self._base)
+            # addressof(from_buffer) costs half of ndarray.ctypes.data
+            code = self._fn(_address(_CHAR.from_buffer(x)), _address(_CHAR.from_buffer(y)),
+                            x.shape[0], self._base)
             if code:
                 self._fail(code)
             return y
