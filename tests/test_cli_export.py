@@ -138,7 +138,7 @@ def test_c_export_and_run(work: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["float.nnc", "--format", "c", "--input-shape", "1,16"], "holds no integer program"),
+    (["float.nnc", "--format", "c", "--input-shape", "1,16"], "float model needs --data"),
     (["int8.nnc", "--format", "c", "--out", "float.nnc"], "exists and is not a folder"),
 ])
 def test_c_export_refusals_write_nothing(work: Path, capsys, argv, message) -> None:
@@ -176,3 +176,19 @@ def test_run_bad_input(work: Path, capsys, setup, argv, message) -> None:
     code = cli.main(argv)
     _, err = capsys.readouterr()
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="needs gcc")
+def test_float_model_to_c_with_calibration_data(work: Path, capsys) -> None:
+    (work / "mydata.py").write_text(
+        "import torch\n"
+        "def load():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(300, 1, 16, generator=g)\n"
+        "    y = torch.randint(0, 3, (300,), generator=g)\n"
+        "    return x[:260], y[:260], x[260:], y[260:]\n")
+    code, out, err = run_cli(capsys, "float.nnc", "--format", "c", "--data", "mydata:load")
+    assert code == 0, err
+    assert "256 training samples of mydata:load" in out
+    assert "quantized to int8 for the C export" in out
+    assert sorted(p.name for p in (work / "float_c").iterdir()) == ["model.c", "model.h"]

@@ -153,11 +153,25 @@ def test_float_ops_are_refused_naming_the_layer() -> None:
         export_bytes(Int8Model.from_program(program), torch.randn(2, 6), format="c")
 
 
-def test_a_float_model_is_refused_and_nothing_written(tmp_path: Path) -> None:
+def test_a_float_model_needs_calibration_samples_and_nothing_is_written(tmp_path: Path) -> None:
     model = models.build("mlp", (1, 5, 7), 3, hidden=[4]).eval()
-    with pytest.raises(UnsupportedLayerError, match=r"no integer program.*quantize"):
+    with pytest.raises(NNCError, match=r"at least 32 representative samples.*got 2 sample"):
         export(model, tmp_path / "out", torch.randn(2, 1, 5, 7), format="c")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_model_is_quantized_on_the_example(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.build("cnn1d", (1, 23), 3, channels=[5, 7, 9]).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(48, 1, 23, generator=torch.Generator().manual_seed(4))
+    result = export(model, tmp_path / "out", x, format="c")
+    assert result.exact and any("quantized to int8 for the C export" in n for n in result.notes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # untouched
+    with torch.no_grad():
+        want = model(x).argmax(1).numpy()
+    got = runtime.load(tmp_path / "out").predict(x).argmax(1)
+    assert (got == want).mean() >= 0.9
 
 
 def test_needs_an_example() -> None:

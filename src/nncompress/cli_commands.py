@@ -284,8 +284,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if is_file and Path(spec).exists() and out.resolve() == Path(spec).resolve():
         raise CLIError(f"--out {quoted(out)} is the model file itself")
     model = load_model(spec, args.model_class, "MODEL")
-    example, source = example_for_file(Path(spec) if is_file else None, model,
-                                       input_shape=args.input_shape)
+    calibration = _calibration(args, model)
+    if calibration is not None:
+        example, source = calibration, f"{len(calibration)} training samples of {args.data}"
+    else:
+        example, source = example_for_file(Path(spec) if is_file else None, model,
+                                           input_shape=args.input_shape)
     result = export.export_bytes(model, example, args.format)
     export.write_result(result, out)
     size = sum(len(d) for _, d in result.files) if result.files else len(result.data)
@@ -300,6 +304,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for note in result.notes:
         emit(f"note: {note}")
     return 0
+
+
+#: training samples a float model's int8 conversion is calibrated on (export --format c)
+CALIBRATION_SAMPLES = 256
+
+
+def _calibration(args: argparse.Namespace, model: Any) -> Any:
+    """For ``--format c`` of a float model: ``CALIBRATION_SAMPLES`` training samples of
+    ``--data`` (the model is quantized to int8 on them); else None."""
+    import torch
+
+    from nncompress.export import program_of
+
+    if args.format != "c" or program_of(model) is not None:
+        return None
+    if args.data is None:
+        raise CLIError("--format c of a float model needs --data: it is quantized to int8 "
+                       f"first, calibrated on {CALIBRATION_SAMPLES} training samples of that "
+                       "dataset (or quantize it with the int8 recipe first)")
+    data = load_data(args.data, seed=0)
+    parts, count = [], 0
+    for x, *_ in data.train:
+        if not isinstance(x, torch.Tensor):
+            raise CLIError(f"--data {quoted(args.data)}: the C export takes one input tensor")
+        parts.append(x)
+        count += len(x)
+        if count >= CALIBRATION_SAMPLES:
+            break
+    return torch.cat(parts)[:CALIBRATION_SAMPLES]
 
 
 def _check_output_folder(path: Path) -> Path:

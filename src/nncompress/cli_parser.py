@@ -241,6 +241,9 @@ def _add_export_command(sub: Any) -> None:
                    help="one sample's input shape, without the batch dimension (default: "
                         "test samples of the dataset the file names, else its recorded "
                         "input shape)")
+    p.add_argument("--data", default=None,
+                   help="--format c of a float model: quantize it to int8 first, calibrated on "
+                        "256 training samples of this dataset (" + DATA_HELP + ")")
     _common(p, handler="export")
 
 

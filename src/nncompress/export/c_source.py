@@ -1,9 +1,10 @@
 """Dependency-free C99 for microcontroller-class devices: ``export(model, DIR, example,
 format="c")`` writes ``DIR/model.c`` and ``DIR/model.h``.
 
-The model must hold an integer program (an int8 model: :func:`nncompress.quant.int8.quantize_int8`,
-recipe ``int8``; binarized models convert the same way and keep their +-1 weights at one
-bit). The source is :func:`nncompress.kernels.int8_codegen.generate_c` specialised to one
+The model holds an integer program (an int8 model: :func:`nncompress.quant.int8.quantize_int8`,
+recipe ``int8``), or it is a float model that is quantized first, calibrated on the example
+(:func:`quantize_for_export`: give at least 32 representative samples; the CLI takes
+``--data``); binarized models convert the same way and keep their +-1 weights at one bit. The source is :func:`nncompress.kernels.int8_codegen.generate_c` specialised to one
 sample per pass (the smallest arena) plus a fixed arena and a one-sample entry point::
 
     #include "model.h"
@@ -45,8 +46,8 @@ from nncompress.export import EXPORTERS, Exporter, ExportResult, program_of
 from nncompress.kernels.int8_codegen import CInfo, generate_c
 from nncompress.quant.program import Program
 
-__all__ = ["C_FILES", "MCU_FLAGS", "CSource", "c_source", "compile_object", "export_c",
-           "object_sizes"]
+__all__ = ["C_FILES", "MCU_FLAGS", "MIN_CALIBRATION", "CSource", "c_source", "compile_object",
+           "export_c", "object_sizes", "quantize_for_export"]
 
 #: the strict flags every export is compiled with (no -march: what any gcc target takes)
 MCU_FLAGS: tuple[str, ...] = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-O2")
@@ -203,18 +204,55 @@ def _inputs(program: Program, example: Any) -> list[torch.Tensor]:
     return [x.detach().to("cpu", d).contiguous() for x, d in zip(xs, dtypes, strict=True)]
 
 
+#: fewest example samples a float model's int8 conversion is calibrated on
+MIN_CALIBRATION = 32
+
+
+def quantize_for_export(model: Any, example: Any) -> tuple[Any, list[str]]:
+    """A float ``model`` converted to int8 (:func:`~nncompress.quant.int8.quantize_int8`,
+    post-training, no labels) calibrated on ``example`` (one tensor of at least
+    :data:`MIN_CALIBRATION` representative samples), as TFLite's converter does with its
+    representative dataset; the notes say so. The model handed in is not modified."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nncompress.data import Dataset
+    from nncompress.quant.int8 import QuantizeInt8Config, quantize_int8
+    from nncompress.technique import Context
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedLayerError(f"cannot export a {type(model).__name__} to C: neither an "
+                                    "nn.Module nor an integer program")
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 \
+            or len(example) < MIN_CALIBRATION:
+        got = (f"{len(example)} sample(s)" if isinstance(example, torch.Tensor)
+               and example.dim() else type(example).__name__)
+        raise NNCError(
+            f"a float {type(model).__name__} is quantized to int8 for the C export and needs at "
+            f"least {MIN_CALIBRATION} representative samples as the example to calibrate on "
+            f"(got {got}); or quantize it first (recipe 'int8' / quantize_int8)")
+    x = example.detach().cpu()
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.int64)),
+                        batch_size=64)
+    ctx = Context(data=Dataset("export calibration", loader, loader, tuple(x.shape[1:]), 1),
+                  progress=False)
+    quantized = quantize_int8(model, QuantizeInt8Config(calibration_batches=1_000), ctx)
+    return quantized, [f"quantized to int8 for the C export (quantize_int8, calibrated on the "
+                       f"{len(x)} example samples): measure this form's accuracy", *ctx.log]
+
+
 def export_c(obj: Any, example: Any) -> ExportResult:
     """The C export of ``obj`` (see the module docstring) as an :class:`ExportResult`
     whose ``files`` are ``model.c`` and ``model.h``."""
-    program = program_of(obj)
+    program, notes = program_of(obj), []
     if program is None:
-        raise UnsupportedLayerError(
-            f"a {type(obj).__name__} holds no integer program: the C export takes an int8 "
-            "model (quantize it first: recipe 'int8' or quantize_int8)")
+        obj, notes = quantize_for_export(obj, example)
+        program = program_of(obj)
     xs = _inputs(program, example)
     c = c_source(program, [tuple(x.shape[1:]) for x in xs])
-    notes = [f"arena {c.info.arena_bytes} B (one sample per pass), const data "
-             f"{c.info.const_bytes} B"]
+    notes.append(f"arena {c.info.arena_bytes} B (one sample per pass), const data "
+                 f"{c.info.const_bytes} B")
     try:
         with tempfile.TemporaryDirectory(prefix="nnc-cexport-") as tmp:
             sizes = object_sizes(compile_object(c, Path(tmp)))
