@@ -4,8 +4,9 @@ format="c")`` writes ``DIR/model.c`` and ``DIR/model.h``.
 The model holds an integer program (an int8 model: :func:`nncompress.quant.int8.quantize_int8`,
 recipe ``int8``), or it is a float model that is quantized first, calibrated on the example
 (:func:`quantize_for_export`: give at least 32 representative samples; the CLI takes
-``--data``); binarized models convert the same way and keep their +-1 weights at one bit. The source is :func:`nncompress.kernels.int8_codegen.generate_c` specialised to one
-sample per pass (the smallest arena) plus a fixed arena and a one-sample entry point::
+``--data``); binarized models convert the same way and keep their +-1 weights at one bit.
+The source is :func:`nncompress.kernels.int8_codegen.generate_c` specialised to one sample
+per pass (the smallest arena) plus a fixed arena and a one-sample entry point::
 
     #include "model.h"
     float out[NNC_OUTPUT0_NUMEL];
