@@ -8,7 +8,7 @@ orchestration are in :mod:`deploy`).
     the same form (target >= 1.6x).
 (c) Generated C, int8, batch 1, on the MLP and the 1-D CNN: the C export through
     ``runtime.load`` (ctypes) against ONNX Runtime fp32 of the same float model (target
-    >= 2x).
+    >= 2x), both from part (a)'s rounds (the uncompressed row), and a C timing loop.
 (d) Flash / RAM of the C export per reference model (``size`` on the object compiled with
     the export's own flags), beside the program's int8 weight bytes (+-1 weights of a
     binarized layer at 1 bit).
@@ -22,14 +22,22 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from c_loop import LOOP_ROUNDS, LOOP_SECONDS, c_loop_ms, fmt_us
-from deploy import THREAD_COUNTS, Exported, export_forms, form_artifacts, int8_of
+from deploy import (
+    THREAD_COUNTS,
+    UNCOMPRESSED,
+    DeployRow,
+    Exported,
+    export_forms,
+    form_artifacts,
+    int8_of,
+)
 from int8 import Int8Row, measure_artifacts
-from int8_peers import Artifact, _ort_fp32, torch_predict
 from nncompress import models as zoo
 from nncompress.data import Dataset, example_input
 from nncompress.measure import count_macs
@@ -170,55 +178,52 @@ def _struct_markdown(rows: list[StructVariant], exports: list[Exported]) -> str:
 # ----------------------------------------------------------------- (c) C vs ORT fp32
 
 
-def _c_vs_ort(name: str, model: nn.Module, data: Dataset, exp: Exported, root: Path
-              ) -> dict[int, list[Int8Row]]:
-    out = {}
-    for threads in THREAD_COUNTS:
-        ort, err = try_peer(lambda threads=threads: _ort_fp32(
-            model, data, root / f"{name}-{threads}.onnx", threads))
-        arts = [Artifact("fp32 eager torch", torch_predict(model), 1, kind="fp32"),
-                ort if ort is not None else Artifact("ONNX Runtime fp32", None, 1,
-                                                     kind="ort-fp32", error=err)]
-        arts += [a for a in form_artifacts(exp, threads) if a.name.endswith("| c")]
-        out[threads] = measure_artifacts(arts, data, threads=threads)
-    return out
+#: (ORT fp32 row, C int8 row) per thread count, from part (a)'s uncompressed row
+CPair = dict[int, tuple[Int8Row | None, Int8Row | None]]
 
 
-def _c_markdown(found: dict[str, dict[int, list[Int8Row]]],
-                loops: dict[str, float | None]) -> str:
+def _c_pair(row: DeployRow) -> CPair:
+    """The uncompressed row's ORT fp32 peer and its C form made at deployment."""
+    return {t: (next((r for r in row.peers[t] if r.kind == "ort-fp32"), None),
+                row.forms[t].get("c8")) for t in THREAD_COUNTS}
+
+
+def _c_cells(name: str, pair: CPair, loop: float | None) -> list[str]:
+    ort = {t: pair[t][0] or _none() for t in THREAD_COUNTS}
+    c = {t: pair[t][1] or _none() for t in THREAD_COUNTS}
+    speed = [_ratio(ort[t].b1_ms, c[t].b1_ms) for t in THREAD_COUNTS]
+    ok = all(s is not None and s >= C_TARGET for s in speed)
+    loop_speed = _ratio(ort[1].b1_ms, loop)
+    ok_loop = loop_speed is not None and loop_speed >= C_TARGET
+    return [name, fmt_pct(ort[1].accuracy), fmt_pct(c[1].accuracy),
+            _cells([ort[t].b1_ms for t in THREAD_COUNTS], fmt_us),
+            _cells([c[t].b1_ms for t in THREAD_COUNTS], fmt_us),
+            _cells(speed, fmt_ratio), fmt_us(loop), fmt_ratio(loop_speed),
+            _cells([ort[t].b256_ms for t in THREAD_COUNTS], fmt_ms),
+            _cells([c[t].b256_ms for t in THREAD_COUNTS], fmt_ms),
+            ("yes" if ok else "NO" + _why(c[1])) + " / " + ("yes" if ok_loop else "NO")]
+
+
+def _c_markdown(found: dict[str, CPair], loops: dict[str, float | None]) -> str:
     headers = ["model", "ORT fp32 accuracy", "C int8 accuracy", f"ORT fp32 b1 ({_ts()} thr)",
                f"C int8 b1, ctypes ({_ts()} thr)", f"C speed-up b1, ctypes ({_ts()} thr)",
                "C int8 b1, C timing loop", "C loop speed-up vs ORT fp32 (1 thr)",
                f"ORT fp32 b256 ({_ts()} thr)", f"C int8 b256 ({_ts()} thr)",
                f">= {C_TARGET}x at b1 through ctypes (both) / in the C loop"]
-    cells = []
-    for name, by_t in found.items():
-        ort = {t: next(r for r in rows if r.kind == "ort-fp32") for t, rows in by_t.items()}
-        c = {t: next(r for r in rows if r.name.endswith("| c")) for t, rows in by_t.items()}
-        speed = [_ratio(ort[t].b1_ms, c[t].b1_ms) for t in THREAD_COUNTS]
-        ok = all(s is not None and s >= C_TARGET for s in speed)
-        loop = loops.get(name)
-        loop_speed = _ratio(ort[1].b1_ms, loop)
-        ok_loop = loop_speed is not None and loop_speed >= C_TARGET
-        cells.append([name, fmt_pct(ort[1].accuracy), fmt_pct(c[1].accuracy),
-                      _cells([ort[t].b1_ms for t in THREAD_COUNTS], fmt_us),
-                      _cells([c[t].b1_ms for t in THREAD_COUNTS], fmt_us),
-                      _cells(speed, fmt_ratio), fmt_us(loop), fmt_ratio(loop_speed),
-                      _cells([ort[t].b256_ms for t in THREAD_COUNTS], fmt_ms),
-                      _cells([c[t].b256_ms for t in THREAD_COUNTS], fmt_ms),
-                      ("yes" if ok else "NO" + _why(c[1])) + " / "
-                      + ("yes" if ok_loop else "NO")])
+    cells = [_c_cells(name, pair, loops.get(name)) for name, pair in found.items()]
     return "\n".join([
         "### (c) Generated C, int8, batch 1, against ONNX Runtime fp32", "",
         "The trained float model in ONNX Runtime (TorchScript export, the int8 section's "
         "ORT fp32 peer) against its `quantize_int8` conversion exported to C "
         "(`nc.export(..., format='c')`) and called through `runtime.load` (gcc -O3 "
-        "-march=native, ctypes; the batch runs in one C call), timed interleaved with fp32 "
-        "eager torch (the int8 section's rounds, median ms per call). Target (issue 10): "
-        f"C >= {C_TARGET}x faster than ORT fp32 at batch 1 on the MLP and the 1-D CNN. The "
-        "C timing loop: the same `model.c` linked into a C program calling `nnc_predict` on "
-        "one test sample in a loop (no Python, no ctypes; see part (b)); it is compared with "
-        "ORT fp32's 1-thread figure (ORT through its Python API, as a peer user runs it).",
+        "-march=native, ctypes; the batch runs in one C call): the ORT fp32 peer and the "
+        "\"C int8 (quantize_int8 at deployment)\" form of part (a)'s uncompressed row, "
+        "from the same interleaved rounds (the int8 section's timing, median ms per call). "
+        f"Target (issue 10): C >= {C_TARGET}x faster than ORT fp32 at batch 1 on the MLP "
+        "and the 1-D CNN. The C timing loop: the same `model.c` linked into a C program "
+        "calling `nnc_predict` on one test sample in a loop (no Python, no ctypes; see "
+        "part (b)); it is compared with ORT fp32's 1-thread figure (ORT through its Python "
+        "API, as a peer user runs it).",
         "", render_markdown(headers, cells)])
 
 
@@ -284,13 +289,17 @@ class FlashRow:
     error: str | None = None
 
 
-def _flash_row(label: str, c_model: nn.Module, data: Dataset, folder: Path) -> FlashRow:
+def _flash_row(label: str, c_model: nn.Module, data: Dataset, folder: Path,
+               done: Any = None) -> FlashRow:
+    """Flash / RAM of ``c_model``'s C export in ``folder``; ``done``: the ExportResult
+    when it was exported there already (else exported now)."""
     from nncompress.export import export, program_of
 
     program = program_of(c_model)
     weights, binary = weight_bytes(program) if program is not None else (0, 0)
-    result, err = try_peer(lambda: export(c_model, folder, example_input(data, 4),
-                                          format="c"))
+    result, err = ((done, None) if done is not None else
+                   try_peer(lambda: export(c_model, folder, example_input(data, 4),
+                                           format="c")))
     if result is None:
         return FlashRow(label, None, None, weights, binary, None, err)
     sizes, err = try_peer(lambda: section_sizes(folder))
@@ -320,7 +329,8 @@ def _flash_markdown(rows: list[FlashRow]) -> str:
     return "\n".join([
         "### (d) Flash and RAM of the generated C", "",
         "Each reference model converted by `quantize_int8` (a binarized MLP: recipe "
-        "`binarize` then `quantize_int8`) and exported with `nc.export(..., format='c')`. "
+        "`binarize` then `quantize_int8`) and exported with `nc.export(..., format='c')`: "
+        "the C files of part (a)'s uncompressed and binarize rows. "
         "Flash and RAM are the export's own figures: `size` on `model.c` compiled with "
         "`gcc -std=c99 -Wall -Wextra -Werror -O2` (flash = text + data: code and const "
         "arrays; RAM = data + bss: the static arena with any recurrent state; stack not "
@@ -334,33 +344,46 @@ def _flash_markdown(rows: list[FlashRow]) -> str:
         "", flash_table(rows)])
 
 
+def _flash_of(name: str, exp: Exported | None, data: Dataset, root: Path) -> FlashRow:
+    """The flash row of reference model ``name`` from part (a)'s conversion at
+    deployment (``exp``: its uncompressed export; converted here when None)."""
+    if exp is None:
+        model = zoo.load(name, seed=SEED, progress=False)[0].eval()
+        q, err = try_peer(lambda: int8_of(model, data))
+        return (FlashRow(name, None, None, 0, 0, None, err) if q is None
+                else _flash_row(name, q, data, root / f"{name}-flash"))
+    if exp.c8_model is None or "c8" not in exp.paths:
+        return FlashRow(name, None, None, 0, 0, None, exp.errors.get("c8", "no C form"))
+    return _flash_row(name, exp.c8_model, data, exp.paths["c8"], exp.c8_result)
+
+
 def c_parts(root: Path, echo: Callable[[str], None],
-            keep: dict[tuple[str, str], Exported]) -> list[str]:
-    """Parts (c) and (d) as markdown blocks; ``keep``: part (a)'s exports (the binarized
-    MLP is taken from there)."""
+            keep: dict[tuple[str, str], Exported], rows: Sequence[DeployRow]) -> list[str]:
+    """Parts (c) and (d) as markdown blocks from part (a)'s exports (``keep``: the
+    uncompressed models' conversions at deployment, the binarized MLP) and timings
+    (``rows``); only the C timing loop and the section sizes are measured here."""
     root.mkdir(parents=True, exist_ok=True)
+    by_pair = {(r.model, r.recipe): r for r in rows}
     flash: list[FlashRow] = []
-    timed: dict[str, dict[int, list[Int8Row]]] = {}
+    timed: dict[str, CPair] = {}
     loops: dict[str, float | None] = {}
     for name in FLASH_MODELS:
         echo(f"  deploy (c/d): {name} int8 C")
-        model, data = zoo.load(name, seed=SEED, progress=False)
-        model.eval()
-        q, err = try_peer(lambda model=model, data=data: int8_of(model, data))
-        if q is None:
-            flash.append(FlashRow(name, None, None, 0, 0, None, err))
-            continue
-        flash.append(_flash_row(name, q, data, root / f"{name}-flash"))
-        if name in C_MODELS:
-            exp = export_forms(f"{name} int8", q, data, root / f"{name}-c")
-            timed[name] = _c_vs_ort(name, model, data, exp, root)
-            if "c" in exp.paths:
-                loops[name] = c_loop_ms([exp.paths["c"]], example_input(data, 1))[0]
+        data = zoo.load(name, seed=SEED, progress=False)[1]
+        exp = keep.get((name, UNCOMPRESSED))
+        flash.append(_flash_of(name, exp, data, root))
+        row = by_pair.get((name, UNCOMPRESSED))
+        if name in C_MODELS and row is not None:
+            timed[name] = _c_pair(row)
+            folder = exp.paths.get("c8") if exp is not None else None
+            if folder is not None:
+                loops[name] = c_loop_ms([folder], example_input(data, 1))[0]
     binarized = keep.get(("mlp", "binarize"))
     if binarized is not None and binarized.c_model is not None:
         data = zoo.load("mlp", seed=SEED, progress=False)[1]
+        folder = binarized.paths.get("c")
         flash.append(_flash_row("mlp (binarized)", binarized.c_model, data,
-                                root / "mlp-binary-flash"))
+                                folder or root / "mlp-binary-flash", binarized.c_result))
     elif binarized is not None:
         flash.append(FlashRow("mlp (binarized)", None, None, 0, 0, None,
                               binarized.errors.get("c", "no C form")))

@@ -1,7 +1,13 @@
 """The rows and tables of the deployment section's part (a) (``bench/deploy.py``): a
 (model, recipe) pair's deployed forms and the uncompressed model's peers, measured at
 each thread count, and the verdict against issue 10's target (the deployed form's
-batch-1 latency no slower than the fastest peer artifact of equal or better accuracy)."""
+batch-1 latency no slower than the fastest peer artifact of equal or better accuracy).
+
+A float model's forms include its ``quantize_int8`` conversion (Jacob et al. 2018)
+made at deployment, as TFLite's converter quantizes a float model: exported to C
+(``"c8"``), or, where the C export refuses the program (float LayerNorm / softmax), the
+converted model's own ``.nnc`` (``"e8"``: an :class:`~nncompress.quant.int8.Int8Model`,
+whose engine is generated C too)."""
 
 from __future__ import annotations
 
@@ -13,46 +19,57 @@ from c_loop import fmt_us
 from int8 import Int8Row
 from nncompress.report import fmt_ms, fmt_pct, fmt_ratio, render_markdown
 
-__all__ = ["FORMS", "FORM_LABELS", "OWN_FORMS", "THREAD_COUNTS", "DeployRow",
-           "deploy_markdown", "findings", "int8_markdown"]
+__all__ = ["FORMS", "FORM_LABELS", "THREAD_COUNTS", "DeployRow", "deploy_markdown",
+           "findings"]
 
 THREAD_COUNTS = (1, 2)
 
-#: the forms of the recipe's own model; "c8": a float model's quantize_int8 conversion as
-#: C (not the recipe's model: shown in its own table)
-OWN_FORMS = ("torch", "onnx", "c")
-FORMS = (*OWN_FORMS, "c8")
+#: every candidate form of a row: the recipe's model as eager torch / ONNX / C (when it
+#: holds an integer program), and a float model's quantize_int8 conversion made at
+#: deployment as C ("c8") or, where C refuses it, as its int8 engine (.nnc, "e8")
+FORMS = ("torch", "onnx", "c", "c8", "e8")
+AT_DEPLOYMENT = ("c8", "e8")
 FORM_LABELS = {"torch": "eager torch (.nnc)", "onnx": "ONNX Runtime (.onnx)",
-               "c": "C int8 (ctypes)", "c8": "C int8 after quantize_int8 (ctypes)"}
+               "c": "C int8 (ctypes)",
+               "c8": "C int8 (quantize_int8 at deployment, ctypes)",
+               "e8": "int8 engine (quantize_int8 at deployment, .nnc)"}
+#: the torch form's label when the recipe's model is an Int8Model (its engine is C)
+ENGINE_LABEL = "int8 engine (.nnc)"
 
 
 @dataclass(frozen=True)
 class DeployRow:
     """One (model, recipe) pair measured: per thread count, our forms' rows (``forms``:
-    torch / onnx / c, failed ones with ``error``) and the uncompressed model's peers
-    (``peers``). Accuracies are fractions, latencies ms per call."""
+    :data:`FORMS`, failed ones with ``error``) and the uncompressed model's peers
+    (``peers``); ``engine``: the recipe's model is an Int8Model (its ``.nnc`` runs the
+    generated-C engine). Accuracies are fractions, latencies ms per call."""
 
     model: str
     recipe: str
     forms: dict[int, dict[str, Int8Row]]
     peers: dict[int, tuple[Int8Row, ...]]
+    engine: bool = False
+
+    def label(self, form: str) -> str:
+        """The display name of ``form`` on this row."""
+        return ENGINE_LABEL if form == "torch" and self.engine else FORM_LABELS[form]
 
     def best(self, threads: int) -> tuple[str, Int8Row] | None:
-        """Our fastest form at batch 1 (form name, row), or None when all failed."""
+        """Our fastest form at batch 1 among those whose accuracy is known (form name,
+        row), or None when all failed."""
         live = [(f, r) for f, r in self.forms[threads].items()
-                if r.b1_ms is not None and f in OWN_FORMS]
+                if r.b1_ms is not None and r.accuracy is not None]
         return min(live, key=lambda fr: fr[1].b1_ms or 0.0, default=None)
 
-    @property
-    def accuracy(self) -> float | None:
-        best = self.best(THREAD_COUNTS[0])
+    def accuracy(self, threads: int) -> float | None:
+        """Test accuracy of the deployed form at ``threads``."""
+        best = self.best(threads)
         return None if best is None else best[1].accuracy
 
-    def peer(self, threads: int, *, any_accuracy: bool = False,
-             accuracy: float | None = None) -> Int8Row | None:
-        """The fastest peer artifact at batch 1 whose accuracy is >= ours (or
-        ``accuracy``; any accuracy with ``any_accuracy``)."""
-        acc = self.accuracy if accuracy is None else accuracy
+    def peer(self, threads: int, *, any_accuracy: bool = False) -> Int8Row | None:
+        """The fastest peer artifact at batch 1 whose accuracy is >= the deployed
+        form's (any accuracy with ``any_accuracy``)."""
+        acc = self.accuracy(threads)
         live = [r for r in self.peers[threads] if r.b1_ms is not None and r.kind != "fp32"
                 and (any_accuracy or acc is None or (r.accuracy or 0.0) >= acc - 1e-9)]
         return min(live, key=lambda r: r.b1_ms or 0.0, default=None)
@@ -77,14 +94,17 @@ def _pair(values: list[float | None], fmt: Callable[[float | None], str]) -> str
     return " / ".join(fmt(v) for v in values)
 
 
+def _one_or_pair(values: list[str]) -> str:
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
+
+
 def _forms_cell(row: DeployRow) -> str:
-    names = [row.best(t) for t in THREAD_COUNTS]
-    labels = [FORM_LABELS[b[0]] if b else "-" for b in names]
-    return labels[0] if len(set(labels)) == 1 else " / ".join(labels)
+    return _one_or_pair([row.label(b[0]) if b else "-"
+                         for b in (row.best(t) for t in THREAD_COUNTS)])
 
 
-def _eager(row: DeployRow, threads: int, batch: int) -> float | None:
-    r = row.forms[threads].get("torch")
+def _form_ms(row: DeployRow, form: str, threads: int, batch: int) -> float | None:
+    r = row.forms[threads].get(form)
     return None if r is None else (r.b1_ms if batch == 1 else r.b256_ms)
 
 
@@ -93,12 +113,21 @@ def _best_ms(row: DeployRow, threads: int, batch: int) -> float | None:
     return None if b is None else (b[1].b1_ms if batch == 1 else b[1].b256_ms)
 
 
+def _onnx_cell(row: DeployRow) -> str:
+    """The recipe's own model in ONNX Runtime: accuracy; b1 at each thread count."""
+    first = row.forms[THREAD_COUNTS[0]].get("onnx")
+    if first is None or first.b1_ms is None:
+        return "-"
+    return (f"{fmt_pct(first.accuracy)}; "
+            + _pair([_form_ms(row, "onnx", t, 1) for t in THREAD_COUNTS], fmt_us))
+
+
 def _peer_cell(row: DeployRow) -> str:
     names = []
     for t in THREAD_COUNTS:
         p = row.peer(t)
         names.append("none as accurate" if p is None else f"{p.name} ({fmt_pct(p.accuracy)})")
-    return names[0] if len(set(names)) == 1 else " / ".join(names)
+    return _one_or_pair(names)
 
 
 def _met_cell(row: DeployRow) -> str:
@@ -109,73 +138,53 @@ def _met_cell(row: DeployRow) -> str:
     return "yes" if row.met else "NO"
 
 
+def _cells(r: DeployRow) -> list[str]:
+    return [
+        r.model, r.recipe, _forms_cell(r),
+        _one_or_pair([fmt_pct(r.accuracy(t)) for t in THREAD_COUNTS]),
+        _pair([_best_ms(r, t, 1) for t in THREAD_COUNTS], fmt_us),
+        _pair([_best_ms(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
+        _onnx_cell(r),
+        _pair([_form_ms(r, "torch", t, 1) for t in THREAD_COUNTS], fmt_us),
+        _pair([_form_ms(r, "torch", t, 256) for t in THREAD_COUNTS], fmt_ms),
+        _peer_cell(r),
+        _pair([(p.b1_ms if p else None) for p in (r.peer(t) for t in THREAD_COUNTS)],
+              fmt_us),
+        _pair([r.ratio(t) for t in THREAD_COUNTS], fmt_ratio),
+        _pair([r.ratio(t, any_accuracy=True) for t in THREAD_COUNTS], fmt_ratio),
+        _met_cell(r)]
+
+
+_NO_PROGRAM = "no integer program"
+
+
+def _failures(rows: list[DeployRow]) -> list[str]:
+    """One line per reason: the forms that failed or do not exist, and where. A float
+    model's own "no C form" is left out where its at-deployment conversion was tried."""
+    where: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        forms = r.forms[THREAD_COUNTS[0]]
+        tried = any(f in forms for f in AT_DEPLOYMENT)
+        for form, row in forms.items():
+            if not row.error or (form == "c" and tried and _NO_PROGRAM in row.error):
+                continue
+            where[f"{r.label(form)}: {row.error}"].append(f"{r.model} / {r.recipe}")
+    return [f"- {why}: {', '.join(pairs)}" for why, pairs in sorted(where.items())]
+
+
 def deploy_markdown(rows: list[DeployRow]) -> str:
     """The table of part (a) and the notes on failed forms."""
     ts = "/".join(str(t) for t in THREAD_COUNTS)
-    headers = ["model", "recipe", "accuracy", "deployed form (fastest of ours, b1)",
-               f"b1 ({ts} thr)", f"b256 ({ts} thr)", f"eager b1 ({ts} thr)",
-               f"eager b256 ({ts} thr)", "fastest peer of >= accuracy",
-               f"peer b1 ({ts} thr)", f"ratio peer / ours ({ts} thr)",
+    headers = ["model", "recipe", "deployed form (fastest of ours at b1)",
+               "accuracy (deployed form)", f"b1 ({ts} thr)", f"b256 ({ts} thr)",
+               f"ONNX of the recipe's model: accuracy; b1 ({ts} thr)",
+               f"eager b1 ({ts} thr)", f"eager b256 ({ts} thr)",
+               "fastest peer of >= accuracy", f"peer b1 ({ts} thr)",
+               f"ratio peer / ours ({ts} thr)",
                f"vs fastest peer of any accuracy ({ts} thr)", "target met"]
-    cells = []
-    for r in rows:
-        cells.append([
-            r.model, r.recipe, fmt_pct(r.accuracy), _forms_cell(r),
-            _pair([_best_ms(r, t, 1) for t in THREAD_COUNTS], fmt_us),
-            _pair([_best_ms(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
-            _pair([_eager(r, t, 1) for t in THREAD_COUNTS], fmt_us),
-            _pair([_eager(r, t, 256) for t in THREAD_COUNTS], fmt_ms),
-            _peer_cell(r),
-            _pair([(p.b1_ms if p else None) for p in (r.peer(t) for t in THREAD_COUNTS)],
-                  fmt_us),
-            _pair([r.ratio(t) for t in THREAD_COUNTS], fmt_ratio),
-            _pair([r.ratio(t, any_accuracy=True) for t in THREAD_COUNTS], fmt_ratio),
-            _met_cell(r)])
-    where: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        for form, row in r.forms[THREAD_COUNTS[0]].items():
-            if row.error and form in OWN_FORMS:
-                where[f"{form}: {row.error}"].append(f"{r.model} / {r.recipe}")
-    notes = [f"- {why}: {', '.join(pairs)}" for why, pairs in sorted(where.items())]
-    return "\n".join([render_markdown(headers, cells), "",
+    notes = _failures(rows)
+    return "\n".join([render_markdown(headers, [_cells(r) for r in rows]), "",
                       *(["Forms that do not exist or failed:", "", *notes] if notes else [])])
-
-
-def int8_markdown(rows: list[DeployRow]) -> str:
-    """Part (a2): the float rows' models converted by ``quantize_int8`` and run as C."""
-    ts = "/".join(str(t) for t in THREAD_COUNTS)
-    headers = ["model", "recipe", "recipe's accuracy", "+ int8 C accuracy",
-               f"+ int8 C b1 ({ts} thr)", "fastest peer of >= accuracy",
-               f"peer b1 ({ts} thr)", f"ratio peer / ours ({ts} thr)", "target met"]
-    cells = []
-    for r in rows:
-        c8 = {t: r.forms[t].get("c8") for t in THREAD_COUNTS}
-        first = c8[THREAD_COUNTS[0]]
-        if first is None:
-            continue
-        if first.b1_ms is None:
-            cells.append([r.model, r.recipe, fmt_pct(r.accuracy), "-", "-", "-", "-", "-",
-                          f"no C form: {first.error}"])
-            continue
-        peers = {t: r.peer(t, accuracy=first.accuracy) for t in THREAD_COUNTS}
-        ratios = [None if peers[t] is None or c8[t] is None or not c8[t].b1_ms
-                  else peers[t].b1_ms / c8[t].b1_ms for t in THREAD_COUNTS]
-        names = {("none as accurate" if p is None else f"{p.name} ({fmt_pct(p.accuracy)})")
-                 for p in peers.values()}
-        met = ("yes (no peer as accurate)" if all(p is None for p in peers.values()) else
-               "yes" if all(x is not None and x >= 1.0 for x in ratios) else "NO")
-        cells.append([r.model, r.recipe, fmt_pct(r.accuracy), fmt_pct(first.accuracy),
-                      _pair([c8[t].b1_ms if c8[t] else None for t in THREAD_COUNTS], fmt_us),
-                      " / ".join(sorted(names)),
-                      _pair([p.b1_ms if p else None for p in peers.values()], fmt_us),
-                      _pair(ratios, fmt_ratio), met])
-    return "\n".join([
-        "### (a2) The float rows + `quantize_int8`, deployed as C", "",
-        "Not the recipes' own models: each float model of the table above converted by "
-        "`quantize_int8` (minmax, 8 calibration batches; no fine-tuning) and exported to C, "
-        "timed in the same interleaved rounds -- what chaining the recipe with `int8` (as "
-        "recipe `prune-int8` does) would deploy. Same columns as above, for this form's "
-        "accuracy.", "", render_markdown(headers, cells)])
 
 
 def _same_graph_overhead(rows: list[DeployRow], threads: int) -> list[tuple[str, float]]:
@@ -190,26 +199,40 @@ def _same_graph_overhead(rows: list[DeployRow], threads: int) -> list[tuple[str,
     return out
 
 
-def findings(rows: list[DeployRow]) -> str:
-    """Why the target is missed where it is, from this run's figures."""
+def _missed(r: DeployRow) -> str:
+    """A missed row in a few words: deployed form, ratios and, for a float form, whether
+    the at-deployment conversion failed."""
     t = THREAD_COUNTS[0]
-    same = _same_graph_overhead(rows, t)
+    form = (r.best(t) or ("-", None))[0]
+    why = ""
+    if form in ("onnx", "torch") and not r.engine:
+        c8 = [r.forms[t][f] for f in AT_DEPLOYMENT if f in r.forms[t]]
+        why = ("; quantize_int8 at deployment failed" if c8 and all(x.b1_ms is None for x in c8)
+               else "; its int8 form was slower" if c8 else "")
+    ratios = _pair([r.ratio(x) for x in THREAD_COUNTS], fmt_ratio)
+    return f"{r.model} / {r.recipe} ({r.label(form) if form != '-' else form}, {ratios}{why})"
+
+
+def findings(rows: list[DeployRow]) -> str:
+    """Which forms were deployed and why the target is missed where it is, from this
+    run's figures."""
+    t = THREAD_COUNTS[0]
+    chosen = [(r.best(t) or ("-", None))[0] for r in rows]
+    floats = [r for r in rows if any(f in r.forms[t] for f in AT_DEPLOYMENT)]
+    converted = sum(1 for f in chosen if f in AT_DEPLOYMENT)
     missed = [r for r in rows if r.met is False]
-    float_missed = [r for r in missed if (r.best(t) or ("", None))[0] in ("onnx", "torch")
-                    and r.forms[t].get("c") is not None and r.forms[t]["c"].b1_ms is None]
-    parts = [f"Where the target is missed ({len(missed)} of {len(rows)} rows): "
-             f"{len(float_missed)} of them deploy a float model (ONNX Runtime fp32 kernels) "
-             "against int8 peers or against ORT fp32 of the same-sized model; unstructured "
-             "zeros (magnitude-prune, deep-compression before dead units go) run as dense "
-             "matrices in ONNX Runtime, so they buy no batch-1 time."]
+    parts = [f"The float models' quantize_int8 conversion at deployment is the deployed "
+             f"form on {converted} of the {len(floats)} rows that hold a float model "
+             f"(C on {chosen.count('c8')}, the int8 engine on {chosen.count('e8')})."]
+    if missed:
+        parts.append(f"Missed on {len(missed)} rows: " + "; ".join(_missed(r) for r in missed)
+                     + ".")
+    same = _same_graph_overhead(rows, t)
     if same:
         lo, hi = min(x for _, x in same), max(x for _, x in same)
-        parts.append(f"On the uncompressed models our ONNX (through `runtime.load(...)"
-                     f".predict`) and the peer's ORT fp32 session run the same graph, yet "
-                     f"ours takes {lo:.2f}-{hi:.2f}x the peer's batch-1 time at {t} thread "
-                     f"({', '.join(f'{m} {x:.2f}x' for m, x in same)}): a ratio above 1 "
-                     "there is the `predict` wrapper's per-call cost (input checks and "
-                     "copies), below 1 timing noise.")
-    parts.append("The int8 rows (C or the int8 engine) meet it; table (a2) shows what the "
-                 "float rows would deploy after `quantize_int8`.")
+        parts.append(f"On the uncompressed models our float ONNX (through "
+                     f"`runtime.load(...).predict`) and the peer's ORT fp32 session run the "
+                     f"same graph; ours takes {lo:.2f}-{hi:.2f}x the peer's batch-1 time at "
+                     f"{t} thread ({', '.join(f'{m} {x:.2f}x' for m, x in same)}): above 1, "
+                     "the `predict` wrapper's per-call cost; below 1, timing noise.")
     return " ".join(parts)
