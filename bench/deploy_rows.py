@@ -225,8 +225,8 @@ def findings(rows: list[DeployRow]) -> str:
              f"form on {converted} of the {len(floats)} rows that hold a float model "
              f"(C on {chosen.count('c8')}, the int8 engine on {chosen.count('e8')})."]
     if missed:
-        parts.append(f"Missed on {len(missed)} rows: " + "; ".join(_missed(r) for r in missed)
-                     + ".")
+        parts.append(f"Missed on {len(missed)} row{'s' if len(missed) > 1 else ''}: "
+                     + "; ".join(_missed(r) for r in missed) + ".")
     same = _same_graph_overhead(rows, t)
     if same:
         lo, hi = min(x for _, x in same), max(x for _, x in same)
