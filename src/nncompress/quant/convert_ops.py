@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from nncompress.quant.affine import QMAX, QType, activation_qtype, quantize_tensor, weight_scales
 from nncompress.quant.convert_binary import BINARY_RULES
+from nncompress.quant.convert_functional import FUNCTIONAL_RULES
+from nncompress.quant.convert_lowbit import LOWBIT_RULES
 from nncompress.quant.convert_rules import (
     ADD,
     ALIAS,
@@ -299,11 +302,38 @@ def _embedding(b: Builder, node: fx.Node) -> None:
     b.emit("embedding", node, [ids], QType("int8", scale, 0), {}, {"table": table})
 
 
+@dataclass(frozen=True)
+class Zeros:
+    """A ``torch.zeros(...)`` / ``zeros_like`` / ``new_zeros`` node: usable only as an RNN's
+    initial state (any other consumer refuses it: it is not an int8 value)."""
+
+
+def _zeros(b: Builder, node: fx.Node) -> None:
+    b.env[node.name] = Zeros()
+
+
+def _zero_state(b: Builder, hx: Any) -> bool:
+    """Whether an RNN's initial state argument is zero: ``None`` (torch's default, which
+    :class:`~nncompress.lowrank.layers.LowRankRNN` passes on), ``torch.zeros(...)``, or
+    parameters / buffers that are all zeros (a tensor, or an LSTM's ``(h0, c0)``)."""
+    if hx is None:
+        return True
+    parts = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    for part in parts:
+        if isinstance(part, fx.Node) and isinstance(b.env.get(part.name), Zeros):
+            continue
+        t = b.attr_tensor(part)
+        if t is None or bool(t.any()):
+            return False
+    return True
+
+
 def _rnn(b: Builder, node: fx.Node) -> None:
     from nncompress.quant import int8_rnn
     m = _module(b, node)
-    if len(node.args) > 1 or node.kwargs:
-        b.fail(node, "is given an initial state; only a zero initial state converts")
+    if not _zero_state(b, _arg(node, 1, "hx")) or set(node.kwargs) - {"hx"}:
+        b.fail(node, "is given a nonzero initial state; only a zero initial state (None, as "
+                     "LowRankRNN passes, or a zero buffer) converts")
     x = b.value(node, node.args[0])
     # one weight scale per gate matrix: as accurate as per row on the reference GRU/LSTM
     # (within 0.2 pt) and the file is 4.5x smaller than fp32 instead of 3.7x
@@ -350,8 +380,11 @@ def _table() -> dict[Any, Rule]:
         nn.MaxPool1d: _pool, nn.MaxPool2d: _pool, nn.AvgPool1d: _pool, nn.AvgPool2d: _pool,
         nn.LayerNorm: _layer_norm, nn.Embedding: _embedding, nn.RNNBase: _rnn,
         nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
+        torch.zeros: _zeros, torch.zeros_like: _zeros, "new_zeros": _zeros,
     }
     rules.update(BINARY_RULES)    # the frozen binary layers (BNN / XNOR-Net)
+    rules.update(FUNCTIONAL_RULES)   # F.linear / F.conv with parameters (low-rank layers)
+    rules.update(LOWBIT_RULES)       # frozen low-bit layers (LSQ / power-of-two codes)
     for keys, rule in ((RELU, _relu), (ALIAS, _alias), (SOFTMAX, _softmax), (ADD, _add),
                        (MUL, _mul), (MATMUL, _matmul), (tuple(LUT), _lut)):
         for key in keys:

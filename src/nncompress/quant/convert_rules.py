@@ -196,8 +196,8 @@ class Builder:
             key = nn.RNNBase
         rule = RULES.get(key)
         if rule is None:
-            kind = "module" if node.op == "call_module" else "operation"
-            self.fail(node, f"is a {kind} the int8 converter has no integer rule for")
+            kind = "a module" if node.op == "call_module" else "an operation"
+            self.fail(node, f"is {kind} the int8 converter has no integer rule for")
         return rule(self, node)
 
     def placeholder(self, node: fx.Node) -> None:
@@ -224,9 +224,24 @@ class Builder:
         return program, self.log
 
     # -- requantized layers -------------------------------------------------------------
+    def attr_tensor(self, arg: Any) -> torch.Tensor | None:
+        """The parameter or buffer a ``get_attr`` node reads (else None)."""
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            return None
+        got = self.gm
+        for part in str(arg.target).split("."):
+            got = getattr(got, part, None)
+        return got.detach() if isinstance(got, torch.Tensor) else None
+
     def weighted(self, node: fx.Node, kind: str, layer: nn.Module, attrs: dict) -> None:
-        x = self.value(node, node.args[0])
-        w = layer.weight.detach()
+        self.weighted_tensors(node, kind, self.value(node, node.args[0]), layer.weight,
+                              layer.bias, attrs)
+
+    def weighted_tensors(self, node: fx.Node, kind: str, x: str, weight: torch.Tensor,
+                         bias: torch.Tensor | None, attrs: dict) -> None:
+        """A float ``weight`` [O, ...] and ``bias`` [O] quantized to int8 per output channel
+        (or per tensor), then :meth:`requantized`."""
+        w = weight.detach()
         # per-channel scales rounded up to a grid of 8 steps per octave (at most 9 % coarser,
         # 0.13 bit of int8 resolution): the channels' multipliers then take a few distinct
         # values, which the container stores in a few bits each instead of 15
@@ -234,8 +249,7 @@ class Builder:
         ws = torch.exp2(torch.ceil(torch.log2(ws) * 8 - 1e-9) / 8)
         shape = (-1,) + (1,) * (w.dim() - 1)
         wq = quantize_tensor(w, ws.reshape(shape), 0, -WMAX, WMAX).to(torch.int8)
-        bias = layer.bias.detach() if layer.bias is not None else None
-        self.requantized(node, kind, x, wq, ws, bias, attrs)
+        self.requantized(node, kind, x, wq, ws, None if bias is None else bias.detach(), attrs)
 
     def requantized(self, node: fx.Node, kind: str, x: str, wq: torch.Tensor,
                     ws: torch.Tensor, bias: torch.Tensor | None, attrs: dict) -> None:

@@ -275,8 +275,12 @@ def to_int8(model: nn.Module, ctx: Context, *, calibration: Any = None,
     batches)."""
     from nncompress.modules import decompose
     from nncompress.quant.convert import build_program, positional_model, trace
+    from nncompress.quant.convert_lowbit import int8_forms
     model, notes = decompose(model, ctx.masks)   # PyTorch attention built-ins -> plain layers
     for line in notes:
+        ctx.note(line)
+    model, lines = int8_forms(model)   # frozen low-bit layers -> int8 codes + scales
+    for line in lines:
         ctx.note(line)
     model.eval()
     fold_batchnorm(model, FoldBatchNormConfig(), ctx)
