@@ -304,3 +304,14 @@ def test_an_unknown_operation_is_named_with_an_article() -> None:
     with pytest.raises(UnsupportedLayerError, match="is an operation the int8 converter"):
         quantize_int8(_Erf(), QuantizeInt8Config(),
                       Context(data=_data((1, 16)), seed=0, progress=False))
+
+
+def test_qat_refuses_frozen_low_bit_layers_by_name() -> None:
+    from nncompress.quant.qat import QATInt8Config, qat_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), _frozen(nn.Linear(8, 3), torch.randn(8, 8),
+                                                                      weight_bits=4))
+    with pytest.raises(UnsupportedLayerError, match=r"qat_int8: layer '2' \(FrozenLowBitLinear\)"
+                                                    r" is already quantized.*quantize_int8"):
+        qat_int8(model, QATInt8Config(), Context(data=_data((16,)), progress=False))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,10 @@ class CDeployed(Deployed):
 
     def predict(self, x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
         """As :meth:`Deployed.predict`; one contiguous array of the right dtype and shape
-        goes straight to the C call (batch-1 latency)."""
+        goes straight to the C call (batch-1 latency); so does a CPU torch tensor (viewed
+        as one without a copy)."""
+        if type(x) is not np.ndarray and _is_cpu_tensor(x):
+            x = x.numpy()
         if (self._single and type(x) is np.ndarray and x.dtype == self.input_dtypes[0]
                 and x.shape[1:] == self.input_shapes[0] and x.flags.c_contiguous
                 and x.flags.writeable and x.size):
@@ -204,6 +208,14 @@ class TorchDeployed(Deployed):
             out = self.model(*ts)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [o.detach().float().numpy() for o in outs]
+
+
+def _is_cpu_tensor(x: Any) -> bool:
+    """Whether ``x`` is a plain CPU torch tensor that needs no gradient (without importing
+    torch when it is not loaded): ``x.numpy()`` views it without a copy."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and type(x) is torch.Tensor and x.is_cpu
+            and not x.requires_grad)
 
 
 def _read(path: Path) -> str:

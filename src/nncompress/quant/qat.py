@@ -109,10 +109,24 @@ class QATInt8Config(QuantizeInt8Config):
     momentum: float = Field(default=0.01, gt=0.0, le=1.0)
 
 
+def _refuse_frozen(model: nn.Module) -> None:
+    """Frozen low-bit / binary layers hold codes, not trainable weights: QAT cannot
+    fake-quantize them (quantize_int8 converts them exactly)."""
+    from nncompress.quant.binary_layers import _FrozenBinary
+    from nncompress.quant.lowbit_layers import _Frozen
+
+    for name, module in model.named_modules():
+        if isinstance(module, (_Frozen, _FrozenBinary)):
+            raise UnsupportedLayerError(
+                f"qat_int8: layer {name!r} ({type(module).__name__}) is already quantized "
+                "(frozen codes, nothing to train): use quantize_int8, which converts it exactly")
+
+
 def qat_int8(model: nn.Module, config: QATInt8Config, ctx: Context) -> Int8Model:
     """Fold BatchNorm, calibrate, train with fake quantization, convert (Jacob et al., 2018)."""
     if isinstance(model, Int8Model):
         raise UnsupportedLayerError("qat_int8: the model is already an int8 model")
+    _refuse_frozen(model)
     model = copy.deepcopy(model)   # nothing below may touch the model handed in on a refusal
     from nncompress.modules import decompose
     model, notes = decompose(model, ctx.masks)   # PyTorch attention built-ins -> plain layers
