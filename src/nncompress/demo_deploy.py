@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nncompress.data import Dataset, example_input
+from nncompress.errors import raise_if_interrupted
 
 __all__ = ["DeployedLatency", "deploy_and_time"]
 
@@ -94,6 +95,7 @@ def _export_forms(model: nn.Module, data: Dataset, folder: Path, threads: int,
                 export(model, path, example, format=fmt)
             forms[form] = runtime.load(path, threads=threads)
         except Exception as exc:  # an export that fails is reported, not fatal
+            raise_if_interrupted(exc)        # ... but a Ctrl-C inside it stops the demo
             notes.append(f"{form}: {_first_line(exc)}")
     return forms, notes
 

@@ -41,3 +41,17 @@ class ConstraintError(NNCError):
 
 class KernelUnavailableError(NNCError):
     """A C kernel cannot be built or loaded here (no gcc, a failed build); names which."""
+
+
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt when ``exc`` is, wraps or was raised while handling one: a
+    Ctrl-C that lands inside native code that calls back into Python (torch's ONNX tracer,
+    ONNX Runtime) comes back wrapped in a RuntimeError, which a broad ``except Exception``
+    must not swallow."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt) or "KeyboardInterrupt" in str(cur)[:2000]:
+            raise KeyboardInterrupt from exc
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__

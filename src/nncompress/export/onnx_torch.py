@@ -38,7 +38,12 @@ import onnx
 import torch
 from torch import nn
 
-from nncompress.errors import ModelError, NNCError, UnsupportedLayerError
+from nncompress.errors import (
+    ModelError,
+    NNCError,
+    UnsupportedLayerError,
+    raise_if_interrupted,
+)
 from nncompress.export import (
     EXPORTERS,
     LAYER_FORMS,
@@ -189,6 +194,7 @@ def first_unexportable_layer(model: nn.Module, args: tuple[torch.Tensor, ...]
         try:
             _torch_export(layer, tuple(layer_args))
         except Exception as exc:   # torch.onnx raises many types
+            raise_if_interrupted(exc)
             return name, layer, _first_line(exc)
     return None
 
@@ -207,6 +213,7 @@ def module_to_onnx(model: nn.Module, args: tuple[torch.Tensor, ...],
     except NNCError:
         raise
     except Exception as exc:
+        raise_if_interrupted(exc)
         culprit = first_unexportable_layer(model, args)
         if culprit is not None:
             name, layer, why = culprit
