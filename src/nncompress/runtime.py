@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from nncompress.errors import DataError, NNCError
+from nncompress.errors import DataError, NNCError, raise_if_interrupted
 
 __all__ = ["Deployed", "load"]
 
@@ -101,6 +101,7 @@ class OnnxDeployed(Deployed):
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
+            raise_if_interrupted(exc)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise NNCError(f"{path}: not a loadable ONNX model ({first})") from None
         ins = self.session.get_inputs()

@@ -117,6 +117,7 @@ def _output_count(model: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
         with torch.no_grad():
             out = model(*args)
     except Exception as exc:    # the model does not run on the example: bad input
+        raise_if_interrupted(exc)
         raise ModelError(f"{type(model).__name__} fails on the example input "
                          f"{[tuple(a.shape) for a in args]}: {type(exc).__name__}: "
                          f"{_first_line(exc)}") from None
