@@ -1,5 +1,6 @@
 """Shared test data: a tiny, seeded classification problem (label = argmax of the first
-``classes`` features), small enough for tests to train on in a fraction of a second."""
+``classes`` features), small enough for tests to train on in a fraction of a second; tiny
+versions of the seven reference models and their int8 programs (the export tests)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nncompress.data import Dataset
+
+#: reference model -> (per-sample input shape, ``models.build`` overrides) of a tiny version
+TINY_MODELS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
+    "mlp": ((1, 5, 7), {"hidden": [11, 6]}),
+    "cnn1d": ((1, 23), {"channels": [5, 7, 9]}),
+    "cnn2d": ((1, 9, 9), {"channels": [3, 5], "hidden": [10, 6]}),
+    "rescnn": ((1, 21), {"channels": 6, "hidden": [8, 8]}),      # residual + depthwise
+    "gru": ((1, 7), {"hidden": [6, 5]}),
+    "lstm": ((1, 7), {"hidden": [6, 5]}),
+    "transformer": ((1, 20), {"patch_size": 4, "dim": 8, "depth": 1, "num_heads": [2],
+                              "head_dim": [4], "mlp_dim": [12]}),
+}
 
 
 def tiny_data(n: int = 96, features: int = 12, classes: int = 3, seed: int = 0) -> Dataset:
@@ -33,3 +48,36 @@ def bench_module(filename: str, name: str) -> ModuleType:
     sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def fold_on(model: nn.Module, x: torch.Tensor) -> None:
+    """``fold_batchnorm`` with ``x`` as the data it reads its example from."""
+    from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
+    from nncompress.technique import Context
+
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.int64)),
+                        batch_size=len(x))
+    data = Dataset("calibration", loader, loader, tuple(x.shape[1:]), 3)
+    fold_batchnorm(model, FoldBatchNormConfig(), Context(data=data, progress=False))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def tiny_program(name: str) -> tuple[Any, tuple[int, ...]]:
+    """The int8 program of the tiny ``name`` (seeded; BatchNorm statistics made
+    non-trivial, then folded; calibrated on two random batches) and its input shape."""
+    from nncompress import models
+    from nncompress.quant.convert import convert
+
+    shape, overrides = TINY_MODELS[name]
+    torch.manual_seed(0)
+    model = models.build(name, shape, 3, **overrides).eval()
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn((16, *shape), generator=g) for _ in range(2)]
+    with torch.no_grad():   # BatchNorm with non-trivial statistics, then folded
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fold_on(model, calibration[0])
+    program, _ = convert(model, calibration)
+    return program, shape

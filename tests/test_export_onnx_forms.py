@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import nncompress as nc
-from helpers import tiny_data
+from helpers import TINY_MODELS, tiny_data
 from nncompress import formats, models
 from nncompress.data import Dataset
 from nncompress.errors import UnsupportedLayerError
@@ -48,16 +48,6 @@ QUANT_SAMPLES = N // 8
 #: ... and the bound on every sample, relative to the largest |output|.
 QUANT_REL = 5e-2
 
-TINY: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
-    "mlp": ((1, 5, 7), {"hidden": [11, 6]}),
-    "cnn1d": ((1, 23), {"channels": [5, 7, 9]}),
-    "cnn2d": ((1, 9, 9), {"channels": [3, 5], "hidden": [10, 6]}),
-    "rescnn": ((1, 21), {"channels": 6, "hidden": [8, 8]}),
-    "gru": ((1, 7), {"hidden": [6, 5]}),
-    "lstm": ((1, 7), {"hidden": [6, 5]}),
-    "transformer": ((1, 20), {"patch_size": 4, "dim": 8, "depth": 1, "num_heads": [2],
-                              "head_dim": [4], "mlp_dim": [12]}),
-}
 
 
 @dataclass(frozen=True)
@@ -93,7 +83,7 @@ def _apply(model: nn.Module, data: Dataset, technique: str, **config: Any) -> nn
 
 
 def _build(name: str) -> nn.Module:
-    shape, overrides = TINY[name]
+    shape, overrides = TINY_MODELS[name]
     torch.manual_seed(0)
     return models.build(name, shape, 3, **overrides)
 
@@ -111,11 +101,11 @@ def _has(*names: str) -> Callable[[nn.Module], bool]:
 
 
 def _dense(name: str) -> Made:
-    return Made(_build(name), _samples(TINY[name][0]))
+    return Made(_build(name), _samples(TINY_MODELS[name][0]))
 
 
 def _pruned(name: str) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     full = _params(_build(name))
     model = _apply(_build(name), _data(shape), "l1_filter_prune", ratio=0.5,
                    epochs_per_step=0)
@@ -123,7 +113,7 @@ def _pruned(name: str) -> Made:
 
 
 def _low_rank(name: str, **config: Any) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     model = _apply(_build(name), _data(shape), "low_rank", rank_ratio=0.5, min_params=1,
                    **config)
     if config.get("recurrent") == "projection":
@@ -136,7 +126,7 @@ def _deep_compression(name: str) -> Made:
     """Han et al. (2016): magnitude pruning, then 4-bit weight sharing, every weight
     matrix saved as Deep Compression stores it (``sparse_rel_huffman``: relative indices
     of the non-zeros, their shared values, both Huffman-coded)."""
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     data = _data(shape)
     model = _apply(_build(name), data, "magnitude_prune", sparsity=0.7, epochs_per_step=0)
     model = _apply(model, data, "weight_sharing", bits=4, epochs=0)
@@ -146,7 +136,7 @@ def _deep_compression(name: str) -> Made:
 
 
 def _hashed_linear() -> Made:
-    shape = TINY["mlp"][0]
+    shape = TINY_MODELS["mlp"][0]
     model = _apply(_build("mlp"), _data(shape), "hashed_net", compression=4, epochs=0,
                    seed=0)
     return Made(model, _samples(shape), holds=_has("HashedLinear"))
@@ -184,7 +174,7 @@ def _hashed_embedding() -> Made:
 
 
 def _folded(name: str) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     model = _build(name)
     with torch.no_grad():          # non-trivial statistics, so folding changes weights
         for m in model.modules():
@@ -197,20 +187,20 @@ def _folded(name: str) -> Made:
 
 
 def _lowbit(name: str, quantizer: str) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     model = _apply(_build(name), _data(shape), "lowbit", weight_bits=3, activation_bits=4,
                    quantizer=quantizer, keep_first=False, epochs=0, calibration=32)
     return Made(model, _samples(shape), holds=_has("LowBit"), tolerance="quant")
 
 
 def _binarized(name: str) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     model = _apply(_build(name), _data(shape), "binarize", epochs=0, keep_first=False)
     return Made(model, _samples(shape), holds=_has("Binary"), tolerance="quant")
 
 
 def _int8(name: str) -> Made:
-    shape = TINY[name][0]
+    shape = TINY_MODELS[name][0]
     model = _apply(_build(name), _data(shape), "quantize_int8")
     return Made(model, _samples(shape), holds=_has("Int8"), tolerance="exact")
 
@@ -290,7 +280,7 @@ def _zipped() -> Made:
 
 
 FORMS: dict[str, Callable[[], Made]] = {
-    **{f"dense-{n}": (lambda n=n: _dense(n)) for n in TINY},
+    **{f"dense-{n}": (lambda n=n: _dense(n)) for n in TINY_MODELS},
     **{f"pruned-{n}": (lambda n=n: _pruned(n))
        for n in ("cnn1d", "cnn2d", "rescnn", "gru", "lstm", "transformer")},
     "lowrank-linear": lambda: _low_rank("mlp"),
@@ -413,7 +403,7 @@ def test_cli_exports_a_deep_compression_file(tmp_path: Path,
     monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
     made = _deep_compression("cnn1d")
     path, out = tmp_path / "dc.nnc", tmp_path / "dc.onnx"
-    nc.save(made.model.eval(), path, meta={"input_shape": list(TINY["cnn1d"][0])},
+    nc.save(made.model.eval(), path, meta={"input_shape": list(TINY_MODELS["cnn1d"][0])},
             encodings=made.encodings)
     assert cli.main(["export", str(path), "--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out

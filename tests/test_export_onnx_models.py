@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import TINY_MODELS, fold_on, tiny_program
 from nncompress import models
 from nncompress.errors import NNCError
 from nncompress.export import export, export_bytes, exporter_for
@@ -21,52 +22,10 @@ from nncompress.quant.int8_rnn import const_roles, convert_rnn
 from nncompress.quant.program import Op, Program
 from nncompress.quant.reference import run, run_values
 
-TINY = {
-    "mlp": ((1, 5, 7), {"hidden": [11, 6]}),
-    "cnn1d": ((1, 23), {"channels": [5, 7, 9]}),
-    "cnn2d": ((1, 9, 9), {"channels": [3, 5], "hidden": [10, 6]}),
-    "rescnn": ((1, 21), {"channels": 6, "hidden": [8, 8]}),
-    "gru": ((1, 7), {"hidden": [6, 5]}),
-    "lstm": ((1, 7), {"hidden": [6, 5]}),
-    "transformer": ((1, 20), {"patch_size": 4, "dim": 8, "depth": 1, "num_heads": [2],
-                              "head_dim": [4], "mlp_dim": [12]}),
-}
 
-
-def _tiny_program(name: str) -> tuple[Program, tuple[int, ...]]:
-    shape, overrides = TINY[name]
-    torch.manual_seed(0)
-    model = models.build(name, shape, 3, **overrides).eval()
-    g = torch.Generator().manual_seed(1)
-    calibration = [torch.randn((16, *shape), generator=g) for _ in range(2)]
-    with torch.no_grad():   # BatchNorm with non-trivial statistics, then folded
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    _fold(model, calibration[0])
-    program, _ = convert(model, calibration)
-    return program, shape
-
-
-def _fold(model: nn.Module, x: torch.Tensor) -> None:
-    """``fold_batchnorm`` with ``x`` as the data it reads its example from."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from nncompress.data import Dataset
-    from nncompress.quant.fold import FoldBatchNormConfig, fold_batchnorm
-    from nncompress.technique import Context
-
-    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.int64)),
-                        batch_size=len(x))
-    data = Dataset("calibration", loader, loader, tuple(x.shape[1:]), 3)
-    fold_batchnorm(model, FoldBatchNormConfig(), Context(data=data, progress=False))
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_converted_tiny_models_bit_exact(name: str) -> None:
-    program, shape = _tiny_program(name)
+    program, shape = tiny_program(name)
     inner = [v for op in program.ops for v in op.outputs]
     model = program_to_onnx(program, [shape], expose=inner)
     g = torch.Generator().manual_seed(2)
@@ -88,7 +47,7 @@ def test_converted_tiny_models_bit_exact(name: str) -> None:
 def test_int8_model_exports_through_the_dispatcher(tmp_path) -> None:
     from nncompress.quant.int8 import Int8Model
 
-    program, shape = _tiny_program("cnn1d")
+    program, shape = tiny_program("cnn1d")
     model = Int8Model.from_program(program)
     assert exporter_for(model).name == "onnx:program"
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(3))
@@ -104,13 +63,13 @@ def test_int8_model_exports_through_the_dispatcher(tmp_path) -> None:
 
 
 def test_program_export_needs_an_example() -> None:
-    program, _ = _tiny_program("mlp")
+    program, _ = tiny_program("mlp")
     with pytest.raises(NNCError, match="example input"):
         export_bytes(program)
 
 
 def test_unknown_format_is_refused() -> None:
-    program, _ = _tiny_program("mlp")
+    program, _ = tiny_program("mlp")
     with pytest.raises(NNCError, match=r"unknown export format .tflite.; known: c, onnx"):
         export_bytes(program, torch.zeros(1, 1, 5, 7), format="tflite")
 
@@ -153,14 +112,14 @@ def test_recurrent_ops_bit_exact(kind: str, layers: int, bidirectional: bool,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_trained_reference_models_bit_exact(name: str) -> None:
     from nncompress.data import example_input
 
     model, data = models.load(name, progress=False)
     model.eval()
     batches = [x for x, _ in list(data.train)[:2]]
-    _fold(model, batches[0])
+    fold_on(model, batches[0])
     program, _ = convert(model, batches)
     x = example_input(data, 16)
     onnx_model = program_to_onnx(program, [tuple(x.shape[1:])])
