@@ -26,13 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from int8_peers import THREADS, Artifact, Predict, peer_artifacts
 from nncompress import models as zoo
 from nncompress.data import Dataset, example_input
-from nncompress.measure.timing import latency_ab
+from nncompress.measure.timing import CallableModule, latency_ab
 from nncompress.report import fmt_bytes, fmt_ms, fmt_pct, fmt_ratio, render_markdown
 from peers import try_peer
 
@@ -119,17 +118,6 @@ class Verdict:
         return all(self.checks.values())
 
 
-class _Predictor(nn.Module):
-    """An nn.Module face of a ``predict`` callable, so ``latency_ab`` can time it."""
-
-    def __init__(self, predict: Predict) -> None:
-        super().__init__()
-        self.predict = predict
-
-    def forward(self, x: torch.Tensor) -> np.ndarray:
-        return self.predict(x)
-
-
 def _accuracy(predict: Predict, data: Dataset) -> float:
     correct = seen = 0
     for x, y in data.test:
@@ -140,7 +128,7 @@ def _accuracy(predict: Predict, data: Dataset) -> float:
 
 def _latencies(predicts: list[Predict], data: Dataset, threads: int) -> dict[int, list[float]]:
     """Batch -> medians (ms) of every predictor, timed interleaved on real test samples."""
-    mods = [_Predictor(p) for p in predicts]
+    mods = [CallableModule(p) for p in predicts]
     example = example_input(data, 1)
     out: dict[int, list[float]] = {}
     for batch, (rounds, warmup, repeats) in TIMING.items():

@@ -57,17 +57,6 @@ class DeployedLatency:
                 "notes": list(self.notes)}
 
 
-class _Predict(nn.Module):
-    """A deployed form's ``predict`` as a module, so ``latency_ab`` can time it."""
-
-    def __init__(self, deployed: Any) -> None:
-        super().__init__()
-        self.deployed = deployed
-
-    def forward(self, x: Any) -> Any:
-        return self.deployed.predict(x)
-
-
 def _first_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
@@ -107,11 +96,11 @@ def deploy_and_time(model: nn.Module, data: Dataset, folder: Path, *, batch_n: i
     batch 1 and ``batch_n`` (``threads``: torch's and ONNX Runtime's intra-op threads;
     default torch's current count). ``nnc``: the model's saved ``.nnc`` file, loaded by
     ``runtime.load`` as one more form (``"torch"``: what a user shipping the file runs)."""
-    from nncompress.measure.timing import latency_ab
+    from nncompress.measure.timing import CallableModule, latency_ab
 
     threads = threads or torch.get_num_threads()
     forms, notes = _export_forms(model, data, folder, threads, nnc)
-    subjects: list[nn.Module] = [model, *(_Predict(d) for d in forms.values())]
+    subjects: list[nn.Module] = [model, *(CallableModule(d.predict) for d in forms.values())]
     x = example_input(data, 1)
     b1 = latency_ab(subjects, batch_sizes=(1,), warmup=WARMUP, repeats=REPEATS,
                     rounds=ROUNDS, threads=threads, example=x)

@@ -157,37 +157,18 @@ def object_sizes(obj: Path) -> dict[str, int]:
     return {"text": int(fields[0]), "data": int(fields[1]), "bss": int(fields[2])}
 
 
-def _call(lib: ctypes.CDLL, info: CInfo, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run the exported ``nnc_run`` on a batch (its own arena buffer)."""
-    fn = getattr(lib, info.entry)
-    batch = xs[0].shape[0]
-    ys = [torch.empty((batch, *shape)) for _, _, shape in info.outputs]
-    arena = torch.zeros(info.arena_bytes + 128, dtype=torch.uint8)
-    base = -(-arena.data_ptr() // 64) * 64
-    fn.restype = ctypes.c_int
-    code = fn(*[ctypes.c_void_p(t.data_ptr()) for t in xs + ys], ctypes.c_int32(batch),
-              ctypes.c_void_p(base))
-    if code:
-        raise NNCError(f"the exported C returned error code {code} on the example")
-    return ys
-
-
 def _check(c: CSource, program: Program, xs: list[torch.Tensor], folder: Path) -> float:
-    """Largest difference between the compiled export and the integer reference on the
-    example (raises when the build fails)."""
+    """Largest difference between the compiled export (built with :data:`MCU_FLAGS`, run
+    through the int8 engine's ctypes wrapper) and the integer reference on the example
+    (raises when the build fails)."""
+    from nncompress.kernels.int8 import Engine
     from nncompress.quant.reference import run
 
     lib = ctypes.CDLL(str(compile_object(c, folder, MCU_FLAGS, shared=True)))
-    got = _call(lib, c.info, xs)
+    got = Engine(lib, c.info, c.source, c.header, threads=1)(*xs)
     want = run(program, *xs)
-    diff = 0.0
-    for g, w, axis in zip(got, want, c.info.output_axes or [0] * len(got), strict=True):
-        if axis is None:                  # an output that does not depend on the batch
-            g = g[0]
-        elif axis:
-            g = g.movedim(0, axis)
-        diff = max(diff, float((g - w).abs().max()) if g.numel() else 0.0)
-    return diff
+    return max((float((g - w).abs().max()) for g, w in zip(got, want, strict=True)
+                if g.numel()), default=0.0)
 
 
 def _inputs(program: Program, example: Any) -> list[torch.Tensor]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,18 @@ class BatchLatency:
     p10_ms: float
     p90_ms: float
     repeats: int
+
+
+class CallableModule(nn.Module):
+    """Any callable (e.g. a deployed form's ``predict``) as a module, so :func:`latency` /
+    :func:`latency_ab` time it beside ordinary modules."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Any) -> Any:
+        return self.fn(x)
 
 
 @dataclass(frozen=True)
