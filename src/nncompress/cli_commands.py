@@ -315,6 +315,7 @@ def _calibration(args: argparse.Namespace, model: Any) -> Any:
     ``--data`` (the model is quantized to int8 on them); else None."""
     import torch
 
+    from nncompress.data.core import first_samples
     from nncompress.export import program_of
 
     if args.format != "c" or program_of(model) is not None:
@@ -323,16 +324,12 @@ def _calibration(args: argparse.Namespace, model: Any) -> Any:
         raise CLIError("--format c of a float model needs --data: it is quantized to int8 "
                        f"first, calibrated on {CALIBRATION_SAMPLES} training samples of that "
                        "dataset (or quantize it with the int8 recipe first)")
-    data = load_data(args.data, seed=0)
-    parts, count = [], 0
-    for x, *_ in data.train:
-        if not isinstance(x, torch.Tensor):
-            raise CLIError(f"--data {quoted(args.data)}: the C export takes one input tensor")
-        parts.append(x)
-        count += len(x)
-        if count >= CALIBRATION_SAMPLES:
-            break
-    return torch.cat(parts)[:CALIBRATION_SAMPLES]
+    parts = first_samples(load_data(args.data, seed=0).train, CALIBRATION_SAMPLES)
+    if not parts:
+        raise CLIError(f"--data {quoted(args.data)}: no training samples to calibrate on")
+    if not all(isinstance(x, torch.Tensor) for x in parts):
+        raise CLIError(f"--data {quoted(args.data)}: the C export takes one input tensor")
+    return torch.cat(parts)
 
 
 def _check_output_folder(path: Path) -> Path:

@@ -39,7 +39,7 @@ from nncompress.inputs import Inputs
 from nncompress.paths import cache_dir
 from nncompress.registry import Registry
 
-__all__ = ["Dataset", "dataset_names", "example_input", "load_dataset"]
+__all__ = ["Dataset", "dataset_names", "example_input", "first_samples", "load_dataset"]
 
 #: Bumped whenever the arrays written to the MNIST-1D cache would change.
 _MNIST1D_CACHE_VERSION = 1
@@ -259,7 +259,9 @@ def dataset_names() -> tuple[str, ...]:
     return _BUNDLED.names()
 
 
-def _first_samples(batches: Iterable[Any], count: int) -> list[Inputs]:
+def first_samples(batches: Iterable[Any], count: int) -> list[Inputs]:
+    """The inputs of the first ``count`` samples of ``batches`` (``(x, y)`` pairs), as the
+    list of their batches (the last one cut; fewer samples if the batches run out)."""
     taken: list[Inputs] = []
     have = 0
     for x, _ in batches:
@@ -275,7 +277,7 @@ def example_input(data: Dataset, batch: int = 1) -> Inputs:
     of the dataset's input form (a tensor, or a tuple / dict of tensors)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    taken = [t for t in _first_samples(data.test, batch) if inputs.batch_size(t)]
+    taken = [t for t in first_samples(data.test, batch) if inputs.batch_size(t)]
     if not taken:
         raise DataError(f"dataset {data.name!r} has no test samples")
     try:
