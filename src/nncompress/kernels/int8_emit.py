@@ -100,10 +100,10 @@ def emit_quantize(gen: Gen, op: Op) -> None:
              f"{qo.zero_point});")
 
 
-def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str, int]:
-    """The weights ``[O, K]``, the C names of the folded int64 bias ``b - (128 + zx) *
-    sum(w)``, m and s (one per output), and whether the short requantization applies
-    (``acc + bias`` provably within int32 for any input, every ``s <= 0``, ``m >= 0``)."""
+def _folded(gen: Gen, op: Op, zx: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights ``[O, K]``, the folded bias ``b - (128 + zx) * sum(w)`` (int64) and m, s
+    (one per output) of a linear / conv op."""
     w = gen.p.consts[op.consts["w"]].to(torch.int64)
     w2 = w.reshape(w.shape[0], -1)
     bias = gen.p.consts[op.consts["b"]].to(torch.int64) if "b" in op.consts \
@@ -113,6 +113,14 @@ def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str, in
     _shift(op, s)
     if m.numel() != w.shape[0] or s.numel() != w.shape[0]:
         m, s = m.reshape(-1).expand(w.shape[0]), s.reshape(-1).expand(w.shape[0])
+    return w2, bias, m, s
+
+
+def _weights(gen: Gen, op: Op, zx: int) -> tuple[torch.Tensor, str, str, str, int]:
+    """The weights ``[O, K]``, the C names of the folded int64 bias (:func:`_folded`), m
+    and s, and whether the short requantization applies (``acc + bias`` provably within
+    int32 for any input, every ``s <= 0``, ``m >= 0``)."""
+    w2, bias, m, s = _folded(gen, op, zx)
     bound = 255 * w2.abs().sum(dim=1) + bias.abs()          # |sum (x + 128) w + bias|
     fast = int(bool((bound < 2**31).all() and (s <= 0).all() and (m >= 0).all()))
     return (w2, gen.const("bias", "int64_t", bias), gen.const("m", "int32_t", m),
@@ -133,10 +141,8 @@ def emit_linear(gen: Gen, op: Op) -> None:
     xi = gen.infos[x]
     xi.sample_dim(-1)                                  # the features are not the batch
     bits, xnor, zx = _bits(gen, op)
-    if gen.compact and not bits:
-        w = gen.p.consts[op.consts["w"]].to(torch.int64)
-        if _emit_linear_compact(gen, op, w.reshape(w.shape[0], -1), zx):
-            return
+    if gen.compact and not bits and _emit_linear_compact(gen, op, zx):
+        return
     w2, B, M, S, fast = _weights(gen, op, zx)
     if bits:
         emit_linear_bits(gen, op, w2, (B, M, S, fast), f"{_zp(gen, y)}, {_req(op)}", xnor)
@@ -154,20 +160,16 @@ def emit_linear(gen: Gen, op: Op) -> None:
              f"{_req(op)}, {gen.out(y)}, {out_f}, 1, {fast});")
 
 
-def _emit_linear_compact(gen: Gen, op: Op, w2: torch.Tensor, zx: int) -> bool:
-    """The C export's Linear (``nnc_dense_c``): weights ``[O, K]`` unpadded, int32 bias
-    ``b - (128 + zx) * sum(w)``, multipliers as their high 16 bits, int8 shifts. False (the packed
-    form is used) where a value does not fit those types."""
+def _emit_linear_compact(gen: Gen, op: Op, zx: int) -> bool:
+    """The C export's Linear (``nnc_dense_c``): weights ``[O, K]`` unpadded, the folded
+    bias (:func:`_folded`) as int32, multipliers as their high 16 bits, int8 shifts. False
+    (the packed form is used) where a value does not fit those types."""
     x, y = op.inputs[0], op.outputs[0]
+    w2, bias, m, s = _folded(gen, op, zx)
     out_f, in_f = w2.shape
-    bias = gen.p.consts[op.consts["b"]].to(torch.int64) if "b" in op.consts \
-        else torch.zeros(out_f, dtype=torch.int64)
-    bias = bias - (128 + zx) * w2.sum(dim=1)
-    m = gen.p.consts[op.consts["m"]].to(torch.int64).reshape(-1).expand(out_f)
-    s = gen.p.consts[op.consts["s"]].to(torch.int64).reshape(-1).expand(out_f)
+    m = m.to(torch.int64)
     fits = (int(bias.abs().max()) + 255 * 128 * in_f < 2**31 and bool((m % 65536 == 0).all())
-            and bool((m >= 0).all()) and int(m.max()) < 2**31
-            and bool((s.abs() <= 62).all()))
+            and bool((m >= 0).all()) and int(m.max()) < 2**31)
     if not fits:
         return False
     gen.headers.add("int8_compact.h")
