@@ -59,7 +59,8 @@ CATEGORIES: tuple[str, ...] = (
 
 #: Packages whose import registers techniques (one line per technique package).
 TECHNIQUE_PACKAGES: tuple[str, ...] = ("nncompress.prune", "nncompress.lowrank",
-                                        "nncompress.quant", "nncompress.share")
+                                        "nncompress.quant", "nncompress.share",
+                                        "nncompress.distill")
 #: Modules whose import registers multi-model methods.
 MULTI_MODEL_PACKAGES: tuple[str, ...] = ("nncompress.share.methods",)
 

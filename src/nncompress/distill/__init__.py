@@ -1,0 +1,4 @@
+"""Knowledge distillation (the survey's section VI): losses, trainers and techniques.
+
+Importing this package registers its techniques in ``TECHNIQUES``.
+"""
