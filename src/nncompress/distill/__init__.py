@@ -2,3 +2,5 @@
 
 Importing this package registers its techniques in ``TECHNIQUES``.
 """
+
+from nncompress.distill import fskd as fskd  # registers fskd
