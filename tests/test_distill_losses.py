@@ -251,3 +251,18 @@ def test_coral_matches_hand_computation() -> None:
                                                                                       abs=1e-12)
     with pytest.raises(DataError, match="at least 2 samples"):
         CORALLoss()(torch.zeros(1, 3), torch.zeros(4, 3))
+
+
+def test_class_pairs_from_data_needs_labels() -> None:
+    import dataclasses
+
+    from nncompress.data.core import Dataset, tensor_loader
+
+    x, y = _pool()
+    loader = tensor_loader(x, y, batch_size=4, shuffle=True, seed=0)
+    data = Dataset("tiny", loader, loader, (3,), 3)
+    partners = ClassPairs.from_data(data, seed=0).partners(y, x)
+    assert torch.equal(partners[3], x[3])                      # class 2: its only sample
+    assert not torch.equal(partners[0], x[0])
+    with pytest.raises(DataError, match="CS-KD needs labelled data"):
+        ClassPairs.from_data(dataclasses.replace(data, labelled=False))
