@@ -24,12 +24,15 @@ from nncompress.budget import (
     reference_accuracy,
     strength,
 )
-from nncompress.data import Dataset, holdout
-from nncompress.errors import DataError, ModelError
+from nncompress.data import Dataset, holdout, require_labels
+from nncompress.distill.objective import frozen
+from nncompress.errors import DataError, ModelError, RecipeError
 from nncompress.measure import Comparison, Measurement, accuracy, compare, measure
+from nncompress.measure.quality import check_metric, default_metric
 from nncompress.modules import decompose
-from nncompress.recipe import Recipe, Stage
+from nncompress.recipe import DistillConfig, Recipe, Stage
 from nncompress.technique import TECHNIQUES, Context, all_techniques
+from nncompress.train import Teacher
 
 __all__ = [
     "Comparison",
@@ -91,10 +94,10 @@ class CompressionResult:
             fmt_bytes,
             fmt_count,
             fmt_ms,
-            fmt_pct,
             fmt_ratio,
             render_text,
         )
+        from nncompress.report.tables import fmt_quality, quality_header
 
         points = [("baseline", self.baseline, None)]
         points += [(f"#{i} {s.name}", s.measurement, s.seconds)
@@ -102,10 +105,13 @@ class CompressionResult:
         rows = [ResultRow.build(self.model_name, self.dataset, label, self.baseline, m)
                 for label, m, _ in points]
         batch_n = next((r.batch_n for r in rows if r.batch_n), None)
-        headers = ["stage", "accuracy", "Δ accuracy", "bytes on disk", "ratio",
+        metric = self.baseline.metric
+        title = quality_header(metric)
+        headers = ["stage", title, f"Δ {title}", "bytes on disk", "ratio",
                    "params (non-zero)", "MACs (non-zero)", "latency b1", "speed-up b1",
                    f"latency b{batch_n or 'N'}", f"speed-up b{batch_n or 'N'}", "stage time"]
-        cells = [[label, fmt_pct(r.accuracy), fmt_pct(r.accuracy_delta, signed=True),
+        cells = [[label, fmt_quality(r.accuracy, metric),
+                  fmt_quality(r.accuracy_delta, metric, signed=True),
                   fmt_bytes(r.artifact_bytes), fmt_ratio(r.size_ratio),
                   f"{fmt_count(r.params)} ({fmt_count(r.nonzero_params)})",
                   f"{fmt_count(r.macs)} ({fmt_count(r.sparse_macs)})",
@@ -154,9 +160,11 @@ def _run_stage(model: nn.Module, stage: Stage, index: int, ctx: Context) -> nn.M
         log = ctx.fine_tune(model, epochs=cfg.epochs, lr=cfg.lr,
                             desc=f"stage {index} fine-tune", lr_schedule=cfg.schedule)
         if log.final_test_acc is not None:
+            from nncompress.report.tables import fmt_quality, quality_header
+
             ctx.note(f"stage {index} fine_tune: {log.epochs} epochs at lr {cfg.lr:g} "
-                     f"({cfg.schedule}), "
-                     f"test accuracy {100 * log.final_test_acc:.2f} %")
+                     f"({cfg.schedule}), test {quality_header(log.metric)} "
+                     f"{fmt_quality(log.final_test_acc, log.metric)}")
     return model
 
 
@@ -238,11 +246,43 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
         ctx.masks.update({k: v.clone() for k, v in start_masks.items()})
 
 
+def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
+                  teacher: nn.Module | str | None, metric: str) -> tuple[Teacher | None, str]:
+    """The run's training teacher (None: cross-entropy on labels) and a note saying so."""
+    from nncompress.distill.objective import loss_for, make_teacher
+
+    config = plan.distill
+    if isinstance(teacher, str):
+        if teacher not in ("original", "none"):
+            raise RecipeError(f"teacher must be 'original', 'none' or a model (got {teacher!r})")
+        config = (config or DistillConfig()).model_copy(update={"teacher": teacher})
+    elif isinstance(teacher, nn.Module):
+        config = (config or DistillConfig()).model_copy(update={"teacher": "original"})
+    elif teacher is not None:
+        raise RecipeError(f"teacher must be 'original', 'none' or a model (got "
+                          f"{type(teacher).__name__})")
+    implied = config is None and not data.labelled
+    if implied:
+        config = DistillConfig()
+    if config is None or config.teacher == "none":
+        return None, "training stages learn from the labels (cross-entropy; no teacher)"
+    source = teacher if isinstance(teacher, nn.Module) else original
+    name, _ = loss_for(config, metric)
+    who = ("the uncompressed input model" if source is original
+           else f"the given teacher {type(source).__name__}")
+    detail = (f"T={config.temperature:g}, alpha={config.alpha:g}" if name == "kd"
+              else "to the teacher's outputs")
+    why = " (the data has no labels)" if implied else ""
+    return (make_teacher(source, config, metric),
+            f"training stages distil from {who}{why}: {name} loss, {detail}")
+
+
 def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, seed: int = 0,
              progress: bool = True, measure_latency: bool = True,
              latency_batches: Sequence[int] = (1, 256),
              baseline: Measurement | None = None,
-             max_drop: float | None = None) -> CompressionResult:
+             max_drop: float | None = None, teacher: nn.Module | str | None = None,
+             metric: str | None = None) -> CompressionResult:
     """Compress a copy of ``model`` with ``recipe`` (a Recipe, a packaged recipe's name or
     a YAML path), measuring it on ``data`` before the first stage and after every stage.
 
@@ -262,10 +302,25 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     training data if lower: the uncompressed model remembers the split), backing pruning
     and sharing stages off until it holds (:mod:`nncompress.budget`); the stages then
     train on the rest of the training data.
+
+    Distillation and label-free compression: ``teacher`` -- ``"original"`` (every stage
+    that trains learns from the uncompressed input model, with the recipe's ``distill``
+    settings or their defaults), ``"none"`` (cross-entropy on the labels), or another
+    ``nn.Module`` to learn from; None: as the recipe's ``distill`` says, and on unlabelled
+    data (``data.labelled`` False: inputs only) the original model. ``metric``: the quality
+    metric measured and shown in every table (a name of
+    :data:`nncompress.measure.METRICS`; default: the recipe's, else accuracy, or cosine to
+    the original model's outputs for unlabelled data). Teacher-based metrics compare with
+    the uncompressed input model.
     """
     plan = Recipe.resolve(recipe)
     _check_inputs(model, data)
     all_techniques()
+    quality_metric = metric or plan.metric or default_metric(data.labelled)
+    check_metric(quality_metric, labelled=data.labelled, has_teacher=True)
+    limit = plan.max_drop if max_drop is None else max_drop
+    if limit is not None:
+        require_labels(data, f"max_drop {limit:g} (an accuracy budget)")
     try:
         work = copy.deepcopy(model)
     except Exception as exc:
@@ -273,15 +328,19 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
                          f"({type(exc).__name__}: {exc})") from exc
 
     reference = copy.deepcopy(work).eval() if measure_latency else None
+    original = frozen(work)
 
     def measure_now(m: nn.Module, ref: nn.Module | None) -> Measurement:
         return measure(m, data, latency_batches=tuple(latency_batches),
-                       with_latency=measure_latency, reference=ref)
+                       with_latency=measure_latency, reference=ref, metric=quality_metric,
+                       teacher=original)
 
     if baseline is None:
         baseline = measure_now(work, None)
-    limit = plan.max_drop if max_drop is None else max_drop
-    ctx = Context(data=data, seed=seed, progress=progress)
+    trainer, how = _distillation(plan, data, original, teacher, quality_metric)
+    ctx = Context(data=data, seed=seed, progress=progress, teacher=trainer,
+                  metric=quality_metric)
+    ctx.note(how)
     budget = None
     if limit is not None:
         ctx.data, held_out = holdout(data, plan.validation, seed=seed)

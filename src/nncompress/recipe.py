@@ -39,9 +39,9 @@ from nncompress._yaml import DEFAULT_LIMITS, describe_error, load_bounded, read_
 from nncompress.errors import RecipeError
 from nncompress.technique import TechniqueConfig, all_techniques, multi_model_hint
 
-__all__ = ["EvaluateConfig", "FineTuneConfig", "Recipe", "Stage"]
+__all__ = ["DistillConfig", "EvaluateConfig", "FineTuneConfig", "Recipe", "Stage"]
 
-_RECIPE_KEYS = ("name", "description", "max_drop", "validation", "stages")
+_RECIPE_KEYS = ("name", "description", "max_drop", "validation", "distill", "metric", "stages")
 _STAGE_KINDS = ("technique", "fine_tune", "evaluate")
 
 
@@ -52,6 +52,24 @@ class FineTuneConfig(TechniqueConfig):
     epochs: int = Field(ge=0)
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     schedule: Literal["constant", "cosine"] = "constant"
+
+
+class DistillConfig(TechniqueConfig):
+    """Recipe-level ``distill``: what every stage that trains (fine-tuning, QAT, centroid
+    training, re-training after surgery) learns from.
+
+    ``teacher``: ``original`` (the uncompressed input model) or ``none`` (cross-entropy on
+    the labels). ``loss``: ``kd`` (Hinton, Vinyals & Dean 2015: ``alpha * T^2 *
+    KL(soft) + (1 - alpha) * CE``, the CE term dropped on unlabelled data), ``cosine`` or
+    ``mse`` to the teacher's outputs (for embedding or regression models), or ``auto``: the
+    one that matches the quality metric (cosine for ``cosine``, mse for ``mse`` / ``r2``,
+    kd otherwise).
+    """
+
+    teacher: Literal["original", "none"] = "original"
+    loss: Literal["auto", "kd", "cosine", "mse"] = "auto"
+    temperature: float = Field(default=4.0, gt=0.0, le=1000.0)
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
 
 
 class EvaluateConfig(TechniqueConfig):
@@ -251,6 +269,12 @@ class Recipe:
     split is never looked at) and backs pruning and sharing stages off -- lower sparsity,
     more centroids -- until the drop from the uncompressed model is within it (see
     :mod:`nncompress.budget`). None: no budget.
+
+    ``distill``: a :class:`DistillConfig` -- every stage that trains learns from a teacher
+    (by default the uncompressed model); None: cross-entropy on the labels (on unlabelled
+    data ``compress`` then distils from the original model anyway, and says so).
+    ``metric``: the quality metric of the tables (a name of
+    :data:`nncompress.measure.METRICS`; None: accuracy, or cosine for unlabelled data).
     """
 
     name: str
@@ -258,6 +282,8 @@ class Recipe:
     description: str = ""
     max_drop: float | None = None
     validation: float = 0.15
+    distill: DistillConfig | None = None
+    metric: str | None = None
 
     PACKAGE: ClassVar[str] = "nncompress"
     FOLDER: ClassVar[str] = "recipes"
@@ -287,6 +313,15 @@ class Recipe:
                 or not 0.0 < self.validation < 1.0:
             raise RecipeError(f"recipe {self.name!r}: validation must be a fraction in (0, 1) "
                               f"(got {_got(self.validation)})")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise RecipeError(f"recipe {self.name!r}: distill must be a DistillConfig "
+                              f"(got {type(self.distill).__name__})")
+        if self.metric is not None:
+            from nncompress.measure.quality import METRICS
+
+            if not isinstance(self.metric, str) or self.metric not in METRICS:
+                raise RecipeError(f"recipe {self.name!r}: unknown metric {_got(self.metric)}; "
+                                  f"known: {', '.join(METRICS.names())}")
 
     # -- dict / YAML ------------------------------------------------------------------
 
@@ -313,8 +348,12 @@ class Recipe:
         if not isinstance(description, str):
             raise RecipeError(f"recipe {name!r}: 'description' must be a string")
         parsed = [Stage.from_dict(s, index=i) for i, s in enumerate(stages, 1)]
+        distill = data.get("distill")
+        if distill is not None:
+            distill = _validate(DistillConfig, _mapping(distill, f"recipe {name!r} distill",
+                                                        "distill"), f"recipe {name!r} distill")
         return cls(name, tuple(parsed), description, data.get("max_drop"),
-                   data.get("validation", 0.15))
+                   data.get("validation", 0.15), distill, data.get("metric"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``Recipe.from_dict(r.to_dict()) == r``."""
@@ -325,6 +364,10 @@ class Recipe:
             out["max_drop"] = self.max_drop
         if self.validation != 0.15:
             out["validation"] = self.validation
+        if self.distill is not None:
+            out["distill"] = self.distill.model_dump(mode="json")
+        if self.metric is not None:
+            out["metric"] = self.metric
         out["stages"] = [s.to_dict() for s in self.stages]
         return out
 

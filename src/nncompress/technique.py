@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from nncompress.data import Dataset
-    from nncompress.train import TrainLog
+    from nncompress.train import Teacher, TrainLog
 
 __all__ = [
     "CATEGORIES",
@@ -84,6 +84,13 @@ class Context:
     optimizer step, so pruned connections stay pruned (Han et al., 2015). A technique that
     changes a parameter's shape must update or drop its mask. ``log`` collects one-line
     notes for people (what was pruned, what was skipped and why).
+
+    ``teacher``: what every stage that trains learns from -- by default (``teacher:
+    original``) the uncompressed input model with a distillation loss; None trains on the
+    labels' cross-entropy. ``metric``: the quality metric each training epoch reports (a
+    name of :data:`nncompress.measure.METRICS`; None: accuracy, or cosine to the teacher for
+    unlabelled data). Techniques that call :mod:`nncompress.train` themselves pass both on
+    with :meth:`train_options`.
     """
 
     data: Dataset
@@ -91,6 +98,13 @@ class Context:
     progress: bool = True
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    teacher: Teacher | None = None
+    metric: str | None = None
+
+    def train_options(self) -> dict[str, Any]:
+        """The keyword arguments every ``train.fit`` / ``train.fine_tune`` call of a stage
+        passes on: the run's teacher and quality metric."""
+        return {"teacher": self.teacher, "metric": self.metric}
 
     def note(self, message: str) -> None:
         """Append one line to the run's log."""
@@ -115,7 +129,7 @@ class Context:
         return train.fine_tune(model, self.data, epochs=epochs, lr=lr, seed=self.seed,
                                progress=self.progress, desc=desc,
                                after_step=after_step if masks else None,
-                               lr_schedule=lr_schedule)
+                               lr_schedule=lr_schedule, **self.train_options())
 
 
 Apply = Callable[[nn.Module, Any, Context], nn.Module]

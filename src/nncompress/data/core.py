@@ -39,7 +39,8 @@ from nncompress.inputs import Inputs
 from nncompress.paths import cache_dir
 from nncompress.registry import Registry
 
-__all__ = ["Dataset", "dataset_names", "example_input", "first_samples", "load_dataset"]
+__all__ = ["Dataset", "dataset_names", "example_input", "first_samples", "load_dataset",
+           "require_labels", "unlabelled", "without_labels"]
 
 #: Bumped whenever the arrays written to the MNIST-1D cache would change.
 _MNIST1D_CACHE_VERSION = 1
@@ -54,6 +55,11 @@ class Dataset:
     features, int64 token ids, ...) or a tuple / dict of such tensors (see
     :mod:`nncompress.inputs`), then ``input_shape`` is the per-sample shape of the first.
     ``input_shape`` is per sample, channels first.
+
+    Unlabelled data (inputs only, ``labelled=False``): both loaders yield ``(x, None)``, so
+    ``for x, _ in loader`` works everywhere; ``num_classes`` is 0. A stage that needs labels
+    checks :func:`require_labels` first and says so in one line. Build one with
+    :func:`unlabelled` (from input tensors) or :func:`without_labels` (from a Dataset).
     """
 
     name: str
@@ -61,6 +67,7 @@ class Dataset:
     test: DataLoader
     input_shape: tuple[int, ...]
     num_classes: int
+    labelled: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,12 +221,34 @@ class InputsDataset(torch.utils.data.Dataset):
         return inputs.select(self.x, index), self.y[index]
 
 
-def tensor_loader(x: Inputs, y: torch.Tensor, *, batch_size: int, shuffle: bool,
+class _InputsOnly(torch.utils.data.Dataset):
+    """In-memory inputs without labels; item ``i`` is the inputs of sample ``i``."""
+
+    def __init__(self, x: Inputs) -> None:
+        self.x = inputs.check(x)
+        self.n = inputs.batch_size(self.x)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return inputs.select(self.x, index)
+
+
+def _collate_unlabelled(items: list[Any]) -> tuple[Any, None]:
+    """Batches of an unlabelled loader: ``(x, None)``."""
+    return torch.utils.data.default_collate(items), None
+
+
+def tensor_loader(x: Inputs, y: torch.Tensor | None, *, batch_size: int, shuffle: bool,
                   seed: int) -> DataLoader:
     """The loader every dataset here uses: in-memory tensors (``x`` one tensor or a tuple /
     dict of them); a shuffled one draws its order from its own generator seeded with
-    ``seed``."""
+    ``seed``. ``y=None``: an unlabelled loader, yielding ``(x, None)``."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if y is None:
+        return DataLoader(_InputsOnly(x), batch_size=batch_size, shuffle=shuffle,
+                          generator=generator, num_workers=0, collate_fn=_collate_unlabelled)
     dataset = TensorDataset(x, y) if isinstance(x, torch.Tensor) else InputsDataset(x, y)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       generator=generator, num_workers=0)
@@ -257,6 +286,57 @@ def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
 def dataset_names() -> tuple[str, ...]:
     """Names of the bundled datasets: ``("digits", "mnist1d", "mnist1d-tokens")``."""
     return _BUNDLED.names()
+
+
+def unlabelled(x_train: Inputs, x_test: Inputs | None = None, *, name: str = "unlabelled",
+               batch_size: int = 128, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """A :class:`Dataset` of inputs only (``labelled=False``; batches ``(x, None)``).
+
+    ``x_train`` / ``x_test``: a tensor ``[N, ...]`` or a tuple / dict of them. Without
+    ``x_test``, the last ``test_fraction`` of ``x_train`` (in the given order) is the test
+    split, on which the quality metric compares a model with its teacher.
+    """
+    x_train = inputs.check(x_train, "x_train")
+    if x_test is None:
+        n = inputs.batch_size(x_train)
+        cut = n - max(1, round(n * test_fraction))
+        if not 0 < cut < n:
+            raise DataError(f"unlabelled data of {n} samples cannot be split into train and "
+                            f"test (test_fraction {test_fraction!r})")
+        x_train, x_test = (inputs.select(x_train, torch.arange(cut)),
+                           inputs.select(x_train, torch.arange(cut, n)))
+    x_test = inputs.check(x_test, "x_test")
+    for split, x in (("train", x_train), ("test", x_test)):
+        if inputs.batch_size(x) == 0:
+            raise DataError(f"unlabelled data {name!r}: the {split} split has no samples")
+    shape = tuple(inputs.leaves(x_train)[0].shape[1:])
+    return Dataset(name, tensor_loader(x_train, None, batch_size=batch_size, shuffle=True,
+                                       seed=seed),
+                   tensor_loader(x_test, None, batch_size=batch_size, shuffle=False, seed=seed),
+                   shape, 0, labelled=False)
+
+
+def without_labels(data: Dataset, *, seed: int = 0) -> Dataset:
+    """``data`` with its labels dropped: the same inputs in both splits, ``labelled=False``
+    (for label-free compression, or to check that a stage never reads labels)."""
+    if not data.labelled:
+        return data
+    from nncompress.data.split import tensors
+
+    (xt, _), (xe, _) = tensors(data.train), tensors(data.test)
+    return Dataset(f"{data.name}[inputs only]",
+                   tensor_loader(xt, None, batch_size=data.train.batch_size or 128,
+                                 shuffle=True, seed=seed),
+                   tensor_loader(xe, None, batch_size=data.test.batch_size or 128,
+                                 shuffle=False, seed=seed),
+                   data.input_shape, 0, labelled=False)
+
+
+def require_labels(data: Dataset, what: str) -> None:
+    """DataError (one line) when ``data`` has no labels and ``what`` needs them."""
+    if not data.labelled:
+        raise DataError(f"{what} needs labelled data, but {data.name!r} has inputs only; "
+                        "use a teacher (distillation) or a label-free stage")
 
 
 def first_samples(batches: Iterable[Any], count: int) -> list[Inputs]:

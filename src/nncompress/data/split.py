@@ -13,16 +13,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from nncompress import inputs
-from nncompress.data.core import Dataset, tensor_loader
+from nncompress.data.core import Dataset, require_labels, tensor_loader
 from nncompress.errors import DataError
 from nncompress.inputs import Inputs
 
-__all__ = ["class_subset", "holdout"]
+__all__ = ["class_subset", "holdout", "tensors"]
 
 
-def _tensors(loader: DataLoader) -> tuple[Inputs, torch.Tensor]:
+def tensors(loader: DataLoader) -> tuple[Inputs, torch.Tensor | None]:
     """All samples in dataset order (a shuffled loader's order would depend on how often
-    it was iterated before)."""
+    it was iterated before); the labels are None for an unlabelled loader."""
     dataset = getattr(loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         loader = DataLoader(dataset, batch_size=loader.batch_size or 128, shuffle=False,
@@ -31,14 +31,14 @@ def _tensors(loader: DataLoader) -> tuple[Inputs, torch.Tensor]:
     if not xs:
         raise DataError("the loader yields no samples")
     try:
-        return inputs.concat(xs), torch.cat(ys)
+        return inputs.concat(xs), (None if ys[0] is None else torch.cat(ys))
     except RuntimeError:
         raise DataError("the loader's batches have inputs of different shapes (e.g. "
                         "sequence lengths); pad them to one length to split this dataset"
                         ) from None
 
 
-def _loader(x: Inputs, y: torch.Tensor, like: DataLoader, *, shuffle: bool,
+def _loader(x: Inputs, y: torch.Tensor | None, like: DataLoader, *, shuffle: bool,
             seed: int) -> DataLoader:
     return tensor_loader(x, y, batch_size=like.batch_size or 128, shuffle=shuffle, seed=seed)
 
@@ -47,6 +47,7 @@ def class_subset(data: Dataset, classes: Sequence[int], *, name: str | None = No
                  seed: int = 0) -> Dataset:
     """Only the samples whose label is in ``classes``, relabelled ``0 .. len(classes)-1``
     in the order given (e.g. digits 5-9 as a 5-class task)."""
+    require_labels(data, "class_subset")
     wanted = [int(c) for c in classes]
     if len(wanted) < 2 or len(set(wanted)) != len(wanted):
         raise DataError(f"class_subset needs at least two distinct classes, got {list(classes)}")
@@ -58,7 +59,7 @@ def class_subset(data: Dataset, classes: Sequence[int], *, name: str | None = No
     lookup[torch.tensor(wanted)] = torch.arange(len(wanted))
     parts = []
     for split in (data.train, data.test):
-        x, y = _tensors(split)
+        x, y = tensors(split)
         keep = lookup[y] >= 0
         parts.append((inputs.select(x, keep), lookup[y[keep]]))
     (xt, yt), (xe, ye) = parts
@@ -74,14 +75,17 @@ def holdout(data: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dataset, 
     see. Returns ``(data with the rest as its train split, held-out loader)``."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"holdout fraction must be in (0, 1), got {fraction!r}")
-    x, y = _tensors(data.train)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = round(len(y) * fraction)
-    if cut == 0 or cut == len(y):
-        raise DataError(f"holdout fraction {fraction} of {len(y)} training samples leaves "
+    x, y = tensors(data.train)
+    n = inputs.batch_size(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = round(n * fraction)
+    if cut == 0 or cut == n:
+        raise DataError(f"holdout fraction {fraction} of {n} training samples leaves "
                         f"an empty split")
     held, kept = order[:cut].sort().values, order[cut:].sort().values
     name = f"{data.name}[without holdout {fraction:g} seed {seed}]"  # never the cached name
-    rest = Dataset(name, _loader(inputs.select(x, kept), y[kept], data.train, shuffle=True,
-                                 seed=seed), data.test, data.input_shape, data.num_classes)
-    return rest, _loader(inputs.select(x, held), y[held], data.train, shuffle=False, seed=seed)
+    rest = Dataset(name, _loader(inputs.select(x, kept), None if y is None else y[kept],
+                                 data.train, shuffle=True, seed=seed),
+                   data.test, data.input_shape, data.num_classes, labelled=data.labelled)
+    return rest, _loader(inputs.select(x, held), None if y is None else y[held], data.train,
+                         shuffle=False, seed=seed)

@@ -10,12 +10,14 @@ from __future__ import annotations
 from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MAC_RULES, LayerMacs, MacCount, MacRule, count_macs
 from nncompress.measure.params import ParamCount, count_params
+from nncompress.measure.quality import METRICS, Metric, quality
 from nncompress.measure.size import TensorBytes, artifact_bytes, torch_save_bytes, weight_bytes
 from nncompress.measure.summary import Comparison, Measurement, compare, measure
 from nncompress.measure.timing import BatchLatency, LatencyReport, latency
 
 __all__ = [
     "MAC_RULES",
+    "METRICS",
     "BatchLatency",
     "Comparison",
     "LatencyReport",
@@ -23,6 +25,7 @@ __all__ = [
     "MacCount",
     "MacRule",
     "Measurement",
+    "Metric",
     "ParamCount",
     "TensorBytes",
     "accuracy",
@@ -32,6 +35,7 @@ __all__ = [
     "count_params",
     "latency",
     "measure",
+    "quality",
     "torch_save_bytes",
     "weight_bytes",
 ]

@@ -12,6 +12,7 @@ from nncompress.data import Dataset, example_input
 from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MacCount, count_macs
 from nncompress.measure.params import ParamCount, count_params
+from nncompress.measure.quality import check_metric, default_metric, quality
 from nncompress.measure.size import TensorBytes, artifact_bytes, torch_save_bytes, weight_bytes
 from nncompress.measure.timing import LatencyReport, latency_ab
 
@@ -22,7 +23,9 @@ __all__ = ["Comparison", "Measurement", "compare", "measure"]
 class Measurement:
     """Everything measured about one model.
 
-    ``accuracy``: top-1 on the test split, fraction in [0, 1]. ``params``: element counts.
+    ``accuracy``: the value of the quality ``metric`` on the test split -- top-1 accuracy
+    (a fraction in [0, 1]) unless another metric of :mod:`nncompress.measure.quality` was
+    asked for (e.g. ``"cosine"`` to the teacher's outputs). ``params``: element counts.
     ``macs``: per sample. ``artifact_bytes``: the .nnc file; ``torch_save_bytes``:
     ``torch.save(state_dict)``. ``latency``: ms per batch call, or None when skipped.
     ``weights``: each weight tensor's bytes, plain and entropy-coded (:func:`weight_bytes`).
@@ -39,15 +42,27 @@ class Measurement:
     latency: LatencyReport | None
     weights: tuple[TensorBytes, ...] = ()
     reference_latency: LatencyReport | None = None
+    metric: str = "accuracy"
+
+    @property
+    def quality(self) -> float:
+        """The value of :attr:`metric` (the same number as :attr:`accuracy`)."""
+        return self.accuracy
 
 
 def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] = (1, 256),
             warmup: int = 5, repeats: int = 30, with_latency: bool = True,
             threads: int | None = None, reference: nn.Module | None = None,
-            rounds: int = 5) -> Measurement:
-    """Measure ``model`` on ``data``: test accuracy, parameters, MACs (on one real test
+            rounds: int = 5, metric: str | None = None,
+            teacher: nn.Module | None = None) -> Measurement:
+    """Measure ``model`` on ``data``: test quality, parameters, MACs (on one real test
     sample), bytes on disk, and (unless ``with_latency`` is False) latency per batch size
     in ``latency_batches`` on real test samples (repeated to the batch size).
+
+    ``metric``: a name of :data:`~nncompress.measure.quality.METRICS` (default: accuracy
+    for labelled data, cosine to ``teacher`` for inputs only); ``teacher``: the model whose
+    outputs teacher-based metrics compare with (e.g. the uncompressed one; without one,
+    ``model`` itself, which scores perfectly).
 
     ``reference``: another model (e.g. the uncompressed one) timed interleaved with
     ``model`` in ``rounds`` alternating rounds; its latency goes to ``reference_latency``.
@@ -60,12 +75,15 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
                              example=example_input(data, 1))
         report = reports[0]
         ref_report = reports[1] if reference is not None else None
+    name = metric or default_metric(data.labelled)
+    check_metric(name, labelled=data.labelled, has_teacher=True)
     weights = weight_bytes(model)
     # the file stores each weight in the encoding weight_bytes found smallest (the same
     # choice save makes on its own), so the weights are not encoded every way twice
     chosen = {t.name: t.coded_encoding for t in weights}
     return Measurement(
-        accuracy=accuracy(model, data.test),
+        accuracy=(accuracy(model, data.test) if name == "accuracy"
+                  else quality(model, data.test, name, teacher=teacher or model)),
         params=count_params(model),
         macs=count_macs(model, example_input(data, 1)),
         artifact_bytes=artifact_bytes(model, encodings=chosen),
@@ -73,6 +91,7 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
         latency=report,
         weights=weights,
         reference_latency=ref_report,
+        metric=name,
     )
 
 

@@ -170,7 +170,8 @@ def dynamic_surgery(model: nn.Module, config: DynamicSurgeryConfig, ctx: Context
 
     try:
         train.fine_tune(model, ctx.data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
-                        progress=ctx.progress, desc="dynamic surgery", after_step=after_step)
+                        progress=ctx.progress, desc="dynamic surgery", after_step=after_step,
+                        **ctx.train_options())
     finally:
         for handle in hooks:
             handle.remove()

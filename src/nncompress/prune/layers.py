@@ -33,6 +33,7 @@ from torch import nn
 
 from nncompress import inputs
 from nncompress.errors import ConstraintError, ModelError, UnsupportedLayerError
+from nncompress.measure.quality import soft_labels
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 from nncompress.train import reseed_loader
 
@@ -164,7 +165,7 @@ def _loss(model: nn.Module, batches: Sequence[Batch]) -> float:
         for x, y in batches:
             total += float(F.cross_entropy(inputs.call(model, x), y, reduction="sum"))
             seen += len(y)
-    return total / seen
+    return total / seen if seen else 0.0
 
 
 def removable_layers(model: nn.Module, example: torch.Tensor
@@ -204,7 +205,10 @@ def layer_scores(model: nn.Module, names: Sequence[str], batches: Sequence[Batch
         model.train(was_training)
 
 
-def _first_batches(ctx: Context, count: int) -> list[Batch]:
+def _first_batches(ctx: Context, count: int, model: nn.Module) -> list[Batch]:
+    """The first ``count`` training batches; unlabelled ones get the teacher's (or, with
+    none, ``model``'s own) class probabilities as soft labels, so the loss a removal
+    raises is its distance from the teacher."""
     reseed_loader(ctx.data.train, ctx.seed)
     batches: list[Batch] = []
     for x, y in ctx.data.train:
@@ -213,7 +217,7 @@ def _first_batches(ctx: Context, count: int) -> list[Batch]:
             break
     if not batches:
         raise ModelError(f"layer_prune: the train loader of {ctx.data.name!r} is empty")
-    return batches
+    return soft_labels(batches, ctx.teacher.model if ctx.teacher is not None else model)
 
 
 def _remap_masks(ctx: Context, before: dict[int, str], model: nn.Module) -> None:
@@ -248,7 +252,7 @@ def _select(names: Sequence[str], config: LayerPruneConfig) -> list[str]:
 def layer_prune(model: nn.Module, config: LayerPruneConfig, ctx: Context) -> nn.Module:
     """Greedily remove the layer whose removal raises the training loss least, until
     ``count`` layers are gone or the size target is met; then fine-tune."""
-    batches = _first_batches(ctx, config.batches)
+    batches = _first_batches(ctx, config.batches, model)
     example = inputs.take(batches[0][0], 1)
     start = _size(model, config, example)
     candidates, refused = removable_layers(model, example)

@@ -173,7 +173,8 @@ def _gradual(model: nn.Module, config: MagnitudePruneConfig, ctx: Context) -> nn
     if epochs > 0:
         apply_masks(model, ctx.masks)
         train.fine_tune(model, ctx.data, epochs=epochs, lr=config.lr, seed=ctx.seed,
-                        progress=ctx.progress, desc="gradual prune", after_step=after_step)
+                        progress=ctx.progress, desc="gradual prune", after_step=after_step,
+                        **ctx.train_options())
     masks = _prune_to(model, config, ctx, config.sparsity)   # the ramp's end, exactly
     ctx.note(f"magnitude_prune gradual: {config.scope} sparsity "
              f"{100 * mask_sparsity(masks):.2f} % (target {100 * config.sparsity:.2f} %) "

@@ -21,6 +21,7 @@ from nncompress.data import Dataset, example_input
 from nncompress.errors import ConstraintError, ModelError
 from nncompress.graph import ChannelGroup, channel_groups
 from nncompress.measure import count_macs
+from nncompress.measure.quality import quality
 from nncompress.prune.structured import (
     l1_importance,
     prunable_groups,
@@ -56,7 +57,9 @@ def sensitivity(model: nn.Module, data: Dataset, ratios: Sequence[float] = (0.25
                 *, groups: Sequence[str] | None = None) -> SensitivityReport:
     """Test accuracy after L1-pruning each group alone at each ratio (no fine-tuning).
 
-    ``groups``: names to analyse (default all). The model is not changed.
+    ``groups``: names to analyse (default all). The model is not changed. On unlabelled
+    data the score is the top-1 agreement with the unpruned ``model`` instead (label-free;
+    the baseline is then 1.0).
     """
     x = example_input(data, 2)
     found = prunable_groups(model, x)
@@ -65,7 +68,12 @@ def sensitivity(model: nn.Module, data: Dataset, ratios: Sequence[float] = (0.25
         if missing:
             raise ModelError(f"unknown channel group(s) {missing}")
         found = [g for g in found if g.name in set(groups)]
-    baseline = evaluate(model, data.test)
+    def score_of(m: nn.Module) -> float:
+        if data.labelled:
+            return evaluate(m, data.test)
+        return quality(m, data.test, "agreement", teacher=model)
+
+    baseline = score_of(model)
     curves: dict[str, tuple[tuple[float, float], ...]] = {}
     for group in found:
         score = {group.name: l1_importance(model, group)}
@@ -73,7 +81,7 @@ def sensitivity(model: nn.Module, data: Dataset, ratios: Sequence[float] = (0.25
         for ratio in ratios:
             trial = prune_channels(copy.deepcopy(model), select_by_ratio(score, ratio), x,
                                    groups=[group])
-            points.append((float(ratio), evaluate(trial, data.test)))
+            points.append((float(ratio), score_of(trial)))
         curves[group.name] = tuple(points)
     return SensitivityReport(baseline, curves, {g.name: g.size for g in found})
 

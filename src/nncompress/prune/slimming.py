@@ -121,7 +121,8 @@ def network_slimming(model: nn.Module, config: NetworkSlimmingConfig,
         train.fine_tune(model, ctx.data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
                         progress=ctx.progress, desc="slimming sparsity training",
                         after_step=(lambda m: apply_masks(m, masks)) if masks else None,
-                        extra_loss=lambda m: bn_penalty(m, config.penalty))
+                        extra_loss=lambda m: bn_penalty(m, config.penalty),
+                        **ctx.train_options())
     scores = gamma_scores(model, groups)
     base = count_macs(model, inputs.take(x, 1)).total
     if config.macs_reduction is not None:

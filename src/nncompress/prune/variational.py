@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from nncompress import train
+from nncompress import inputs, train
 from nncompress.errors import UnsupportedLayerError
 from nncompress.prune.masks import (
     apply_masks,
@@ -227,7 +227,7 @@ def _train_size(ctx: Context) -> int:
     try:
         return max(1, len(ctx.data.train.dataset))  # type: ignore[arg-type]
     except (AttributeError, TypeError):
-        return max(1, sum(len(y) for _, y in ctx.data.train))
+        return max(1, sum(inputs.batch_size(x) for x, _ in ctx.data.train))
 
 
 def _kl_loss(wrappers: list[SVDLayer], sampler: SampledWeights | None, n_train: int,
@@ -279,7 +279,8 @@ def sparse_vd(model: nn.Module, config: SparseVDConfig, ctx: Context) -> nn.Modu
         train.fit(model if sampler is None else sampler, ctx.data, epochs=config.epochs,
                   lr=config.lr, seed=ctx.seed, progress=ctx.progress, desc="sparse VD",
                   extra_loss=extra,
-                  after_step=(lambda _: apply_masks(model, others)) if others else None)
+                  after_step=(lambda _: apply_masks(model, others)) if others else None,
+                  **ctx.train_options())
     finally:
         alphas = _unwrap(model, layers, wrappers)
         if sampler is not None:

@@ -51,6 +51,7 @@ from torch import nn
 from nncompress import inputs
 from nncompress.data import Dataset
 from nncompress.errors import ConstraintError, RecipeError
+from nncompress.measure.quality import soft_labels
 from nncompress.quant.lowbit import KEEP_BITS, LowBitConfig, lowbit, plan_layers
 from nncompress.quant.lsq import MAX_BITS, MIN_BITS
 from nncompress.quant.mixed_sensitivity import (
@@ -330,7 +331,8 @@ def mixed_precision(model: nn.Module, config: MixedPrecisionConfig, ctx: Context
     """Choose per-layer weight widths for the budget, then run ``lowbit`` with them (see
     the module)."""
     seed = ctx.seed if config.seed is None else config.seed
-    batches = training_batches(ctx.data, config.batches, seed)
+    batches = soft_labels(training_batches(ctx.data, config.batches, seed),
+                          ctx.teacher.model if ctx.teacher is not None else model)
     choice = choose_bits(probe_copy(model, ctx), config, batches, seed=seed)
     _note_choice(ctx, config, choice)
     model = lowbit(model, lowbit_config(config, choice.allocation.bits, seed), ctx)

@@ -40,6 +40,7 @@ from torch import nn
 
 from nncompress import inputs
 from nncompress.errors import UnsupportedLayerError
+from nncompress.measure.quality import top1
 from nncompress.quant.lsq import make_quantizer
 
 __all__ = ["Batch", "accuracy_drops", "hessian_traces", "hutchinson_traces", "perturbations",
@@ -144,7 +145,7 @@ def _accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
     correct = total = 0
     with torch.no_grad():
         for x, y in batches:
-            correct += int((inputs.call(model, x).argmax(dim=-1) == y).sum())
+            correct += int((inputs.call(model, x).argmax(dim=-1) == top1(y)).sum())
             total += len(y)
     return correct / max(total, 1)
 

@@ -10,8 +10,9 @@ from nncompress.report.tables import (
     fmt_bytes,
     fmt_count,
     fmt_ms,
-    fmt_pct,
+    fmt_quality,
     fmt_ratio,
+    quality_header,
     render_markdown,
     render_text,
 )
@@ -28,6 +29,7 @@ class ResultRow:
 
     Sizes are bytes of the saved .nnc file; ratios are baseline / compressed (>1 is better);
     latencies are CPU medians in milliseconds at batch 1 and at the larger batch ``batch_n``.
+    ``accuracy`` is the value of the quality ``metric`` (top-1 accuracy by default).
     """
 
     model: str
@@ -46,6 +48,7 @@ class ResultRow:
     batch_n: int | None
     latency_bn_ms: float | None
     speedup_bn: float | None
+    metric: str = "accuracy"
 
     @classmethod
     def build(cls, model: str, dataset: str, technique: str,
@@ -63,13 +66,14 @@ class ResultRow:
             sparse_macs=sum(layer.sparse_macs for layer in after.macs.layers),
             latency_b1_ms=lat.get(1), speedup_b1=spd.get(1),
             batch_n=batch_n, latency_bn_ms=lat.get(batch_n) if batch_n else None,
-            speedup_bn=spd.get(batch_n) if batch_n else None,
+            speedup_bn=spd.get(batch_n) if batch_n else None, metric=after.metric,
         )
 
     def cells(self) -> list[str]:
         return [
-            self.model, self.dataset, self.technique, fmt_pct(self.accuracy),
-            fmt_pct(self.accuracy_delta, signed=True), fmt_bytes(self.artifact_bytes),
+            self.model, self.dataset, self.technique, fmt_quality(self.accuracy, self.metric),
+            fmt_quality(self.accuracy_delta, self.metric, signed=True),
+            fmt_bytes(self.artifact_bytes),
             fmt_ratio(self.size_ratio),
             f"{fmt_count(self.params)} ({fmt_count(self.nonzero_params)})",
             fmt_count(self.macs), fmt_count(self.sparse_macs), fmt_ms(self.latency_b1_ms),
@@ -80,11 +84,19 @@ class ResultRow:
         return asdict(self)
 
 
+def headers(rows: list[ResultRow]) -> tuple[str, ...]:
+    """:data:`HEADERS` with the quality columns named after the rows' metric (``quality``
+    when the rows mix metrics)."""
+    metrics = {r.metric for r in rows} or {"accuracy"}
+    title = quality_header(metrics.pop()) if len(metrics) == 1 else "quality"
+    return (*HEADERS[:3], title, f"Δ {title}", *HEADERS[5:])
+
+
 def rows_text(rows: list[ResultRow]) -> str:
     """A terminal table of result rows."""
-    return render_text(HEADERS, [r.cells() for r in rows])
+    return render_text(headers(rows), [r.cells() for r in rows])
 
 
 def rows_markdown(rows: list[ResultRow]) -> str:
     """A Markdown table of result rows."""
-    return render_markdown(HEADERS, [r.cells() for r in rows])
+    return render_markdown(headers(rows), [r.cells() for r in rows])

@@ -35,6 +35,25 @@ def fmt_pct(x: float | None, *, signed: bool = False) -> str:
     return f"{100 * x:+.2f} pt" if signed else f"{100 * x:.2f} %"
 
 
+#: quality metrics shown as percentages (fractions in [0, 1]); the others as plain numbers.
+_PERCENT_METRICS = ("accuracy", "agreement")
+
+
+def fmt_quality(x: float | None, metric: str = "accuracy", *, signed: bool = False) -> str:
+    """A quality value in its metric's form: accuracy / agreement as ``94.10 %`` (``+0.20
+    pt`` signed), cosine, R², MSE and KL as ``0.9931`` (``-0.0012`` signed)."""
+    if metric in _PERCENT_METRICS or x is None:
+        return fmt_pct(x, signed=signed)
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def quality_header(metric: str = "accuracy") -> str:
+    """The column title of a quality metric, e.g. ``accuracy`` or ``cosine to teacher``."""
+    from nncompress.measure.quality import METRICS
+
+    return METRICS.get(metric).label if metric in METRICS else metric
+
+
 def fmt_ratio(x: float | None) -> str:
     """A ratio as ``3.21x``."""
     return "-" if x is None else f"{x:.2f}x"

@@ -202,7 +202,8 @@ def fine_tune_centroids(model: nn.Module, shared: Mapping[str, SharedWeight], ct
             params[n].requires_grad_(False)
         train.fine_tune(wrapper, ctx.data, epochs=epochs, lr=lr, seed=ctx.seed,
                         progress=ctx.progress, desc="centroid fine-tune",
-                        after_step=(lambda w: apply_masks(model, others)) if others else None)
+                        after_step=(lambda w: apply_masks(model, others)) if others else None,
+                        **ctx.train_options())
     finally:
         for n, flag in frozen.items():
             params[n].requires_grad_(flag)
