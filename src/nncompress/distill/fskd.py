@@ -321,7 +321,9 @@ def _teacher_model(ctx: Context) -> nn.Module:
     teacher = getattr(ctx, "teacher", None)
     model = getattr(teacher, "model", teacher)  # a train.Teacher or a bare module
     if not isinstance(model, nn.Module):
-        raise RecipeError("fskd needs a teacher (teacher: original), but this run has none")
+        raise RecipeError("fskd needs a teacher, but this run has none: pass "
+                          "teacher='original' to compress or give the recipe "
+                          "distill: {teacher: original}")
     return model
 
 
