@@ -339,7 +339,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
         baseline = measure_now(work, None)
     trainer, how = _distillation(plan, data, original, teacher, quality_metric)
     ctx = Context(data=data, seed=seed, progress=progress, teacher=trainer,
-                  metric=quality_metric)
+                  metric=quality_metric, original=original)
     ctx.note(how)
     budget = None
     if limit is not None:

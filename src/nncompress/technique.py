@@ -90,7 +90,9 @@ class Context:
     labels' cross-entropy. ``metric``: the quality metric each training epoch reports (a
     name of :data:`nncompress.measure.METRICS`; None: accuracy, or cosine to the teacher for
     unlabelled data). Techniques that call :mod:`nncompress.train` themselves pass both on
-    with :meth:`train_options`.
+    with :meth:`train_options`. ``original``: a frozen copy of the uncompressed input model
+    (eval mode, no gradients) for post-training stages that match it (FSKD), whether or not
+    the training stages distil.
     """
 
     data: Dataset
@@ -100,6 +102,7 @@ class Context:
     log: list[str] = field(default_factory=list)
     teacher: Teacher | None = None
     metric: str | None = None
+    original: nn.Module | None = None
 
     def train_options(self) -> dict[str, Any]:
         """The keyword arguments every ``train.fit`` / ``train.fine_tune`` call of a stage

@@ -60,7 +60,12 @@ class Teacher:
     """What a student learns from: the teacher ``model`` and the ``loss`` comparing outputs,
     ``loss(student_out, teacher_out, labels or None) -> scalar`` (an ``nn.Module`` of
     :mod:`nncompress.distill.losses`). The teacher is only ever run in eval mode without
-    autograd; it is never trained."""
+    autograd; it is never trained.
+
+    Subclasses (feature hints, class-wise self-distillation) override :meth:`step`, the
+    loss of one batch, and :meth:`trainable`, parameters of their own (adapters) that the
+    optimizer trains with the student.
+    """
 
     model: nn.Module
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -72,6 +77,16 @@ class Teacher:
 
         with eval_mode(self.model), torch.no_grad():
             return inputs.call(self.model, x)
+
+    def step(self, student: nn.Module, x: Any, y: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(student outputs, loss)`` of one training batch."""
+        out = inputs.call(student, x)
+        return out, self.loss(out, self.outputs(x), y)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters the teacher side adds to training (none for output distillation)."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -166,10 +181,10 @@ def _train_epoch(model: nn.Module, data: Dataset, optimizer: torch.optim.Optimiz
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        logits = inputs.call(model, x)
         if hooks.teacher is not None:
-            loss = hooks.teacher.loss(logits, hooks.teacher.outputs(x), y)
+            logits, loss = hooks.teacher.step(model, x, y)
         else:
+            logits = inputs.call(model, x)
             loss = F.cross_entropy(logits, y)
         if hooks.extra_loss is not None:
             loss = loss + hooks.extra_loss(model)
@@ -217,7 +232,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float = 1e-3,
     params = [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return TrainLog((), (), (), (), name)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    extra = teacher.trainable() if teacher is not None else []
+    optimizer = torch.optim.Adam(params + extra, lr=lr, weight_decay=weight_decay)
     schedule = _Schedule(lr, epochs, _steps_per_epoch(data.train), LR_SCHEDULES[lr_schedule])
     losses: list[float] = []
     train_accs: list[float] = []

@@ -318,12 +318,15 @@ def fskd(student: nn.Module, teacher: nn.Module, samples_inputs: inputs.Inputs,
 
 
 def _teacher_model(ctx: Context) -> nn.Module:
-    teacher = getattr(ctx, "teacher", None)
-    model = getattr(teacher, "model", teacher)  # a train.Teacher or a bare module
+    """``teacher: original``: the run's uncompressed input model (``ctx.original``), else the
+    training teacher's model."""
+    model = ctx.original
+    if model is None:
+        teacher = ctx.teacher
+        model = getattr(teacher, "model", teacher)  # a train.Teacher or a bare module
     if not isinstance(model, nn.Module):
-        raise RecipeError("fskd needs a teacher, but this run has none: pass "
-                          "teacher='original' to compress or give the recipe "
-                          "distill: {teacher: original}")
+        raise RecipeError("fskd needs a teacher, but this run has none (no original model "
+                          "in the context; compress() provides it)")
     return model
 
 
