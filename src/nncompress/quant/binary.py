@@ -180,7 +180,8 @@ def _refuse(model: nn.Module, plan: BinaryPlan) -> None:
 
 def _calibrate(model: nn.Module, ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
     """Per-feature (Linear) / per-channel (Conv) mean input of each named layer over the
-    first :data:`CALIBRATION_BATCHES` training batches (eval mode, no gradients)."""
+    first :data:`CALIBRATION_BATCHES` training batches in the loader's order for ``ctx.seed``
+    (eval mode, no gradients; labels are never read)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -192,6 +193,9 @@ def _calibrate(model: nn.Module, ctx: Context, names: list[str]) -> dict[str, to
             sums[name] = sums.get(name, 0) + flat.sum(dim=0)
             counts[name] = counts.get(name, 0) + flat.shape[0]
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    from nncompress.train import reseed_loader
+
+    reseed_loader(ctx.data.train, ctx.seed)   # the same batches whatever ran before
     batches = (x for x, _y in itertools.islice(ctx.data.train, CALIBRATION_BATCHES))
     inputs.observe(model, batches, handles)
     return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}

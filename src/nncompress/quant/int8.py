@@ -259,6 +259,11 @@ class QuantizeInt8Config(TechniqueConfig):
 
 
 def _batches(ctx: Context, count: int) -> list[inputs.Inputs]:
+    """The inputs of the first ``count`` training batches in the loader's order for
+    ``ctx.seed`` (the same batches whatever ran before; labels are never read)."""
+    from nncompress.train import reseed_loader
+
+    reseed_loader(ctx.data.train, ctx.seed)
     out = []
     for x, *_ in ctx.data.train:
         out.append(x)
