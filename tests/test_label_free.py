@@ -198,3 +198,26 @@ def test_int8_calibration_does_not_depend_on_how_far_the_loader_was_read() -> No
         pass
     again = run(tiny("cnn1d"), recipe, data).model.state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", ["multi_task_zipping", "confidence_cascade", "learned_router",
+                                    "shared_backbone"])
+def test_multi_model_methods_refuse_inputs_only_before_touching_a_model(method: str) -> None:
+    """The multi-model methods work over classes (re-training, calibrating on accuracy,
+    heads per class): inputs only is a one-line DataError, raised first."""
+    from nncompress.share import methods
+
+    data = without_labels(tiny_data())
+    a, b = tiny("mlp"), tiny("mlp")
+    before = [p.detach().clone() for p in a.parameters()]
+    count = 1 if method == "shared_backbone" else 2
+    tasks = (data,) * (2 if method == "multi_task_zipping" else 1)
+    inputs = methods.MultiInputs((a, b)[:count], ("a", "b")[:count], tasks,
+                                 calibration=data.test)
+    run = {"multi_task_zipping": methods.run_zip, "confidence_cascade": methods.run_cascade,
+           "learned_router": methods.run_router, "shared_backbone": methods.run_branches}
+    extra = {} if method in ("multi_task_zipping", "shared_backbone") else {"budget_macs": 100.0}
+    with pytest.raises(DataError) as info:
+        run[method](inputs, methods.configure(method, **extra))
+    assert "a method over classes" in one_line(info)
+    assert all(torch.equal(p, q) for p, q in zip(before, a.parameters(), strict=True))

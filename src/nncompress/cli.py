@@ -2,9 +2,15 @@
 
 Bad input gives one line on stderr (``nncompress: error: ...``) and exit status 2; Ctrl-C
 gives ``nncompress: interrupted`` and 130; a bug gives one ``internal error`` line and 1
-(``--debug`` shows its traceback). The parser is in :mod:`nncompress.cli_parser`, the
-subcommands in :mod:`nncompress.cli_commands` (those over several models in
+(``--debug`` shows its traceback). The parser is in :mod:`nncompress.cli_parser` (help
+texts in :mod:`nncompress.cli_help`), the subcommands in :mod:`nncompress.cli_commands`
+(``eval`` in :mod:`nncompress.cli_eval`, those over several models in
 :mod:`nncompress.cli_multi`), input and output checks in :mod:`nncompress.cli_inputs`.
+
+Label-free compression: ``--data module:function`` may return inputs only (see
+:mod:`nncompress.data.user`); ``compress --teacher original|none`` says what its training
+stages learn from and ``--metric NAME`` what every table measures (``eval --metric`` with
+``--teacher MODEL`` likewise).
 
 The current folder is never searched for our own imports: ``main`` takes it off
 ``sys.path`` (``python -m`` puts it first) before torch, numpy, yaml or pydantic are
@@ -52,11 +58,12 @@ def _run(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         from nncompress.cli_commands import HANDLERS
+        from nncompress.cli_eval import HANDLERS as EVAL_HANDLERS
         from nncompress.cli_multi import HANDLERS as MULTI_HANDLERS
         from nncompress.cli_parser import build_parser
 
         args = build_parser().parse_args(argv)
-        return {**HANDLERS, **MULTI_HANDLERS}[args.handler](args)
+        return {**HANDLERS, **EVAL_HANDLERS, **MULTI_HANDLERS}[args.handler](args)
     except NNCError as exc:
         _say(f"nncompress: error: {exc}")
         return exc.exit_code

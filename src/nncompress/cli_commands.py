@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from nncompress.data import Dataset
-    from nncompress.kernels import SparsifyReport
 
 __all__ = ["HANDLERS", "emit"]
 
@@ -64,7 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_file(args.out)
     refuse_pickled(args.model)
     models.spec(args.model)  # an unknown name fails before any data is loaded
-    data = None if args.data is None else load_data(args.data, seed=args.seed)
+    data = None if args.data is None else load_data(
+        args.data, seed=args.seed, needs_labels=f"nncompress train (training {args.model} "
+                                                "from scratch)")
     model, data = models.load(args.model, data, seed=args.seed, epochs=args.epochs,
                               progress=not args.no_progress)
     acc = api.measure(model, data, with_latency=False).accuracy
@@ -95,7 +96,10 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
         raise CLIError("--model-class is for a .nnc file holding a user model, not for "
                        f"the reference model {quoted(spec)}")
     models.spec(spec)  # an unknown name fails before any data is loaded
-    data = None if args.data is None else load_data(args.data, seed=args.seed)
+    data = None if args.data is None else load_data(
+        args.data, seed=args.seed, needs_labels=f"--model {spec} (a reference model, trained "
+        "here on --data; give a trained model as a .nnc file or package.module:function "
+        "instead)")
     return models.load(spec, data, seed=args.seed, progress=not args.no_progress)
 
 
@@ -107,69 +111,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     recipe = Recipe.resolve(args.recipe)
     model, data = _model_and_data(args)
     result = api.compress(model, recipe, data, seed=args.seed, progress=not args.no_progress,
-                          measure_latency=not args.no_latency, max_drop=args.max_drop)
+                          measure_latency=not args.no_latency, max_drop=args.max_drop,
+                          teacher=args.teacher, metric=args.metric)
     emit(result.table())
+    if result.log:   # what the training stages learnt from, what each stage did
+        emit("\n".join(["", "notes:", *(f"  {line}" for line in result.log)]))
     size = api.save(result, args.out)
     emit(f"saved {size} bytes to {args.out}")
     return 0
-
-
-# --------------------------------------------------------------------------- eval
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from nncompress import api
-    from nncompress.cli_multi import eval_target, routed_macs
-    from nncompress.report import fmt_bytes, fmt_count, fmt_ms, fmt_pct
-
-    spec = model_spec(args)
-    model = load_model(spec, args.model_class, "MODEL")
-    data = load_data(args.data, seed=0)
-    model, data = eval_target(model, spec, args, data)
-    engine = _sparsify(model, data) if args.sparsify else None
-    m = api.measure(model, data, with_latency=not args.no_latency)
-    routed = routed_macs(model, data)
-    file_bytes = Path(spec).stat().st_size if looks_like_file(spec) else m.artifact_bytes
-    if args.json:
-        lat = [] if m.latency is None else [
-            {"batch": r.batch, "median_ms": r.median_ms} for r in m.latency.results]
-        out = {"accuracy": m.accuracy, "file_bytes": file_bytes, "params": m.params.total,
-               "nonzero_params": m.params.nonzero, "macs": m.macs.total, "latency": lat}
-        if routed is not None:
-            out["routed_macs"] = routed
-        if engine is not None:
-            out["sparse_engine"] = [{"layer": c.name, "sparsity": c.sparsity,
-                                     "dense_us": c.dense_us[0], "sparse_us": c.sparse_us[0],
-                                     "choice": c.choice} for c in engine.layers]
-        print(json.dumps(out, indent=2))
-        return 0
-    size_label = "file size" if looks_like_file(spec) else "file size (as nc.save writes it)"
-    rows = [["test accuracy", fmt_pct(m.accuracy)], [size_label, fmt_bytes(file_bytes)],
-            ["parameters (non-zero)",
-             f"{fmt_count(m.params.total)} ({fmt_count(m.params.nonzero)})"],
-            ["MACs per sample", fmt_count(m.macs.total)]]
-    if routed is not None:
-        rows[-1] = ["MACs per sample (average as routed on the test split)", fmt_count(routed)]
-    if m.latency is not None:
-        rows += [[f"latency batch {r.batch} (median, {m.latency.threads} threads)",
-                  fmt_ms(r.median_ms)] for r in m.latency.results]
-    emit(_table(["metric", "value"], rows))
-    if engine is not None:
-        emit()
-        emit(_table(
-            ["layer", "sparsity", "dense b1", "CSR b1", "engine", "why"],
-            [[c.name, fmt_pct(c.sparsity), f"{c.dense_us[0]:.1f} us" if c.dense_us else "-",
-              f"{c.sparse_us[0]:.1f} us" if c.sparse_us else "-", c.choice, c.reason]
-             for c in engine.layers]))
-    return 0
-
-
-def _sparsify(model: nn.Module, data: Dataset) -> SparsifyReport:
-    """Deploy-time sparse engine on the loaded model; returns its per-layer report."""
-    from nncompress.data import example_input
-    from nncompress.kernels import sparsify
-
-    return sparsify(model, example_input(data, 1), batch_sizes=(1,))[1]
 
 
 # --------------------------------------------------------------------------- inspect
@@ -439,6 +388,6 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"demo": _cmd_demo, "train": _cmd_train, "compress": _cmd_compress,
-            "eval": _cmd_eval, "inspect": _cmd_inspect, "export": _cmd_export, "run": _cmd_run,
+            "inspect": _cmd_inspect, "export": _cmd_export, "run": _cmd_run,
             "techniques": _cmd_techniques,
             "models": _cmd_models, "recipes": _cmd_recipes}

@@ -277,15 +277,22 @@ def load_model(spec: str, model_class: str | None, option: str = "--model") -> n
                    "package.module:function reference")
 
 
-def load_data(name: str, *, seed: int) -> Dataset:
+def load_data(name: str, *, seed: int, needs_labels: str | None = None) -> Dataset:
     """``--data``: a bundled dataset, or ``module:function`` imported from the current
-    folder too (see :func:`user_import_path`)."""
+    folder too (see :func:`user_import_path`), labelled or inputs only (see
+    :mod:`nncompress.data.user`). ``needs_labels``: what needs labels (for the one-line
+    error when the data has inputs only)."""
     from nncompress.data import load_dataset
 
     if ":" not in name:
-        return load_dataset(name, seed=seed)
-    with user_import_path():
-        module = name.partition(":")[0]
-        if is_reference(name) and module not in sys.modules:
-            _check_module_file(module, f"--data {name!r}", DataError)
-        return load_dataset(name, seed=seed)
+        data = load_dataset(name, seed=seed)
+    else:
+        with user_import_path():
+            module = name.partition(":")[0]
+            if is_reference(name) and module not in sys.modules:
+                _check_module_file(module, f"--data {name!r}", DataError)
+            data = load_dataset(name, seed=seed)
+    if needs_labels is not None and not data.labelled:
+        raise DataError(f"{needs_labels} needs labels, but --data {printable(repr(name))} "
+                        "gives inputs only")
+    return data

@@ -100,6 +100,13 @@ def _subsets(data: Dataset, tasks: list[tuple[int, ...]], seed: int) -> tuple[Da
     return tuple(class_subset(data, classes, seed=seed) for classes in tasks)
 
 
+#: command -> why it needs labelled data (its one-line error on data with inputs only)
+_LABELS = {"zip": "nncompress zip (re-training both tasks on their labels)",
+           "cascade": "nncompress cascade (calibrating thresholds on held-out accuracy)",
+           "router": "nncompress router (training the router on which model is right)",
+           "branches": "nncompress branches (training one head per task)"}
+
+
 def _zip_tasks(args: argparse.Namespace) -> tuple[Dataset, ...]:
     """``--data-a`` / ``--data-b``, or ``--data`` cut by two ``--tasks``."""
     pair = (args.data_a, args.data_b)
@@ -108,10 +115,11 @@ def _zip_tasks(args: argparse.Namespace) -> tuple[Dataset, ...]:
             raise CLIError("zip: give --data-a and --data-b, or --data with --tasks A B")
         if len(args.tasks) != 2:
             raise CLIError(f"zip: --tasks needs exactly two tasks (got {len(args.tasks)})")
-        return _subsets(load_data(args.data, seed=args.seed), args.tasks, args.seed)
+        return _subsets(load_data(args.data, seed=args.seed, needs_labels=_LABELS["zip"]),
+                        args.tasks, args.seed)
     if None in pair:
         raise CLIError("zip: give --data-a and --data-b, or --data with --tasks A B")
-    tasks = tuple(load_data(ref, seed=args.seed) for ref in pair)
+    tasks = tuple(load_data(ref, seed=args.seed, needs_labels=_LABELS["zip"]) for ref in pair)
     if tasks[0].input_shape != tasks[1].input_shape:
         raise DataError(f"zip: the tasks must share an input; --data-a {quoted(pair[0])} has "
                         f"samples shaped {tasks[0].input_shape}, --data-b {quoted(pair[1])} "
@@ -197,7 +205,7 @@ def _multiplex(args: argparse.Namespace, method: str, **params: Any) -> int:
     check_output_file(args.out)
     methods.configure(method, budget_macs=1.0, **params)  # every other value, before work
     _check_models([(spec, "--models") for spec in args.models], args)
-    data = load_data(args.data, seed=args.seed)
+    data = load_data(args.data, seed=args.seed, needs_labels=_LABELS[args.command])
     rest, held = holdout(data, args.held_out, seed=args.seed)
     members = [_model(spec, "--models", rest, args) for spec in args.models]
     inputs = _inputs(members, list(args.models), (data,), args, calibration=held)
@@ -226,7 +234,8 @@ def _cmd_branches(args: argparse.Namespace) -> int:
     if args.tasks is not None and len(args.data) != 1:
         raise CLIError(f"branches: --tasks cuts tasks from one --data (got {len(args.data)} "
                        "datasets)")
-    datasets = [load_data(ref, seed=args.seed) for ref in args.data]
+    datasets = [load_data(ref, seed=args.seed, needs_labels=_LABELS["branches"])
+                for ref in args.data]
     if args.tasks is not None:
         tasks, classes = _subsets(datasets[0], args.tasks, args.seed), tuple(args.tasks)
     else:

@@ -13,17 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from nncompress.cli_help import (
+    CLASS_HELP,
+    COMPRESS_TEXT,
+    DATA_HELP,
+    EVAL_TEACHER_HELP,
+    METRIC_DEFAULT,
+    METRIC_HELP,
+    MODEL_REF_HELP,
+    MULTI_MODEL_HELP,
+    TEACHER_HELP,
+)
 from nncompress.cli_inputs import CLIError, printable
 
-__all__ = ["MAX_SEED", "build_parser"]
+__all__ = ["MAX_SEED", "build_parser", "metric_name", "teacher_choice"]
 
-DATA_HELP = "dataset: mnist1d, digits or package.module:function (found in this folder too)"
-MODEL_REF_HELP = ("a .nnc file, or package.module:function: a function taking no arguments "
-                  "that returns an nn.Module (found in this folder too)")
-MULTI_MODEL_HELP = ("a reference model name (trained here on its task), a .nnc file, or "
-                    "package.module:function returning an nn.Module")
-CLASS_HELP = ("package.module:Class of the user model a .nnc file holds; Class() builds "
-              "the skeleton its tensors load into")
 #: seeds go to torch, numpy and Python's RNGs; numpy's take 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 
@@ -85,6 +89,24 @@ def _float_in(option: str, low: float, high: float | None = None, *,
 
     parse.__name__ = option
     return parse
+
+
+def metric_name(text: str) -> str:
+    """``--metric``: a name of :data:`nncompress.measure.METRICS`."""
+    from nncompress.measure.quality import METRICS
+
+    if text not in METRICS:
+        raise CLIError(f"--metric must be one of {', '.join(METRICS.names())} "
+                       f"(got {printable(repr(text))[:60]})")
+    return text
+
+
+def teacher_choice(text: str) -> str:
+    """``compress --teacher``: ``original`` or ``none``."""
+    if text not in ("original", "none"):
+        raise CLIError(f"--teacher must be original (distil from the uncompressed model) or "
+                       f"none (cross-entropy on the labels) (got {printable(repr(text))[:60]})")
+    return text
 
 
 def share_fractions(text: str) -> tuple[float, ...]:
@@ -168,7 +190,9 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .nnc file")
     _common(p, seed=True, handler="train")
 
-    p = sub.add_parser("compress", help="compress a model with a recipe and save the .nnc")
+    p = sub.add_parser("compress", help="compress a model with a recipe and save the .nnc",
+                       description=COMPRESS_TEXT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="reference model name (see `nncompress models`) or " + MODEL_REF_HELP)
     p.add_argument("--model-class", default=None, help=CLASS_HELP)
@@ -181,6 +205,11 @@ def _add_training_commands(sub: Any) -> None:
                    help="accuracy budget in points on a validation split carved from the "
                         "training data; lossy stages back off until it holds (default: the "
                         "recipe's max_drop)")
+    p.add_argument("--teacher", type=teacher_choice, default=None, metavar="original|none",
+                   help=TEACHER_HELP)
+    p.add_argument("--metric", type=metric_name, default=None, metavar="NAME",
+                   help=METRIC_HELP + "; teacher metrics compare with the uncompressed "
+                        "model (default: the recipe's, else " + METRIC_DEFAULT + ")")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     _common(p, seed=True, handler="compress")
 
@@ -191,6 +220,9 @@ def _add_model_commands(sub: Any) -> None:
     _model_argument(p)
     p.add_argument("--model-class", default=None, help=CLASS_HELP)
     p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--metric", type=metric_name, default=None, metavar="NAME",
+                   help=METRIC_HELP + " (default: " + METRIC_DEFAULT + ")")
+    p.add_argument("--teacher", default=None, metavar="MODEL", help=EVAL_TEACHER_HELP)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--task", type=_int_in("--task", 0), default=None, metavar="I",

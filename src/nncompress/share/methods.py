@@ -43,6 +43,7 @@ from nncompress.share.multi_io import (
     MultiResult,
     Row,
     check_fits,
+    check_labelled,
     measure_row,
     model_output,
     task_outputs,
@@ -134,6 +135,7 @@ def run_zip(inputs: MultiInputs, config: ZipConfig) -> MultiResult:
     """Zip two task models (He, Zhou & Thiele 2018); rows: the two models, the zipped."""
     from nncompress.share.zipping import zip_models
 
+    check_labelled(inputs, "zip")
     for model, name in zip(inputs.models, inputs.names, strict=True):
         check_zippable(model, name)
     check_fits(inputs, "zip", same_classes=False)
@@ -172,6 +174,7 @@ def _shares(names: Sequence[str], share: Sequence[float]) -> str:
 def _multiplexer_inputs(inputs: MultiInputs, what: str) -> None:
     if len(inputs.models) < 2 or len(inputs.tasks) != 1:
         raise ModelError(f"{what}: needs at least two models of one task")
+    check_labelled(inputs, what)
     if inputs.calibration is None:
         raise ModelError(f"{what}: needs held-out calibration data the models did not "
                          "train on")
@@ -279,6 +282,7 @@ def run_branches(inputs: MultiInputs, config: BranchesConfig) -> MultiResult:
 
     if len(inputs.models) != 1 or not inputs.tasks:
         raise ModelError("branches: needs one backbone model and at least one task")
+    check_labelled(inputs, "branches")
     classifier, name = inputs.models[0], inputs.names[0]
     check_member(classifier, f"the backbone {name!r}")
     model_output(classifier, name, inputs.tasks[0], "branches")

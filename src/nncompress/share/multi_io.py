@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from nncompress.data import Dataset, example_input
+from nncompress.data import Dataset, example_input, require_labels
 from nncompress.errors import ModelError
 from nncompress.measure import accuracy, artifact_bytes, count_macs, count_params
 from nncompress.share.composite import BranchesModel
 from nncompress.share.zipped import ZippedPair
 
-__all__ = ["MultiInputs", "MultiResult", "Row", "check_fits", "measure_row", "model_output",
-           "task_outputs"]
+__all__ = ["MultiInputs", "MultiResult", "Row", "check_fits", "check_labelled", "measure_row",
+           "model_output", "task_outputs"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,13 @@ def model_output(model: nn.Module, name: str, data: Dataset, what: str) -> Any:
         raise ModelError(f"{what}: model {name!r} does not take {data.name!r}'s inputs "
                          f"shaped {data.input_shape}: {type(exc).__name__}: "
                          f"{str(exc)[:160]}") from None
+
+
+def check_labelled(inputs: MultiInputs, what: str) -> None:
+    """Every task has labels (each method trains or calibrates on them and reports
+    accuracy per task); else a one-line DataError, before any model is touched."""
+    for data in inputs.tasks:
+        require_labels(data, f"{what} (a method over classes)")
 
 
 def check_fits(inputs: MultiInputs, what: str, *, same_classes: bool) -> None:
