@@ -85,11 +85,15 @@ def test_the_search_gets_within_five_percent_on_the_reference_models() -> None:
 
 
 def test_auto_picks_per_architecture() -> None:
-    assert type(student_of(_teacher("cnn1d"), 4)) is CNN1d          # measured: width best
     assert type(student_of(_teacher("cnn2d"), 4)) is MobileNet2d
-    for name in ("gru", "lstm", "mlp", "rescnn", "transformer"):
+    for name in ("gru", "lstm"):
+        assert student_of(_teacher(name), 4).arch_config()["hidden"] == \
+            student_of(_teacher(name), 4, "shallow").arch_config()["hidden"]
+        assert len(student_of(_teacher(name), 4).arch_config()["hidden"]) == 1
+    for name in ("cnn1d", "mlp", "rescnn", "transformer"):
         teacher = _teacher(name)
-        assert type(student_of(teacher, 4)) is type(teacher)
+        assert student_of(teacher, 4).arch_config() == \
+            student_of(teacher, 4, "width").arch_config()
 
 
 def test_student_of_is_deterministic_and_leaves_the_global_rng_alone() -> None:
@@ -133,6 +137,20 @@ def test_scaled_transformer_heads_always_divide_the_width() -> None:
         for heads, head_dim in zip(cfg["num_heads"], cfg["head_dim"], strict=True):
             assert heads * head_dim == cfg["dim"] and heads >= 2
         assert scaled(teacher, width)(x).shape == (2, 10)
+
+
+def test_an_embedder_student_keeps_the_embedding_width() -> None:
+    try:
+        teacher = models.build("transformer", (1, 40), 0)     # mean-pooled embedder
+    except ModelError:
+        pytest.skip("this checkout's transformer has no embedder form (num_classes=0)")
+    total = _params(teacher)
+    x = torch.randn(2, 1, 40)
+    for kind in ("width", "shallow"):
+        for ratio in (2, 4, 10):
+            student = student_of(teacher, ratio, kind)
+            assert student(x).shape == teacher(x).shape == (2, 64)
+            assert abs(_params(student) - total / ratio) <= 0.15 * total / ratio
 
 
 def test_scaled_drops_layers() -> None:

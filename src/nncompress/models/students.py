@@ -56,17 +56,20 @@ def _transformer(cfg: Config, f: Scale) -> Config:
     """``dim`` and ``mlp_dim`` scaled, ``dim`` to a multiple of ``m`` = half the most heads
     of any block; each block's attention width ``heads * head_dim`` follows ``dim`` when it
     equals it (else scales on its own, also to a multiple of ``m``), with the most heads (at
-    most the block's own) that divide it: at least ``m`` where the block had ``2m``.
+    most the block's own) that divide it: at least ``m`` where the block had ``2m``. An
+    embedder (``num_classes`` 0: the output is the pooled ``[B, dim]``) keeps ``dim`` so the
+    student's embeddings compare with the teacher's; its attention widths scale instead.
     Parameters depend on the widths only, so they grow with the multiplier."""
     m = max(1, max(cfg["num_heads"], default=2) // 2)
 
     def fm(c: int) -> int:
         return m * max(1, f(c) // m + (f(c) % m * 2 >= m))
 
-    dim = fm(cfg["dim"])
+    embedder = cfg.get("num_classes") == 0
+    dim = cfg["dim"] if embedder else fm(cfg["dim"])
     heads, head_dims = [], []
     for h, d in zip(cfg["num_heads"], cfg["head_dim"], strict=True):
-        inner = dim if h * d == cfg["dim"] else fm(h * d)
+        inner = dim if h * d == cfg["dim"] and not embedder else fm(h * d)
         heads.append(_largest_divisor(inner, h))
         head_dims.append(inner // heads[-1])
     return {**_lists(cfg, f, "mlp_dim"), "dim": dim, "num_heads": heads, "head_dim": head_dims}
@@ -165,7 +168,8 @@ _CONVERSIONS: Mapping[tuple[str, str], Callable[[Config], tuple[type, Config]]] 
 
 #: the kind ``kind="auto"`` builds, per architecture (default "width"); measured on
 #: mnist1d / digits, see :func:`student_of`
-_AUTO: Mapping[str, str] = MappingProxyType({"cnn2d": "mobilenet"})
+_AUTO: Mapping[str, str] = MappingProxyType({"cnn2d": "mobilenet", "gru": "shallow",
+                                             "lstm": "shallow"})
 
 
 def _reference(model: nn.Module) -> tuple[str, Config]:
@@ -300,13 +304,17 @@ def student_of(model: nn.Module, size_ratio: float = 4.0, kind: str = "auto", se
     first half of the layers, rounded up, then widths scaled: 1 GRU / LSTM layer,
     1 transformer block, 1 hidden layer ...), ``"mobilenet"`` / ``"shufflenet"``
     (:mod:`~nncompress.models.blocks` networks, for cnn1d / cnn2d teachers and for such
-    students themselves), ``"auto"``: mobilenet for cnn2d, width for the rest. Why, from
-    labels at the teacher's epochs on its dataset (2 seeds, test accuracy at 4x / 10x
-    fewer parameters): cnn2d (digits) width .921 / .889, shallow .960 / .904, mobilenet
-    .975 / .967, shufflenet .967 / .925 -- its parameters sit in a fully connected head
-    that a global-pooled MobileNet does without; cnn1d (mnist1d) width .930 / .917,
-    shallow .938 / .915, mobilenet .923 / .879, shufflenet .910 / .919 -- width is as
-    good as any and keeps the teacher's layers one to one (for hint distillation).
+    students themselves), ``"auto"``: mobilenet for cnn2d, shallow for gru / lstm, width
+    for the rest. Why, from labels at the teacher's epochs and learning rate on its
+    dataset (test accuracy at 4x / 10x fewer parameters, mean of 2 seeds unless noted):
+    cnn2d (digits) width .921 / .889, shallow .960 / .904, mobilenet .975 / .967,
+    shufflenet .967 / .925 -- its parameters sit in a fully connected head that a
+    global-pooled MobileNet does without; cnn1d (mnist1d) width .930 / .917, shallow
+    .938 / .915, mobilenet .923 / .879, shufflenet .910 / .919 -- width is as good as any
+    and keeps the teacher's layers one to one (for hint distillation); gru width .904 /
+    .779, shallow .953 / .833; lstm width .946 / .898, shallow .951 / .907 (one wider
+    layer, also half the sequential steps); transformer (1 seed) width .869 / .857,
+    shallow .839 / .834.
 
     The width multiplier is found by bisection on the parameter count (monotone in the
     multiplier); the student has the count nearest the target among the multipliers, and
