@@ -99,7 +99,7 @@ def _all(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tenso
 
 
 def test_dataset_names() -> None:
-    assert dataset_names() == ("digits", "mnist1d", "mnist1d-tokens")
+    assert dataset_names() == ("digits", "mnist1d", "mnist1d-shifted", "mnist1d-tokens")
 
 
 def test_mnist1d_shapes_and_split(mnist1d_first_load: tuple[Dataset, float, float]) -> None:

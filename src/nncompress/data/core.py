@@ -201,6 +201,8 @@ _BUNDLED: Registry[Callable[[], _Arrays]] = Registry("dataset", error=DataError)
 _BUNDLED.register("mnist1d", _mnist1d)
 _BUNDLED.register("mnist1d-tokens", _mnist1d_tokens)
 _BUNDLED.register("digits", _digits)
+_BUNDLED.register("mnist1d-shifted",  # data.domains.SHIFT; imported on first load
+                  lambda: importlib.import_module("nncompress.data.domains").shifted_arrays())
 
 
 # --------------------------------------------------------------------------- public API
@@ -284,7 +286,9 @@ def load_dataset(name: str, *, batch_size: int = 128, seed: int = 0) -> Dataset:
 
 
 def dataset_names() -> tuple[str, ...]:
-    """Names of the bundled datasets: ``("digits", "mnist1d", "mnist1d-tokens")``."""
+    """Names of the bundled datasets: ``("digits", "mnist1d", "mnist1d-shifted",
+    "mnist1d-tokens")``; ``mnist1d-shifted`` is the target domain of
+    :mod:`nncompress.data.domains`."""
     return _BUNDLED.names()
 
 
