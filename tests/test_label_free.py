@@ -38,6 +38,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "fold_batchnorm": ("cnn1d", {}),
     "fskd": ("cnn1d", {"samples": 16}),
     "hashed_net": ("mlp", {"compression": 4.0, "epochs": 1}),
+    "kd_student": ("mlp", {"size_ratio": 2.0, "epochs": 1}),
+    "kd_student/assistants": ("mlp", {"size_ratio": 3.0, "assistants": 1, "epochs": 1}),
     "l1_filter_prune": ("cnn1d", {"ratio": 0.5, "epochs_per_step": 1}),
     "l1_filter_prune/sensitivity": ("cnn1d", {"macs_reduction": 1.5, "epochs_per_step": 1,
                                               "ratios_from": "sensitivity"}),
@@ -90,23 +92,55 @@ def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
     return text
 
 
+#: techniques that need labels by their nature, refused on inputs only before any work
+NEEDS_LABELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cs_kd": ("mlp", {"epochs": 1}),
+}
+
+
 def test_every_registered_technique_has_a_label_free_case() -> None:
-    assert set(all_techniques().names()) == {technique(c) for c in CASES}
+    assert set(all_techniques().names()) == {technique(c) for c in CASES} | set(NEEDS_LABELS)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_LABELS))
+def test_a_technique_that_needs_labels_refuses_inputs_only_in_one_line(name: str) -> None:
+    arch, params = NEEDS_LABELS[name]
+    with pytest.raises(DataError) as info:
+        run(tiny(arch), Recipe("t", (Stage.technique(name, **params),)),
+            without_labels(tiny_data()))
+    assert "needs labelled data" in one_line(info) and name in str(info.value)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_technique_compresses_from_inputs_only(case: str) -> None:
     """The batches are ``(x, None)``: a stage reading labels would fail on ``y``; the
-    stages that train distil from the uncompressed model; quality is cosine to it."""
+    stages that train distil from the uncompressed model; quality is the top-1 agreement
+    with it (the default metric on inputs only)."""
     arch, params = CASES[case]
     data = without_labels(tiny_data())
     assert not data.labelled and data.num_classes == 0
     result = run(tiny(arch), Recipe("t", (Stage.technique(technique(case), **params),)), data)
-    assert result.baseline.metric == result.final.metric == "cosine"
+    assert result.baseline.metric == result.final.metric == "agreement"
     assert result.baseline.accuracy == pytest.approx(1.0, abs=1e-5)  # itself vs itself
-    assert math.isfinite(result.final.accuracy) and -1.0 <= result.final.accuracy <= 1.0 + 1e-6
+    assert math.isfinite(result.final.accuracy) and 0.0 <= result.final.accuracy <= 1.0
     assert any("distil from the uncompressed input model (the data has no labels)" in line
                for line in result.log), result.log
+    assert "top-1 agreement with teacher" in result.table()
+
+
+def test_an_embedding_model_compresses_with_cosine_fidelity_from_inputs_only() -> None:
+    """The transformer as a mean-pooled embedder: metric cosine, and ``loss: auto`` then
+    distils with the cosine loss (named in the log)."""
+    from nncompress.models.transformer import embedder_of
+
+    torch.manual_seed(0)
+    model = embedder_of(models.build("transformer", (1, 12), 3, dim=8, depth=1, num_heads=2,
+                                     head_dim=4, mlp_dim=8))
+    recipe = Recipe("e", (Stage.technique("magnitude_prune", sparsity=0.5, steps=1,
+                                          epochs_per_step=1),))
+    result = run(model, recipe, without_labels(tiny_data()), metric="cosine")
+    assert result.final.metric == "cosine" and 0.0 < result.final.accuracy <= 1.0 + 1e-6
+    assert any("cosine loss" in line for line in result.log), result.log
     assert "cosine to teacher" in result.table()
 
 
@@ -174,7 +208,7 @@ TRAINING = {
 def test_training_stages_never_read_labels(name: str) -> None:
     """KD at alpha 1 ignores labels: random labels and no labels give the same weights,
     bit for bit. (``loss: kd`` is spelt out: ``auto`` follows the quality metric, which
-    is accuracy on labelled data and cosine on inputs only. The calibration batches of
+    is accuracy on labelled data and agreement on inputs only. The calibration batches of
     int8 / binarize come from the loader reseeded with the run's seed -- the labelled
     loader here starts from an unseeded generator.)"""
     arch, stage = TRAINING[name]

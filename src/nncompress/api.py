@@ -277,6 +277,35 @@ def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
             f"training stages distil from {who}{why}: {name} loss, {detail}")
 
 
+_EPOCH_FIELDS = ("epochs", "epochs_per_step", "epochs_after")
+
+
+def _training_stage(plan: Recipe) -> str | None:
+    """The first stage that trains (a fine_tune stage, or a technique whose config has a
+    positive epoch count), as ``"stage N (name)"``; None when no stage trains."""
+    for index, stage in enumerate(plan.stages, 1):
+        epochs = [getattr(stage.config, f, 0) or 0 for f in _EPOCH_FIELDS]
+        if any(isinstance(e, int) and e > 0 for e in epochs):
+            return f"stage {index} ({stage.name})"
+    return None
+
+
+def _check_label_free(plan: Recipe, data: Dataset, trainer: Teacher | None) -> None:
+    """Before any stage runs: on unlabelled data, a stage that trains needs a teacher whose
+    loss needs no labels (one-line DataError naming the stage)."""
+    if data.labelled:
+        return
+    stage = _training_stage(plan)
+    if stage is None:
+        return
+    if trainer is None:
+        raise DataError(f"{stage} trains, which needs labels or a teacher, but "
+                        f"{data.name!r} has inputs only and teacher is 'none'")
+    if getattr(trainer.loss, "alpha", None) == 0:
+        raise DataError(f"{stage} trains on KD with alpha=0 (cross-entropy only), which "
+                        f"needs labels; {data.name!r} has inputs only")
+
+
 def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, seed: int = 0,
              progress: bool = True, measure_latency: bool = True,
              latency_batches: Sequence[int] = (1, 256),
@@ -309,8 +338,9 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     ``nn.Module`` to learn from; None: as the recipe's ``distill`` says, and on unlabelled
     data (``data.labelled`` False: inputs only) the original model. ``metric``: the quality
     metric measured and shown in every table (a name of
-    :data:`nncompress.measure.METRICS`; default: the recipe's, else accuracy, or cosine to
-    the original model's outputs for unlabelled data). Teacher-based metrics compare with
+    :data:`nncompress.measure.METRICS`; default: the recipe's, else accuracy, or top-1
+    agreement with the original model for unlabelled data; ``cosine`` for an embedding
+    model). Teacher-based metrics compare with
     the uncompressed input model.
     """
     plan = Recipe.resolve(recipe)
@@ -338,6 +368,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     if baseline is None:
         baseline = measure_now(work, None)
     trainer, how = _distillation(plan, data, original, teacher, quality_metric)
+    _check_label_free(plan, data, trainer)
     ctx = Context(data=data, seed=seed, progress=progress, teacher=trainer,
                   metric=quality_metric, original=original)
     ctx.note(how)

@@ -1,8 +1,8 @@
 """``nncompress eval``: measure one model -- test quality (``--metric``: accuracy, or a
 label-free metric against ``--teacher``), bytes, MACs, latency, and optionally the sparse
-engine's per-layer choice. On data with inputs only the default metric is the cosine of
-the model's outputs to ``--teacher``'s (e.g. the uncompressed model), which is then
-required."""
+engine's per-layer choice. On data with inputs only the default metric is the top-1
+agreement of the model's outputs with ``--teacher``'s (e.g. the uncompressed model), which
+is then required."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_metric(args: argparse.Namespace, data: Dataset) -> tuple[str, nn.Module | None]:
-    """``eval``'s quality metric (``--metric``, else accuracy, or cosine for inputs only)
+    """``eval``'s quality metric (``--metric``, else accuracy, or agreement for inputs only)
     and the ``--teacher`` model teacher metrics compare with (required by them)."""
     from nncompress.measure.quality import check_metric, default_metric
 

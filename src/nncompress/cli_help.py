@@ -24,7 +24,7 @@ METRICS_HELP = {"accuracy": "needs labels", "agreement": "top-1 with the teacher
                 "r2": "as mse"}
 METRIC_HELP = ("quality metric measured and named in every table: "
                + ", ".join(f"{k} ({v})" for k, v in METRICS_HELP.items()))
-METRIC_DEFAULT = "accuracy, or cosine for data with inputs only"
+METRIC_DEFAULT = "accuracy, or agreement (with the teacher's top-1) for data with inputs only"
 TEACHER_HELP = ("what every stage that trains learns from: original (distillation from the "
                 "uncompressed input model with the recipe's distill settings; by default KD "
                 "at T=4, alpha=0.9, or the cosine / MSE of the outputs to the teacher's when "
@@ -39,9 +39,9 @@ Label-free compression: --data may give inputs only (a package.module:function r
 (x_train, x_test) arrays, or two DataLoaders whose batches are the inputs x alone). Every
 stage that trains then distils from the uncompressed input model (--teacher original is
 implied), post-training stages (calibration, least-squares reconstruction, sensitivity)
-read inputs only, and the tables show the cosine similarity of the outputs to the
-uncompressed model's (training then minimises it too) unless --metric names another
-label-free metric (agreement or kl: KD training; mse or r2). --max-drop and --metric
+read inputs only, and the tables show the top-1 agreement with the uncompressed model
+(training uses KD on its soft outputs) unless --metric names another label-free metric
+(cosine for an embedding model: training then maximises it; kl; mse or r2). --max-drop and --metric
 accuracy need labels. On labelled data, --teacher original makes every training stage
 distil from the uncompressed model (Hinton, Vinyals & Dean 2015 KD; the recipe's distill
 key sets T, alpha and the loss) instead of learning from the labels alone."""

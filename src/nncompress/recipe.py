@@ -274,7 +274,8 @@ class Recipe:
     (by default the uncompressed model); None: cross-entropy on the labels (on unlabelled
     data ``compress`` then distils from the original model anyway, and says so).
     ``metric``: the quality metric of the tables (a name of
-    :data:`nncompress.measure.METRICS`; None: accuracy, or cosine for unlabelled data).
+    :data:`nncompress.measure.METRICS`; None: accuracy, or top-1 agreement with the
+    original model for unlabelled data).
     """
 
     name: str

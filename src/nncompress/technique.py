@@ -88,11 +88,11 @@ class Context:
     ``teacher``: what every stage that trains learns from -- by default (``teacher:
     original``) the uncompressed input model with a distillation loss; None trains on the
     labels' cross-entropy. ``metric``: the quality metric each training epoch reports (a
-    name of :data:`nncompress.measure.METRICS`; None: accuracy, or cosine to the teacher for
-    unlabelled data). Techniques that call :mod:`nncompress.train` themselves pass both on
-    with :meth:`train_options`. ``original``: a frozen copy of the uncompressed input model
-    (eval mode, no gradients) for post-training stages that match it (FSKD), whether or not
-    the training stages distil.
+    name of :data:`nncompress.measure.METRICS`; None: accuracy, or top-1 agreement with the
+    teacher for unlabelled data). Techniques that call :mod:`nncompress.train` themselves
+    pass both on with :meth:`train_options`. ``original``: a frozen copy of the
+    uncompressed input model (eval mode, no gradients) for post-training stages that match
+    it (FSKD), whether or not the training stages distil.
     """
 
     data: Dataset

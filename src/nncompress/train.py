@@ -212,9 +212,9 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float = 1e-3,
     a ``teacher``, on the teacher's loss (distillation; the only way to train on unlabelled
     data).
 
-    Evaluates ``metric`` (default: accuracy on labelled data, cosine to the teacher on
-    unlabelled data) on ``data.test`` after every epoch; the model ends in eval mode. Only
-    parameters with ``requires_grad`` are optimised. ``epochs=0`` returns an empty log.
+    Evaluates ``metric`` (default: accuracy on labelled data, top-1 agreement with the
+    teacher on unlabelled data) on ``data.test`` after every epoch; the model ends in eval
+    mode. Only parameters with ``requires_grad`` are optimised. ``epochs=0`` returns an empty log.
     ``lr_schedule`` names an entry of :data:`LR_SCHEDULES`.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:

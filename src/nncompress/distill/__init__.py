@@ -4,3 +4,4 @@ Importing this package registers its techniques in ``TECHNIQUES``.
 """
 
 from nncompress.distill import fskd as fskd  # registers fskd
+from nncompress.distill import techniques as techniques  # registers kd_student, cs_kd

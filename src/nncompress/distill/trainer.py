@@ -31,6 +31,7 @@ from nncompress.distill.features import FeatureDistiller
 from nncompress.distill.losses import ClassPairs, CSKDLoss, NoisyTeacher
 from nncompress.distill.objective import frozen, loss_for
 from nncompress.errors import DataError, ModelError, RecipeError
+from nncompress.measure.quality import default_metric
 from nncompress.recipe import DistillConfig
 from nncompress.train import Teacher, TrainLog, fit
 
@@ -99,7 +100,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset, *, epochs: in
     """
     _check_epochs(epochs)
     config = DistillConfig(loss=loss, temperature=temperature, alpha=alpha)  # validates
-    name = metric or ("accuracy" if data.labelled else "cosine")
+    name = metric or default_metric(data.labelled)
     source = frozen(teacher)
     if privacy_noise is not None:
         source = NoisyTeacher(source, privacy_noise, seed=seed).eval()

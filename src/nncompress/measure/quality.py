@@ -167,9 +167,11 @@ def check_metric(metric: str, *, labelled: bool, has_teacher: bool) -> Metric:
 
 
 def default_metric(labelled: bool) -> str:
-    """``"accuracy"`` for labelled data; ``"cosine"`` (to the teacher's outputs, which fits
-    classifiers and embedding models alike) for inputs only."""
-    return "accuracy" if labelled else "cosine"
+    """``"accuracy"`` for labelled data; ``"agreement"`` (top-1 agreement with the teacher:
+    a classifier is the default model) for inputs only. A model whose output is an
+    embedding or a regression names its metric (``cosine``, ``mse``, ``r2``), and ``loss:
+    auto`` then distils with the matching loss."""
+    return "accuracy" if labelled else "agreement"
 
 
 def _label_free() -> list[str]:

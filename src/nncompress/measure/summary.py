@@ -60,9 +60,9 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
     in ``latency_batches`` on real test samples (repeated to the batch size).
 
     ``metric``: a name of :data:`~nncompress.measure.quality.METRICS` (default: accuracy
-    for labelled data, cosine to ``teacher`` for inputs only); ``teacher``: the model whose
-    outputs teacher-based metrics compare with (e.g. the uncompressed one; without one,
-    ``model`` itself, which scores perfectly).
+    for labelled data, top-1 agreement with ``teacher`` for inputs only); ``teacher``: the
+    model whose outputs teacher-based metrics compare with (e.g. the uncompressed one;
+    without one, ``model`` itself, which scores perfectly).
 
     ``reference``: another model (e.g. the uncompressed one) timed interleaved with
     ``model`` in ``rounds`` alternating rounds; its latency goes to ``reference_latency``.

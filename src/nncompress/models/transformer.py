@@ -24,7 +24,8 @@ from torch import nn
 from nncompress.errors import ModelError
 from nncompress.models.base import ArchModule, check_classes, check_rank, per_layer
 
-__all__ = ["FeedForward", "MultiHeadSelfAttention", "TinyTransformer", "TransformerBlock"]
+__all__ = ["FeedForward", "MultiHeadSelfAttention", "TinyTransformer", "TransformerBlock",
+           "embedder_of"]
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -95,6 +96,10 @@ class TinyTransformer(ArchModule):
     ``num_heads``, ``head_dim`` and ``mlp_dim`` are one value for every block or one per
     block. Layers: ``embed``, ``pos_embedding`` ``[1, T, dim]``, ``blocks.{i}.attn.{q,k,v,
     out}``, ``blocks.{i}.ffn.{fc1,fc2}``, ``norm``, ``classifier``.
+
+    ``num_classes=0``: a mean-pooled embedder -- no classifier (``classifier`` is an
+    ``nn.Identity``), the output is the pooled embedding ``[B, dim]``
+    (:func:`embedder_of` makes one from a trained classifier).
     """
 
     arch_name = "transformer"
@@ -121,7 +126,9 @@ class TinyTransformer(ArchModule):
         self.blocks = nn.Sequential(*(TransformerBlock(width, h, d, m)
                                       for h, d, m in zip(heads, head_dims, hiddens, strict=True)))
         self.norm = nn.LayerNorm(width)
-        self.classifier = nn.Linear(width, check_classes("transformer", num_classes))
+        self.classifier: nn.Module = (
+            nn.Identity() if num_classes == 0 and not isinstance(num_classes, bool)
+            else nn.Linear(width, check_classes("transformer", num_classes)))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, L]`` -> ``[B, L / patch_size, C * patch_size]`` (patch-major)."""
@@ -137,7 +144,7 @@ class TinyTransformer(ArchModule):
         blocks: list[TransformerBlock] = list(self.blocks)
         return {
             "input_shape": list(self.input_shape),
-            "num_classes": self.classifier.out_features,
+            "num_classes": getattr(self.classifier, "out_features", 0),
             "patch_size": self.patch_size,
             "dim": self.embed.out_features,
             "depth": len(blocks),
@@ -145,3 +152,15 @@ class TinyTransformer(ArchModule):
             "head_dim": [b.attn.head_dim for b in blocks],
             "mlp_dim": [b.ffn.fc1.out_features for b in blocks],
         }
+
+
+def embedder_of(model: TinyTransformer) -> TinyTransformer:
+    """A copy of a (trained) transformer without its classifier: the mean-pooled embedding
+    ``[B, dim]`` of its last block, after the final LayerNorm, is the output."""
+    if not isinstance(model, TinyTransformer):
+        raise ModelError(f"embedder_of needs a TinyTransformer, got {type(model).__name__}")
+    cfg = {**model.arch_config(), "num_classes": 0}
+    embedder = TinyTransformer(**cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    embedder.load_state_dict(state)
+    return embedder.eval()
