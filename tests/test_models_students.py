@@ -180,7 +180,7 @@ def test_channel_shuffle_interleaves_groups() -> None:
     assert ChannelShuffle(2)(x).flatten().tolist() == [0, 3, 1, 4, 2, 5]
     assert ChannelShuffle(3)(x).flatten().tolist() == [0, 2, 4, 1, 3, 5]
     y = torch.randn(2, 8, 3, 3)
-    assert torch.equal(ChannelShuffle(2)(ChannelShuffle(4)(y)), y)      # inverse pair
+    assert torch.equal(ChannelShuffle(2, 2)(ChannelShuffle(4, 2)(y)), y)      # inverse pair
 
 
 def test_shuffle_unit_shortcuts_and_shapes() -> None:
@@ -243,6 +243,26 @@ def test_efficient_students_save_load_export(name: str, kind: str, tmp_path) -> 
     macs = count_macs(student, x)
     depthwise = [layer for layer in macs.layers if layer.name.endswith("depthwise")]
     assert depthwise and macs.total > sum(layer.macs for layer in depthwise) > 0
+
+
+@pytest.mark.parametrize("cls", [ShuffleNet1d, ShuffleNet2d, MobileNet1d])
+def test_efficient_students_convert_to_int8(cls: type) -> None:
+    from helpers import fold_on
+    from nncompress.quant.convert import convert
+    from nncompress.quant.reference import run
+
+    shape = (1, 12) if cls.dims == 1 else (1, 8, 8)
+    torch.manual_seed(0)
+    extra = {"mid": [2, 2], "stride": [1, 2, 1]} if cls.arch_name.startswith("shuffle") else {}
+    model = _trained_bn(cls(shape, 3, channels=[4, 8, 8], **extra))
+    g = torch.Generator().manual_seed(3)
+    calibration = [torch.randn((16, *shape), generator=g) for _ in range(2)]
+    fold_on(model, calibration[0])
+    program, _ = convert(model, calibration)
+    with torch.no_grad():
+        want = model(calibration[1])
+    got = run(program, calibration[1])[0]
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
 
 
 class _NotReference(CNN1d):

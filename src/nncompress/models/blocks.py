@@ -15,7 +15,8 @@ channel widths alone (what ``models.students`` searches). Every layer is listed 
 config (``channels`` / ``stride`` / ``mid`` per layer), read back from the live layers by
 ``arch_config``, so ``nncompress.save`` / ``load`` rebuild them through
 :data:`~nncompress.models.base.ARCHITECTURES` (registered below) like any reference model.
-Channel shuffle is ``unflatten`` / ``transpose`` / ``flatten`` (ONNX Reshape / Transpose).
+Channel shuffle is reshape / transpose (ONNX Reshape / Transpose; the int8 converter's
+shape ops).
 """
 
 from __future__ import annotations
@@ -50,15 +51,20 @@ def _bn(dims: int, channels: int) -> nn.Module:
 
 
 class ChannelShuffle(nn.Module):
-    """``[B, C, *S]`` -> the same shape with channels regrouped: ``[B, g, C/g, *S]`` ->
-    transpose the first two -> ``[B, C, *S]`` (Zhang et al. 2018). C must divide by g."""
+    """``[B, C, *S]`` (``dims`` spatial axes) -> the same shape with channels regrouped:
+    ``[B, g, C/g, *S]`` -> transpose the first two -> ``[B, C, *S]`` (Zhang et al. 2018).
+    C must divide by g. Written as reshape / transpose with sizes read from ``x.shape`` so
+    that ONNX export and the int8 converter both follow it."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, dims: int = 1) -> None:
         super().__init__()
         self.groups = groups
+        self.dims = dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(1, (self.groups, -1)).transpose(1, 2).flatten(1, 2)
+        spatial = [x.shape[2 + i] for i in range(self.dims)]
+        grouped = x.reshape(x.shape[0], self.groups, -1, *spatial)     # [B, g, C/g, *S]
+        return grouped.transpose(1, 2).reshape(x.shape[0], -1, *spatial)
 
 
 class DepthwiseSeparable(nn.Module):
@@ -110,7 +116,7 @@ class ShuffleUnit(nn.Module):
         out_groups = groups if branch % groups == 0 else 1
         self.gconv1 = _conv(dims, c_in, mid, 1, groups=groups if c_in % groups == 0 else 1)
         self.bn1 = _bn(dims, mid)
-        self.shuffle = ChannelShuffle(groups)
+        self.shuffle = ChannelShuffle(groups, dims)
         self.depthwise = _conv(dims, mid, mid, kernel_size, stride, groups=mid)
         self.bn2 = _bn(dims, mid)
         self.gconv2 = _conv(dims, mid, branch, 1, groups=out_groups)
