@@ -53,7 +53,7 @@ def test_accuracy_and_agreement() -> None:
 
 def test_cosine_is_the_mean_of_per_sample_cosines() -> None:
     s, t = STUDENT.numpy(), TEACHER.numpy()
-    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(s, t)]
+    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(s, t, strict=True)]
     assert value("cosine") == pytest.approx(float(np.mean(cos)), rel=1e-6)
 
 
