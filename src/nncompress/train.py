@@ -44,7 +44,7 @@ from nncompress.data import Dataset
 from nncompress.errors import DataError
 from nncompress.measure.quality import check_metric, default_metric, quality
 
-__all__ = ["Teacher", "TrainLog", "evaluate", "fine_tune", "fit"]
+__all__ = ["EpochRecord", "Teacher", "TrainLog", "evaluate", "fine_tune", "fit"]
 
 AfterStep = Callable[[nn.Module], None]
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
@@ -89,8 +89,31 @@ class Teacher:
         return []
 
 
+class EpochRecord:
+    """What every per-epoch training record answers from its ``loss``, ``test_acc`` and
+    ``seconds`` tuples (one entry per epoch; ``test_acc`` entries may be None)."""
+
+    loss: tuple[float, ...]
+    test_acc: tuple[float | None, ...]
+    seconds: tuple[float, ...]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+    @property
+    def final_test_acc(self) -> float | None:
+        """Test quality after the last epoch (None when no epoch ran or none was
+        measured)."""
+        return self.test_acc[-1] if self.test_acc else None
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds))
+
+
 @dataclass(frozen=True)
-class TrainLog:
+class TrainLog(EpochRecord):
     """Per-epoch record of one ``fit`` call.
 
     ``loss``: mean training loss (cross-entropy or the teacher's loss, + extra loss) per
@@ -105,19 +128,6 @@ class TrainLog:
     test_acc: tuple[float, ...]
     seconds: tuple[float, ...]
     metric: str = "accuracy"
-
-    @property
-    def epochs(self) -> int:
-        return len(self.loss)
-
-    @property
-    def final_test_acc(self) -> float | None:
-        """Test accuracy after the last epoch (None when no epoch ran)."""
-        return self.test_acc[-1] if self.test_acc else None
-
-    @property
-    def total_seconds(self) -> float:
-        return float(sum(self.seconds))
 
 
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -24,7 +24,7 @@ import importlib.metadata
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,20 +99,22 @@ def _mnist1d_cache_path() -> Path:
     return cache_dir() / "data" / f"mnist1d-{digest}.npz"
 
 
-def _generate_mnist1d() -> dict[str, np.ndarray]:
-    """Run the MNIST-1D generator (default arguments: 4000 train / 1000 test, seed 42).
+def _generate_mnist1d(args: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Run the MNIST-1D generator on ``args`` (default: its own default arguments, 4000
+    train / 1000 test, seed 42).
 
     ``make_dataset`` reseeds numpy's and Python's global RNGs; both are restored. The
     arguments' ``url`` field is never used (nothing is downloaded).
     """
     try:
         from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.utils import ObjectView
     except ImportError as exc:
         raise DataError(f"dataset 'mnist1d' needs the mnist1d package: {exc}") from exc
 
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        raw = make_dataset(get_dataset_args())
+        raw = make_dataset(get_dataset_args() if args is None else ObjectView(dict(args)))
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)

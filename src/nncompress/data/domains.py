@@ -24,13 +24,11 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
 import torch
 
 from nncompress.data.core import (
@@ -38,6 +36,7 @@ from nncompress.data.core import (
     Dataset,
     _Arrays,
     _from_arrays,
+    _generate_mnist1d,
     _read_npz,
     _write_npz_atomic,
 )
@@ -121,33 +120,13 @@ def _cache_path(args: Mapping[str, Any]) -> Path:
     return cache_dir() / "data" / f"mnist1d-domain-{digest}.npz"
 
 
-def _generate(args: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Run the generator on ``args``; numpy's and Python's global RNG states (which
-    ``make_dataset`` reseeds) are restored afterwards."""
-    from mnist1d.data import make_dataset
-    from mnist1d.utils import ObjectView
-
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        raw = make_dataset(ObjectView(dict(args)))
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    return {
-        "x_train": np.asarray(raw["x"], dtype=np.float32),
-        "y_train": np.asarray(raw["y"], dtype=np.int64),
-        "x_test": np.asarray(raw["x_test"], dtype=np.float32),
-        "y_test": np.asarray(raw["y_test"], dtype=np.int64),
-    }
-
-
 def shifted_arrays(**changes: Any) -> _Arrays:
     """The arrays of :func:`shifted_mnist1d` (``changes`` empty: :data:`SHIFT`)."""
     args = mnist1d_args(**(changes or SHIFT))
     path = _cache_path(args)
     arrays = _read_npz(path)
     if arrays is None:
-        arrays = _generate(args)
+        arrays = _generate_mnist1d(args)
         _write_npz_atomic(path, arrays)
     if len(arrays["y_train"]) == 0 or len(arrays["y_test"]) == 0:
         raise DataError(f"mnist1d domain: num_samples {args['num_samples']} with train_split "

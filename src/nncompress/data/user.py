@@ -126,6 +126,24 @@ def _feature_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) if x.is_floating_point() else x.to(torch.int64)
 
 
+def _check_x(x: Any, shape: tuple[int, ...] | None, split: str, ref: str) -> tuple[int, ...]:
+    """Check one batch's inputs ``x``; return the per-sample shape of its first tensor,
+    which must equal ``shape`` (the earlier batches') for a single-tensor input (a tuple /
+    dict may vary its sequence lengths)."""
+    try:
+        inputs.check(x, f"the {split} loader's x")
+    except DataError as exc:
+        raise DataError(f"data reference {ref!r}: {exc}") from None
+    first = inputs.leaves(x)[0]
+    if first.is_complex() or first.dim() < 2:
+        raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
+                        f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
+    if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
+        raise DataError(f"data reference {ref!r}: {split} samples change shape between "
+                        f"batches")
+    return shape or tuple(first.shape[1:])
+
+
 def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, ...], int]:
     """Check every batch of a user loader; return (sample shape of the first input tensor,
     max label). ``x`` may be one tensor of any dtype or a tuple/dict of tensors; only the
@@ -137,23 +155,12 @@ def _scan_loader(loader: DataLoader, split: str, ref: str) -> tuple[tuple[int, .
             raise DataError(f"data reference {ref!r}: the {split} loader must yield (x, y) "
                             f"batches")
         x, y = batch
-        try:
-            inputs.check(x, f"the {split} loader's x")
-        except DataError as exc:
-            raise DataError(f"data reference {ref!r}: {exc}") from None
-        first = inputs.leaves(x)[0]
-        if first.is_complex() or first.dim() < 2:
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
-                            f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
+        shape = _check_x(x, shape, split, ref)
         if not (torch.is_tensor(y) and y.dtype == torch.int64
                 and y.shape == (inputs.batch_size(x),)):
             raise DataError(f"data reference {ref!r}: the {split} loader must yield int64 "
                             f"labels shaped [B], one per sample")
         _check_labels(y, f"{split} y", ref)
-        if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
-            raise DataError(f"data reference {ref!r}: {split} samples change shape between "
-                            f"batches")
-        shape = shape or tuple(first.shape[1:])
         top = max(top, int(y.max()) if len(y) else -1)
     if shape is None:
         raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
@@ -207,18 +214,7 @@ def _scan_inputs(loader: DataLoader, split: str, ref: str) -> tuple[int, ...]:
     input tensor (fixed across batches for a single-tensor input)."""
     shape: tuple[int, ...] | None = None
     for x, _ in loader:
-        try:
-            inputs.check(x, f"the {split} loader's x")
-        except DataError as exc:
-            raise DataError(f"data reference {ref!r}: {exc}") from None
-        first = inputs.leaves(x)[0]
-        if first.is_complex() or first.dim() < 2:
-            raise DataError(f"data reference {ref!r}: the {split} loader must yield x "
-                            f"batches shaped [B, ...] of a real dtype, got {inputs.describe(x)}")
-        if shape is not None and tuple(first.shape[1:]) != shape and isinstance(x, torch.Tensor):
-            raise DataError(f"data reference {ref!r}: {split} samples change shape between "
-                            f"batches")
-        shape = shape or tuple(first.shape[1:])
+        shape = _check_x(x, shape, split, ref)
     if shape is None:
         raise DataError(f"data reference {ref!r}: the {split} loader yields no batches")
     return shape

@@ -45,14 +45,14 @@ from nncompress.data.core import first_samples
 from nncompress.distill.losses import KDLoss, MMDLoss
 from nncompress.errors import DataError, ModelError, RecipeError
 from nncompress.inputs import Inputs
-from nncompress.train import LR_SCHEDULES, evaluate, reseed_loader
+from nncompress.train import LR_SCHEDULES, EpochRecord, evaluate, reseed_loader
 
 __all__ = ["DomainLog", "feature_mmd", "final_linear", "mobileda", "source_only",
            "target_kd"]
 
 
 @dataclass(frozen=True)
-class DomainLog:
+class DomainLog(EpochRecord):
     """Per-epoch record of one cross-domain training run (shaped like ``TrainLog``).
 
     ``loss``: mean total loss per step; ``ce`` / ``kd`` / ``align``: the mean of each term
@@ -70,19 +70,6 @@ class DomainLog:
     source_acc: tuple[float, ...]
     test_acc: tuple[float | None, ...]
     seconds: tuple[float, ...]
-
-    @property
-    def epochs(self) -> int:
-        return len(self.loss)
-
-    @property
-    def final_test_acc(self) -> float | None:
-        """Target-domain test accuracy after the last epoch (None: no epoch or no labels)."""
-        return self.test_acc[-1] if self.test_acc else None
-
-    @property
-    def total_seconds(self) -> float:
-        return float(sum(self.seconds))
 
 
 @dataclass(frozen=True)
