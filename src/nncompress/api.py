@@ -265,7 +265,8 @@ def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
     if implied:
         config = DistillConfig()
     if config is None or config.teacher == "none":
-        return None, "training stages learn from the labels (cross-entropy; no teacher)"
+        return None, ("fine-tuning in the stages learns from the labels (cross-entropy; no "
+                      "teacher; kd_student and fskd still learn from their own teacher)")
     source = teacher if isinstance(teacher, nn.Module) else original
     name, _ = loss_for(config, metric)
     who = ("the uncompressed input model" if source is original
