@@ -77,6 +77,9 @@ def test_demo_reports_sensitivity_and_refusals(tmp_path: Path,
     # with cnn1d in the run: zipping of both pairs and both multiplexers
     assert "| cnn1d: MTZ share 1 |" in text and "| mlp: MTZ share 1 |" in text
     assert "| cascade, budget 35% |" in text and "| learned router, budget 50% |" in text
+    # and the KD student and FSKD (the label-free embedder needs the transformer)
+    assert "## Knowledge distillation" in text and "| pruned + FSKD (40 inputs" in text
+    assert "| student, KD from the teacher |" in text and "Label-free embedder" not in text
 
 
 def _tiny_int8() -> tuple[torch.nn.Module, Dataset]:

@@ -171,6 +171,9 @@ def _run_models(chosen: dict[str, list[Recipe]], out_dir: Path, *,
 
     echo("several models at once: zipping and multiplexing")
     sections += demo_sections(names, quick=quick, seed=seed, echo=echo)
+    from nncompress.demo_distill import demo_sections as distill_sections
+
+    sections += distill_sections(names, quick=quick, seed=seed, echo=echo)
     sections += [*_breakdown_section(stage_bytes),
                  *([_skipped_section(skipped)] if skipped else [])]
     return rows, skipped, sparsity, sections
