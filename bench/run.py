@@ -185,8 +185,14 @@ def bench_deploy(echo) -> str:
     return deploy.section(echo)
 
 
+def bench_distill(echo) -> str:
+    """The knowledge-distillation section (issue 11): bench/distill.py."""
+    import distill
+    return distill.section(echo)
+
+
 #: sections ``--only`` can run alone: name -> (echo) -> markdown
-ONLY = {"deploy": bench_deploy}
+ONLY = {"deploy": bench_deploy, "distill": bench_distill}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     bits = bench_bits(echo)
     echo("deployment: the deployed form beside the peers (issue 10)")
     deployment = bench_deploy(echo)
+    echo("knowledge distillation and label-free compression (issue 11)")
+    distillation = bench_distill(echo)
     echo("every technique on every architecture")
     cells = bench_generality(echo)
     echo("container: save / load speed, header bytes")
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *bits,
         deployment,
+        "",
+        distillation,
         "",
         GENERALITY_INTRO,
         "",
