@@ -15,11 +15,13 @@ Usage: ``python bench/run.py --only distill --out /tmp/distill.md``.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import distill_jobs as J
@@ -137,6 +139,15 @@ def _signed(values: Sequence[float]) -> str:
     return ", ".join(f"{v * 100:+.1f}" for v in values)
 
 
+def _spread(diffs: Sequence[float]) -> str:
+    """A warning when a mean difference is smaller than its seed-to-seed spread."""
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if abs(_mean(diffs)) >= sd:
+        return ""
+    return (f"; within the seed-to-seed spread (std of the per-seed differences "
+            f"{sd * 100:.1f} points)")
+
+
 def _chans(channels: Sequence[int]) -> str:
     return "/".join(map(str, channels))
 
@@ -158,8 +169,10 @@ def _gain(runs: dict[tuple[str, int], list[J.StudentRun]], epochs: int) -> list[
             for k, lab in zip(runs["kd", epochs], runs["labels", epochs], strict=True)]
 
 
-def _kd_table(f: _Facts, grid: dict[tuple[float, float], float], best: tuple[float, float],
-              runs: dict[tuple[str, int], list[J.StudentRun]]) -> str:
+def _kd_table(f: _Facts, validation: tuple[float, dict[tuple[float, float], float]],
+              best: tuple[float, float], runs: dict[tuple[str, int], list[J.StudentRun]]
+              ) -> str:
+    teacher_val, grid = validation
     params = runs["labels", J.EPOCHS][0].params
     student = f"student cnn1d {_chans(f.student_channels)}"
     rows = [[f"teacher cnn1d {_chans(f.teacher_channels)}", f"{f.teacher_params:,}",
@@ -180,28 +193,32 @@ def _kd_table(f: _Facts, grid: dict[tuple[float, float], float], best: tuple[flo
         f"validation split: {J.VAL_FRACTION:.0%} of the training split held out "
         f"(`nncompress.data.holdout`, seed {J.VAL_SEED}), the student distilled on the other "
         f"{1 - J.VAL_FRACTION:.0%} (seed {J.VAL_SEED}) and scored on the held-out part; the "
-        "test split was not looked at. Validation accuracy of the grid:\n",
+        "test split was not looked at. The grid's teacher is a cnn1d trained the reference "
+        f"way on those {1 - J.VAL_FRACTION:.0%} only ({teacher_val * 100:.1f} % on the "
+        "held-out part): the reference teacher saw the held-out samples, and its soft labels "
+        "would carry their labels into the student. Validation accuracy of the grid:\n",
         _grid_markdown(grid), "",
         f"Chosen: T {best[0]:g}, α {best[1]:g} (used at both budgets). Test accuracy, "
         "trained on the full training split:\n",
         render_markdown(["model", "params", "trained from", "epochs", "test accuracy"], rows),
         "",
         f"Target (KD beats labels, {J.EPOCHS} epochs): {_verdict(_mean(main) > 0)} -- KD − "
-        f"labels {_mean(main) * 100:+.1f} points (per seed {_signed(main)}); at "
-        f"{J.SHORT_EPOCHS} epochs {_mean(short) * 100:+.1f} points (per seed "
-        f"{_signed(short)})."])
+        f"labels {_mean(main) * 100:+.1f} points (per seed {_signed(main)}{_spread(main)}); "
+        f"at {J.SHORT_EPOCHS} epochs {_mean(short) * 100:+.1f} points (per seed "
+        f"{_signed(short)}{_spread(short)})."])
 
 
 # ------------------------------------------------------------ 2. TAKD
 
 
-def _takd_table(f: _Facts, best: tuple[float, float], labels: list[J.StudentRun],
+def _takd_table(f: _Facts, best: tuple[float, float],
+                labels: dict[int, list[J.StudentRun]],
                 chains: dict[tuple[int, int], list[J.ChainRun]]) -> str:
     e = J.TA_EPOCHS
-    student = labels[0].params
+    student = labels[e][0].params
     ta = chains[1, e][0].params[0]
-    rows = [["labels (cross-entropy), no teacher", f"{student:,}", str(e), str(e), "-",
-             _pm([r.accuracy for r in labels])]]
+    rows = [["labels (cross-entropy), no teacher", f"{student:,}", str(n), str(n), "-",
+             _pm([r.accuracy for r in rs])] for n, rs in labels.items()]
     for (assistants, epochs), runs in chains.items():
         path = (f"teacher {f.teacher_params:,} → TA {ta:,} → student" if assistants
                 else "teacher → student (direct KD)")
@@ -209,9 +226,12 @@ def _takd_table(f: _Facts, best: tuple[float, float], labels: list[J.StudentRun]
                      str(epochs * (assistants + 1)),
                      _pm([r.accuracy[0] for r in runs]) if assistants else "-",
                      _pm([r.accuracy[-1] for r in runs])])
-    ta_acc = [r.accuracy[-1] for r in chains[1, e]]
-    same_link = _mean(ta_acc) - _mean([r.accuracy[-1] for r in chains[0, e]])
-    same_total = _mean(ta_acc) - _mean([r.accuracy[-1] for r in chains[0, 2 * e]])
+
+    def diffs(other: int) -> list[float]:
+        return [t.accuracy[-1] - d.accuracy[-1]
+                for t, d in zip(chains[1, e], chains[0, other], strict=True)]
+
+    same_link, same_total = diffs(e), diffs(2 * e)
     return "\n".join([
         f"### 2. TAKD vs direct KD, a {J.TA_RATIO:g}x smaller student\n",
         f"`nncompress.distill.trainer.takd(teacher, data, size_ratio={J.TA_RATIO:g}, "
@@ -224,9 +244,11 @@ def _takd_table(f: _Facts, best: tuple[float, float], labels: list[J.StudentRun]
         "epochs matches its total.\n",
         render_markdown(["chain", "student params", "epochs per link", "total epochs",
                          "TA test accuracy", "student test accuracy"], rows), "",
-        f"TAKD − direct KD: {same_link * 100:+.1f} points at equal epochs per link, "
-        f"{same_total * 100:+.1f} points at equal total epochs. Target (TAKD beats direct "
-        f"KD at equal total epochs): {_verdict(same_total > 0)}."])
+        f"TAKD − direct KD: {_mean(same_link) * 100:+.1f} points at equal epochs per link "
+        f"(per seed {_signed(same_link)}{_spread(same_link)}), "
+        f"{_mean(same_total) * 100:+.1f} points at equal total epochs (per seed "
+        f"{_signed(same_total)}{_spread(same_total)}). Target (TAKD beats direct KD at "
+        f"equal total epochs): {_verdict(_mean(same_total) > 0)}."])
 
 
 # ------------------------------------------------------------ 3. FSKD
@@ -273,8 +295,10 @@ def _tune_table(runs: dict[tuple[str, str, str], list[J.TuneRun]]) -> str:
                          f"{_mean([r.nonzero for r in rs]):,.0f}",
                          fmt_bytes(_mean([r.bytes for r in rs])),
                          f"{_mean([r.bytes_before / r.bytes for r in rs]):.2f}x"])
-        gain = _mean([r.accuracy for r in kd]) - _mean([r.accuracy for r in ce])
-        notes.append(f"{model} {recipe}: KD − CE {gain * 100:+.1f} points, bytes "
+        gains = [k.accuracy - c.accuracy for k, c in zip(kd, ce, strict=True)]
+        gain = _mean(gains)
+        notes.append(f"{model} {recipe}: KD − CE {gain * 100:+.1f} points (per seed "
+                     f"{_signed(gains)}{_spread(gains)}), bytes "
                      f"{_mean([r.bytes for r in kd]) / _mean([r.bytes for r in ce]):.2f}x "
                      f"of CE's ({'KD better' if gain > 0 else 'KD not better'})")
     return "\n".join([
@@ -309,6 +333,8 @@ def _domain_table(f: _Facts, runs: dict[str, list[J.DomainRun]]) -> str:
              for m, rs in runs.items()]
     gain = _mean([r.target for r in runs["mobileda"]]) - _mean(
         [r.target for r in runs["source-only"]])
+    align = _mean([r.target for r in runs["mobileda"]]) - _mean(
+        [r.target for r in runs["kd-target"]])
     return "\n".join([
         "### 5. Cross-domain distillation: MobileDA (mnist1d → mnist1d-shifted)\n",
         f"Source: mnist1d (labelled). Target: `{SHIFTED_NAME}`, the MNIST-1D generator "
@@ -320,7 +346,8 @@ def _domain_table(f: _Facts, runs: dict[str, list[J.DomainRun]]) -> str:
         render_markdown(["model", "trained on", "target test accuracy",
                          "source test accuracy"], rows), "",
         f"Adaptation (MobileDA − source-only on the target): {gain * 100:+.1f} points "
-        f"{_verdict(gain > 0)}."])
+        f"{_verdict(gain > 0)}; the alignment term alone (MobileDA − KD on target "
+        f"inputs): {align * 100:+.1f} points."])
 
 
 # ------------------------------------------------------------ 6. label-free embedder
@@ -354,13 +381,10 @@ def _embed_table(f: _Facts, runs: dict[str, list[J.EmbedRun]]) -> str:
 # ------------------------------------------------------------ the section
 
 
-def _submit_all(run: _Pool) -> tuple[dict[str, Any], Callable[[tuple[float, float]], dict]]:
-    """Submit every job that does not need the grid's choice; return them and a function
-    submitting the rest once T and alpha are chosen."""
+def _independent(run: _Pool) -> dict[str, Any]:
+    """Submit the jobs that need neither the validation teacher nor the grid's choice."""
     s = J.SEEDS
-    jobs: dict[str, Any] = {
-        "grid": {tc: run.submit(f"grid T {tc[0]:g} α {tc[1]:g}", J.grid_point, *tc)
-                 for tc in J.GRID},
+    return {
         "embed": {r: [run.submit(f"embedder {r} seed {i}", J.embedder_run, r, i) for i in s]
                   for r in J.EMBEDDER_RECIPES},
         "tune": {(m, r, t): [run.submit(f"{m} {r} teacher {t} seed {i}", J.tune_run, m, d, r,
@@ -370,24 +394,33 @@ def _submit_all(run: _Pool) -> tuple[dict[str, Any], Callable[[tuple[float, floa
                    for m in J.DOMAIN_METHODS},
         "fskd": {p: [run.submit(f"fskd after {p} seed {i}", J.fskd_run, p, i) for i in s]
                  for p in J.PRUNERS},
+    }
+
+
+def _labels(run: _Pool) -> dict[str, Any]:
+    """Submit the students trained from labels (they fill the pool while the grid ends)."""
+    s = J.SEEDS
+    return {
         "students": {("labels", n): [run.submit(f"labels {n} epochs seed {i}", J.student_run,
                                                 "labels", i, J.RATIO, n) for i in s]
                      for n in (J.SHORT_EPOCHS, J.EPOCHS)},
-        "labels10": [run.submit(f"labels 10x seed {i}", J.student_run, "labels", i,
-                                J.TA_RATIO, J.TA_EPOCHS) for i in s],
+        "labels10": {n: [run.submit(f"labels 10x {n} epochs seed {i}", J.student_run,
+                                    "labels", i, J.TA_RATIO, n) for i in s]
+                     for n in (J.TA_EPOCHS, 2 * J.TA_EPOCHS)},
     }
 
-    def rest(best: tuple[float, float]) -> dict[str, Any]:
-        e = J.TA_EPOCHS
-        return {
-            "chains": {(a, n): [run.submit(f"takd assistants {a} epochs {n} seed {i}",
-                                           J.takd_run, a, n, i, *best) for i in s]
-                       for a, n in ((0, e), (0, 2 * e), (1, e))},
-            "kd": {("kd", n): [run.submit(f"KD {n} epochs seed {i}", J.student_run, "kd", i,
-                                          J.RATIO, n, *best) for i in s]
-                   for n in (J.SHORT_EPOCHS, J.EPOCHS)},
-        }
-    return jobs, rest
+
+def _after_grid(run: _Pool, best: tuple[float, float]) -> dict[str, Any]:
+    """Submit the KD students and TA chains at the chosen T and alpha."""
+    s, e = J.SEEDS, J.TA_EPOCHS
+    return {
+        "chains": {(a, n): [run.submit(f"takd assistants {a} epochs {n} seed {i}",
+                                       J.takd_run, a, n, i, *best) for i in s]
+                   for a, n in ((0, e), (0, 2 * e), (1, e))},
+        "kd": {("kd", n): [run.submit(f"KD {n} epochs seed {i}", J.student_run, "kd", i,
+                                      J.RATIO, n, *best) for i in s]
+               for n in (J.SHORT_EPOCHS, J.EPOCHS)},
+    }
 
 
 def section(echo: Echo, workers: int = WORKERS) -> str:
@@ -397,16 +430,23 @@ def section(echo: Echo, workers: int = WORKERS) -> str:
     facts = _prepare(echo)
     pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                 initializer=J.init_worker) if workers else _Inline())
-    with pool:
-        jobs, rest = _submit_all(_Pool(pool, echo))
-        grid = {tc: f.result() for tc, f in jobs["grid"].items()}
+    with tempfile.TemporaryDirectory() as tmp, pool:
+        run = _Pool(pool, echo)
+        path = str(Path(tmp) / "validation-teacher.nnc")
+        val_teacher = run.submit("validation teacher", J.validation_teacher, path)
+        jobs = _independent(run)
+        val_acc = val_teacher.result()
+        grid_jobs = {tc: run.submit(f"grid T {tc[0]:g} α {tc[1]:g}", J.grid_point, path, *tc)
+                     for tc in J.GRID}
+        jobs |= _labels(run)
+        grid = _resolve(grid_jobs)
         best = max(J.GRID, key=lambda tc: grid[tc])     # first of equals: grid order
-        jobs |= rest(best)
-        got = {k: _resolve(v) for k, v in jobs.items() if k != "grid"}
+        jobs |= _after_grid(run, best)
+        got = _resolve(jobs)
     seconds = time.perf_counter() - start
     return "\n".join([
         DISTILL_INTRO, "",
-        _kd_table(facts, grid, best, got["students"] | got["kd"]), "",
+        _kd_table(facts, (val_acc, grid), best, got["students"] | got["kd"]), "",
         _takd_table(facts, best, got["labels10"], got["chains"]), "",
         _fskd_table(got["fskd"]), "",
         _tune_table(got["tune"]), "",

@@ -67,11 +67,26 @@ def cnn1d() -> tuple[nn.Module, Dataset]:
 # ------------------------------------------------------------ 1. KD vs labels (4x)
 
 
-def grid_point(temperature: float, alpha: float) -> float:
-    """Validation accuracy of the 4x student distilled at ``(temperature, alpha)`` on the
-    training split minus a held-out 10 %, scored on that held-out 10 % (never the test
-    split): seed :data:`VAL_SEED`, :data:`EPOCHS` epochs."""
-    teacher, data = cnn1d()
+def validation_teacher(path: str) -> float:
+    """Train the cnn1d the reference way (``models.load``: its epochs, lr and schedule,
+    seed 0) on the training split minus the held-out 10 %, save it to ``path`` (.nnc)
+    and return its accuracy on the held-out part. The reference teacher saw that part in
+    training, so its soft labels would carry the held-out labels into the student and
+    flatter KD on the validation split; this one never saw them."""
+    _, data = cnn1d()
+    rest, held = holdout(data, VAL_FRACTION, seed=VAL_SEED)
+    teacher, _ = zoo.load("cnn1d", rest, seed=0, progress=False)
+    nc.save(teacher, path)
+    return evaluate(teacher, held)
+
+
+def grid_point(teacher_path: str, temperature: float, alpha: float) -> float:
+    """Validation accuracy of the 4x student distilled at ``(temperature, alpha)`` from
+    the :func:`validation_teacher` saved at ``teacher_path``, on the training split minus
+    the held-out 10 % and scored on that 10 % (never the test split): seed
+    :data:`VAL_SEED`, :data:`EPOCHS` epochs."""
+    _, data = cnn1d()
+    teacher = nc.load(teacher_path)
     rest, held = holdout(data, VAL_FRACTION, seed=VAL_SEED)
     val = replace(rest, test=held)           # fit's per-epoch scoring reads the held-out part
     student = student_of(teacher, RATIO, kind=KIND, seed=VAL_SEED)
