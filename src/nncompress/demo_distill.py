@@ -13,8 +13,14 @@ model where it matters:
   packaged recipe ``label-free-embedder`` (6-bit weight sharing, Han, Mao & Dally 2016,
   centroids distilled on the cosine loss) on inputs only, scored by cosine fidelity.
 
-``make bench`` has the full tables (3 seeds, TAKD, RONA, cross-domain); the report's
-formatting is :mod:`nncompress.report.distilled`.
+``make bench`` has the full tables (3 seeds, T and alpha chosen on a validation split,
+TAKD, KD fine-tuning, cross-domain); the report's formatting is
+:mod:`nncompress.report.distilled`.
+
+Cost: about 13 CPU-seconds on one thread for the whole section (measured with
+``torch.set_num_threads(1)``; KD student ~8 s, FSKD ~1 s, embedder ~3 s); the models come
+from the demo's own cache. With 2 torch threads on a CPU shared with other jobs it took
+80 s (threads waiting on each other), so time it on an idle machine.
 """
 
 from __future__ import annotations
