@@ -5,15 +5,19 @@ versions of the seven reference models and their int8 programs (the export tests
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from nncompress import cli
 from nncompress.data import Dataset
 
 #: reference model -> (per-sample input shape, ``models.build`` overrides) of a tiny version
@@ -81,3 +85,26 @@ def tiny_program(name: str) -> tuple[Any, tuple[int, ...]]:
     fold_on(model, calibration[0])
     program, _ = convert(model, calibration)
     return program, shape
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``nncompress ARGV`` in-process: (exit code, stdout, stderr)."""
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str, source: str,
+                files: dict[str, str] | None = None) -> Iterator[str]:
+    """For a fixture: a user module of ``source`` with a unique name (``prefix`` + hex:
+    sys.modules caches modules by name) in ``tmp_path``, made the cwd with its own model
+    cache, plus ``files`` beside it; yields the module's name, then forgets the module."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    for file, text in (files or {}).items():
+        (tmp_path / file).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))   # for the test's own imports; main drops it
+    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
+    yield name
+    sys.modules.pop(name, None)

@@ -5,8 +5,6 @@ return inputs only (``(x_train, x_test)`` arrays, or loaders whose batches are `
 from __future__ import annotations
 
 import json
-import secrets
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_cli, user_module
 from nncompress import api, cli
 from nncompress.cli_help import METRICS_HELP
 from nncompress.data import load_dataset
@@ -85,22 +84,8 @@ RECIPE = textwrap.dedent('''
 
 @pytest.fixture
 def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A user module with a unique name in the cwd (sys.modules caches modules by name),
-    and the recipe ``r.yaml`` beside it."""
-    name = f"userdata_{secrets.token_hex(4)}"
-    (tmp_path / f"{name}.py").write_text(MODULE)
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))   # for the test's own imports; main drops it
-    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
-    yield name
-    sys.modules.pop(name, None)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    """A user module with a unique name in the cwd, and the recipe ``r.yaml`` beside it."""
+    yield from user_module(tmp_path, monkeypatch, "userdata", MODULE, {"r.yaml": RECIPE})
 
 
 def compress(capsys: pytest.CaptureFixture[str], user: str, data: str, *extra: str

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import run_cli
 from nncompress import api, cli
 from nncompress.cli_inputs import printable
 from nncompress.models.mlp import MLP
@@ -58,10 +59,6 @@ def watchdog() -> Iterator[None]:
     signal.signal(signal.SIGALRM, previous)
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import secrets
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nncompress import api, cli, formats
+from helpers import run_cli, user_module
+from nncompress import api, formats
 
 MODULE = textwrap.dedent('''
     import torch
@@ -63,20 +62,8 @@ MODULE = textwrap.dedent('''
 
 @pytest.fixture
 def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A user module with a unique name in the cwd (sys.modules caches modules by name)."""
-    name = f"usermodels_{secrets.token_hex(4)}"
-    (tmp_path / f"{name}.py").write_text(MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))   # for the test's own imports; main drops it
-    monkeypatch.setenv("NNCOMPRESS_CACHE", str(tmp_path / "cache"))
-    yield name
-    sys.modules.pop(name, None)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    """A user module with a unique name in the cwd."""
+    yield from user_module(tmp_path, monkeypatch, "usermodels", MODULE)
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
