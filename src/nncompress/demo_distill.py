@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from torch import nn
 
 from nncompress.data import Dataset, without_labels
 from nncompress.measure import accuracy, artifact_bytes, count_params
+from nncompress.report.distilled import EmbedderRow, FSKDRow, StudentRow, distilled_section
 
 __all__ = ["FSKD_SAMPLES", "KD_EPOCHS", "KD_LR", "EmbedderRow", "FSKDRow", "StudentRow",
            "demo_sections", "embedder_row", "fskd_row", "kd_student_rows"]
@@ -46,54 +47,6 @@ KD_RATIO = 4.0
 FSKD_SAMPLES = 40
 #: the structured pruning FSKD repairs: MACs divided by this, no fine-tuning
 FSKD_MACS_REDUCTION = 2.0
-
-
-@dataclass(frozen=True)
-class StudentRow:
-    """One model of the KD comparison: ``arch`` its architecture name, ``accuracy`` top-1
-    on the test split in [0, 1], ``file_bytes`` its ``.nnc`` file."""
-
-    label: str
-    arch: str
-    params: int
-    accuracy: float
-    file_bytes: int
-
-
-@dataclass(frozen=True)
-class FSKDRow:
-    """Test accuracy (labelled test split, [0, 1]) of the teacher, the pruned model and the
-    pruned model after FSKD; MACs per sample of the teacher and the pruned model; the fskd
-    stage's wall-clock seconds; ``samples``: unlabelled inputs it read."""
-
-    teacher: float
-    pruned: float
-    repaired: float
-    teacher_macs: int
-    pruned_macs: int
-    samples: int
-    seconds: float
-
-    @property
-    def recovered(self) -> float | None:
-        """Fraction of the accuracy lost by pruning that FSKD won back (None: none lost)."""
-        lost = self.teacher - self.pruned
-        return None if lost <= 0 else (self.repaired - self.pruned) / lost
-
-
-@dataclass(frozen=True)
-class EmbedderRow:
-    """The label-free embedder: mean cosine of the compressed model's embeddings to the
-    fp32 model's on the test inputs, ``.nnc`` bytes before / after, the run's seconds."""
-
-    cosine: float
-    bytes_before: int
-    bytes_after: int
-    seconds: float
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_before / self.bytes_after
 
 
 def _arch(model: nn.Module) -> str:
@@ -180,7 +133,6 @@ def demo_sections(names: Sequence[str], *, quick: bool, seed: int,
     when it has neither). ``quick``: 1-epoch teachers and students (a smoke run)."""
     from nncompress import models as zoo
     from nncompress.demo import QUICK_EPOCHS
-    from nncompress.report.distilled import distilled_section
 
     epochs = QUICK_EPOCHS if quick else None
     students: list[StudentRow] = []

@@ -1,21 +1,25 @@
 """The "Knowledge distillation" section of the demo report: a KD student next to the same
 student trained from labels, FSKD repairing a pruned model from a few unlabelled inputs,
-and an embedder compressed from inputs only (rows from :mod:`nncompress.demo_distill`)."""
+and an embedder compressed from inputs only: the rows (measured by
+:mod:`nncompress.demo_distill`) and their tables."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
 
 from nncompress.report.tables import fmt_bytes, fmt_count, fmt_pct, fmt_ratio, render_markdown
 
-__all__ = ["distilled_section", "embedder_markdown", "fskd_markdown", "students_markdown"]
+__all__ = ["EmbedderRow", "FSKDRow", "StudentRow", "distilled_section", "embedder_markdown",
+           "fskd_markdown", "students_markdown"]
 
 TITLE = "## Knowledge distillation"
 
 
-class Student(Protocol):
-    """What the student table reads (:class:`nncompress.demo_distill.StudentRow`)."""
+@dataclass(frozen=True)
+class StudentRow:
+    """One model of the KD comparison: ``arch`` its architecture name, ``accuracy`` top-1
+    on the test split in [0, 1], ``file_bytes`` its ``.nnc`` file."""
 
     label: str
     arch: str
@@ -24,8 +28,11 @@ class Student(Protocol):
     file_bytes: int
 
 
-class Repaired(Protocol):
-    """What the FSKD table reads (:class:`nncompress.demo_distill.FSKDRow`)."""
+@dataclass(frozen=True)
+class FSKDRow:
+    """Test accuracy (labelled test split, [0, 1]) of the teacher, the pruned model and the
+    pruned model after FSKD; MACs per sample of the teacher and the pruned model; the fskd
+    stage's wall-clock seconds; ``samples``: unlabelled inputs it read."""
 
     teacher: float
     pruned: float
@@ -36,11 +43,16 @@ class Repaired(Protocol):
     seconds: float
 
     @property
-    def recovered(self) -> float | None: ...
+    def recovered(self) -> float | None:
+        """Fraction of the accuracy lost by pruning that FSKD won back (None: none lost)."""
+        lost = self.teacher - self.pruned
+        return None if lost <= 0 else (self.repaired - self.pruned) / lost
 
 
-class Embedded(Protocol):
-    """What the embedder table reads (:class:`nncompress.demo_distill.EmbedderRow`)."""
+@dataclass(frozen=True)
+class EmbedderRow:
+    """The label-free embedder: mean cosine of the compressed model's embeddings to the
+    fp32 model's on the test inputs, ``.nnc`` bytes before / after, the run's seconds."""
 
     cosine: float
     bytes_before: int
@@ -48,10 +60,11 @@ class Embedded(Protocol):
     seconds: float
 
     @property
-    def ratio(self) -> float: ...
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after
 
 
-def students_markdown(rows: Sequence[Student]) -> str:
+def students_markdown(rows: Sequence[StudentRow]) -> str:
     """Teacher and students: architecture, parameters, test accuracy, .nnc bytes."""
     cells = [[r.label, r.arch, fmt_count(r.params), fmt_pct(r.accuracy),
               fmt_bytes(r.file_bytes)] for r in rows]
@@ -59,7 +72,7 @@ def students_markdown(rows: Sequence[Student]) -> str:
                             "bytes on disk (.nnc)"], cells)
 
 
-def fskd_markdown(row: Repaired) -> str:
+def fskd_markdown(row: FSKDRow) -> str:
     """Teacher / pruned / after FSKD: accuracy, MACs, share of the loss recovered."""
     recovered = "-" if row.recovered is None else f"{100 * row.recovered:.0f} %"
     cells = [["teacher (cnn1d)", fmt_count(row.teacher_macs), fmt_pct(row.teacher), "-", "-"],
@@ -72,7 +85,7 @@ def fskd_markdown(row: Repaired) -> str:
                             "loss recovered"], cells)
 
 
-def embedder_markdown(row: Embedded) -> str:
+def embedder_markdown(row: EmbedderRow) -> str:
     """Cosine to the fp32 embeddings, .nnc bytes before and after, ratio."""
     cells = [[f"{row.cosine:.4f}", fmt_bytes(row.bytes_before), fmt_bytes(row.bytes_after),
               fmt_ratio(row.ratio), f"{row.seconds:.1f} s"]]
@@ -80,8 +93,8 @@ def embedder_markdown(row: Embedded) -> str:
                             "compressed", "ratio", "run time"], cells)
 
 
-def distilled_section(students: Sequence[Student], repaired: Repaired | None,
-                      embedder: Embedded | None, *, kd_epochs: int, kd_lr: float,
+def distilled_section(students: Sequence[StudentRow], repaired: FSKDRow | None,
+                      embedder: EmbedderRow | None, *, kd_epochs: int, kd_lr: float,
                       kd_ratio: float, macs_reduction: float) -> str:
     """The report section (``## Knowledge distillation``); each table after one line saying
     what was measured and how. Parts with no rows are left out."""
