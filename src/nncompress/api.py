@@ -249,7 +249,7 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
 def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
                   teacher: nn.Module | str | None, metric: str) -> tuple[Teacher | None, str]:
     """The run's training teacher (None: cross-entropy on labels) and a note saying so."""
-    from nncompress.distill.objective import loss_for, make_teacher
+    from nncompress.distill.objective import loss_for
 
     config = plan.distill
     if isinstance(teacher, str):
@@ -267,14 +267,14 @@ def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
     if config is None or config.teacher == "none":
         return None, ("fine-tuning in the stages learns from the labels (cross-entropy; no "
                       "teacher; kd_student and fskd still learn from their own teacher)")
-    source = teacher if isinstance(teacher, nn.Module) else original
-    name, _ = loss_for(config, metric)
+    source = frozen(teacher) if isinstance(teacher, nn.Module) else original  # frozen already
+    name, loss = loss_for(config, metric)
     who = ("the uncompressed input model" if source is original
            else f"the given teacher {type(source).__name__}")
     detail = (f"T={config.temperature:g}, alpha={config.alpha:g}" if name == "kd"
               else "to the teacher's outputs")
     why = " (the data has no labels)" if implied else ""
-    return (make_teacher(source, config, metric),
+    return (Teacher(source, loss),
             f"training stages distil from {who}{why}: {name} loss, {detail}")
 
 

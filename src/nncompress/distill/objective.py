@@ -1,11 +1,11 @@
 """The teacher a ``compress`` run's training stages learn from (``distill:`` in a recipe).
 
-:func:`make_teacher` turns a recipe's :class:`~nncompress.recipe.DistillConfig` and the
-run's quality metric into a :class:`nncompress.train.Teacher`: a frozen copy of the
-teacher model (eval mode, no gradients) and the loss that compares outputs with it --
+:func:`loss_for` turns a recipe's :class:`~nncompress.recipe.DistillConfig` and the
+run's quality metric into the loss that compares a student's outputs with the teacher's --
 Hinton, Vinyals & Dean (2015) logits KD for classifiers, cosine or MSE to the teacher's
 outputs for embedding and regression models (``loss: auto`` picks the one that matches
-the metric).
+the metric); :func:`frozen` is the teacher model's copy (eval mode, no gradients) that a
+:class:`nncompress.train.Teacher` holds.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from torch import nn
 
 from nncompress.distill.losses import CosineLoss, KDLoss, MSELoss
 from nncompress.recipe import DistillConfig
-from nncompress.train import Teacher
 
-__all__ = ["loss_for", "make_teacher"]
+__all__ = ["frozen", "loss_for"]
 
 #: metric name -> the distillation loss ``loss: auto`` uses with it (default: kd).
 _AUTO_LOSS = {"cosine": "cosine", "mse": "mse", "r2": "mse"}
@@ -40,8 +39,3 @@ def frozen(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def make_teacher(model: nn.Module, config: DistillConfig, metric: str) -> Teacher:
-    """A :class:`Teacher` of a frozen copy of ``model`` with the loss ``config`` names."""
-    return Teacher(frozen(model), loss_for(config, metric)[1])
