@@ -104,6 +104,11 @@ class Context:
     metric: str | None = None
     original: nn.Module | None = None
 
+    def teacher_model(self, fallback: nn.Module) -> nn.Module:
+        """The training teacher's model, or ``fallback`` (e.g. the model a stage received)
+        when the run has none: what label-free scores compare with."""
+        return self.teacher.model if self.teacher is not None else fallback
+
     def train_options(self) -> dict[str, Any]:
         """The keyword arguments every ``train.fit`` / ``train.fine_tune`` call of a stage
         passes on: the run's teacher and quality metric."""

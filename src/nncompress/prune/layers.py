@@ -217,7 +217,7 @@ def _first_batches(ctx: Context, count: int, model: nn.Module) -> list[Batch]:
             break
     if not batches:
         raise ModelError(f"layer_prune: the train loader of {ctx.data.name!r} is empty")
-    return soft_labels(batches, ctx.teacher.model if ctx.teacher is not None else model)
+    return soft_labels(batches, ctx.teacher_model(model))
 
 
 def _remap_masks(ctx: Context, before: dict[int, str], model: nn.Module) -> None:

@@ -332,7 +332,7 @@ def mixed_precision(model: nn.Module, config: MixedPrecisionConfig, ctx: Context
     the module)."""
     seed = ctx.seed if config.seed is None else config.seed
     batches = soft_labels(training_batches(ctx.data, config.batches, seed),
-                          ctx.teacher.model if ctx.teacher is not None else model)
+                          ctx.teacher_model(model))
     choice = choose_bits(probe_copy(model, ctx), config, batches, seed=seed)
     _note_choice(ctx, config, choice)
     model = lowbit(model, lowbit_config(config, choice.allocation.bits, seed), ctx)
