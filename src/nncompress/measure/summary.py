@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from nncompress.data import Dataset, example_input
-from nncompress.measure.evaluation import accuracy
 from nncompress.measure.macs import MacCount, count_macs
 from nncompress.measure.params import ParamCount, count_params
 from nncompress.measure.quality import check_metric, default_metric, quality
@@ -82,8 +81,7 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
     # choice save makes on its own), so the weights are not encoded every way twice
     chosen = {t.name: t.coded_encoding for t in weights}
     return Measurement(
-        accuracy=(accuracy(model, data.test) if name == "accuracy"
-                  else quality(model, data.test, name, teacher=teacher or model)),
+        accuracy=quality(model, data.test, name, teacher=teacher or model),
         params=count_params(model),
         macs=count_macs(model, example_input(data, 1)),
         artifact_bytes=artifact_bytes(model, encodings=chosen),
