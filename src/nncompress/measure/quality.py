@@ -204,7 +204,7 @@ def quality(model: nn.Module, loader: Iterable[Any], metric: str = "accuracy", *
                     ref = _output(call_model(teacher, x), "teacher")
             found.update(out, ref, y, sums)
     if found is None or not sums.get("n"):
-        raise DataError("cannot measure quality: the loader yields no samples")
+        raise DataError(f"cannot measure {metric}: the loader yields no samples")
     return found.finish(sums)
 
 
