@@ -245,3 +245,20 @@ def test_a_model_that_is_one_layer_is_replaced_by_the_returned_one() -> None:
         torch.testing.assert_close(out(x), lin(x), rtol=1e-5, atol=1e-5)
     back = densify(SparseLinear.from_linear(lin))
     assert type(back) is nn.Linear and torch.equal(back.weight, lin.weight)
+
+
+def test_macs_of_sparse_layers_equal_those_of_their_dense_layers() -> None:
+    """A model with CSR layers (what ``sparsify`` may leave, e.g. before ``eval`` measures
+    it) counts the MACs of the dense layers it replaced, non-zero MACs included."""
+    from nncompress.measure import count_macs
+
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(12, 8), nn.Conv1d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.2] = 0
+        conv.weight[conv.weight.abs() < 0.2] = 0
+    for dense, sparse, x in ((lin, SparseLinear.from_linear(lin), torch.randn(2, 4, 12)),
+                             (conv, SparseConv(conv), torch.randn(2, 3, 7))):
+        want, got = count_macs(dense, x), count_macs(sparse, x)
+        assert got.total == want.total
+        assert got.layers[0].sparse_macs == want.layers[0].sparse_macs < want.total

@@ -114,6 +114,16 @@ def _conv(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     return _weighted(out.numel() // m.out_channels, m.weight)
 
 
+def _csr_weight(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                out: Any) -> Term:
+    """A CSR layer of ``nncompress.kernels`` (SparseLinear, SparseConv: a ``[rows, cols]``
+    matrix, ``rows`` the output features / channels): each output position uses the whole
+    matrix once; its stored non-zeros are the non-zero MACs."""
+    rows, cols = m.matrix_shape
+    positions = out.numel() // rows
+    return Term(positions * rows * cols, positions * count_nonzero(m.values))
+
+
 def _conv_transpose(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     out: Any) -> Term:
     """Each input position (batch x spatial) scatters through every weight once."""
@@ -218,6 +228,7 @@ MAC_RULES: Mapping[type[nn.Module] | str, MacRule] = MappingProxyType({
     "MultiHeadSelfAttention": MacRule(_self_attention),
     "SplitMultiheadAttention": MacRule(_split_attention),
     "Int8Model": MacRule(_program, recurse=True),
+    "CSRWeight": MacRule(_csr_weight),  # nncompress.kernels' SparseLinear / SparseConv
     nn.MultiheadAttention: MacRule(_multihead_attention, recurse=True),
     **{norm: _ZERO for norm in _NORMS},
     nn.Embedding: _ZERO, nn.EmbeddingBag: _ZERO, nn.PReLU: _ZERO,
