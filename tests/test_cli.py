@@ -240,7 +240,20 @@ def test_compress_end_to_end_through_the_cli(work: Path) -> None:
     assert done.stderr.strip().startswith("nncompress: error:")
 
 
-def test_eval_with_the_sparse_engine_reports_every_linear(work: Path, capsys) -> None:
+@pytest.mark.parametrize("timing", ["measured", "sparse faster", "fc1 sparse faster"])
+def test_eval_with_the_sparse_engine_reports_every_linear(work: Path, capsys, timing: str,
+                                                         monkeypatch) -> None:
+    """The engine's choice depends on timing, so the sparse path is also forced faster (for
+    both layers, or for fc1 alone): eval then measures a model holding CSR layers, which
+    once failed whenever a loaded machine made the sparse path win."""
+    from nncompress.kernels import sparse as engine
+
+    def fake_us(layer, x, repeats) -> float:
+        faster = timing == "sparse faster" or layer.out_features == 32
+        return 1.0 if faster == isinstance(layer, engine.SparseLinear) else 2.0
+
+    if timing != "measured":
+        monkeypatch.setattr(engine, "_median_us", fake_us)
     model = api.load(work / "tiny.nnc")
     with torch.no_grad():
         for layer in model.modules():
@@ -254,6 +267,12 @@ def test_eval_with_the_sparse_engine_reports_every_linear(work: Path, capsys) ->
     assert [row["layer"] for row in engine] == ["layers.fc1", "layers.fc2"]
     assert all(row["choice"] in ("dense", "sparse") for row in engine)
     assert all(row["sparsity"] >= 0.94 for row in engine)
+    figures = json.loads(out)
+    assert figures["params"] == sum(p.numel() for p in model.parameters())
+    assert figures["file_bytes"] == (work / "sparse.nnc").stat().st_size
+    if timing != "measured":
+        want = ["sparse", "sparse"] if timing == "sparse faster" else ["sparse", "dense"]
+        assert [row["choice"] for row in engine] == want
 
 
 def test_inspect_entropy_compares_each_huffman_stream(work: Path, capsys) -> None:

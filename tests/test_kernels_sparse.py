@@ -262,3 +262,29 @@ def test_macs_of_sparse_layers_equal_those_of_their_dense_layers() -> None:
         want, got = count_macs(dense, x), count_macs(sparse, x)
         assert got.total == want.total
         assert got.layers[0].sparse_macs == want.layers[0].sparse_macs < want.total
+
+
+@pytest.mark.parametrize("swapped", [("fc1",), ("fc1", "fc2", "fc3")])
+def test_a_model_with_csr_layers_saves_and_measures_as_the_dense_model(
+        tmp_path, swapped: tuple[str, ...]) -> None:
+    """``sparsify`` is a deploy-time engine: a model holding its CSR layers (some or all)
+    saves as the dense model (same file bytes, loads as nn.Linear, same outputs), and
+    ``measure`` counts the dense parameters -- it used to fail in the architecture record."""
+    dense = _pruned_mlp()
+    model = copy.deepcopy(dense)
+    for name in swapped:
+        setattr(model.layers, name, SparseLinear.from_linear(getattr(model.layers, name)))
+    x = torch.randn(4, 1, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    bytes_dense = nc.save(dense, tmp_path / "dense.nnc")
+    assert nc.save(model, tmp_path / "csr.nnc") == bytes_dense
+    assert all(isinstance(getattr(model.layers, n), SparseLinear) for n in swapped)  # kept
+    loaded = nc.load(tmp_path / "csr.nnc").eval()
+    assert not any(isinstance(m, SparseLinear) for m in loaded.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    fc2 = dense.layers.fc2
+    nc.save(SparseLinear.from_linear(fc2), tmp_path / "one.nnc")  # the model is one layer
+    one = nc.load(tmp_path / "one.nnc", skeleton=nn.Linear(fc2.in_features, fc2.out_features))
+    assert torch.equal(one.weight, fc2.weight) and torch.equal(one.bias, fc2.bias)

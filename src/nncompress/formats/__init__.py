@@ -33,6 +33,7 @@ from nncompress.formats.container import (
     read_header,
     read_tensors,
     save,
+    stored_form,
 )
 from nncompress.formats.encodings import DTYPES, ENCODINGS, Encoding
 from nncompress.formats.header import FORMAT_VERSION, MAGIC
@@ -57,4 +58,5 @@ __all__ = [
     "save",
     "smallest_encoding",
     "smallest_sizes",
+    "stored_form",
 ]

@@ -14,6 +14,7 @@ more than its SHA-256 and the disk.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from nncompress.formats.table import write_header
 from nncompress.registry import Registry
 
 __all__ = ["ContainerInfo", "TensorInfo", "encoded_sizes", "inspect", "load", "read_header",
-           "read_tensors", "save", "smallest_encoding"]
+           "read_tensors", "save", "smallest_encoding", "stored_form"]
 
 PathLike = str | os.PathLike[str]
 
@@ -185,6 +186,7 @@ def save(model: nn.Module, path: PathLike, *, meta: Mapping[str, Any] | None = N
     ``path`` is left as it was.
     """
     target = _path(path)
+    model = stored_form(model)
     state = _state_tensors(model)
     choices = _check_choices(encodings, state)
     entries, blobs = [], []
@@ -201,6 +203,22 @@ def save(model: nn.Module, path: PathLike, *, meta: Mapping[str, Any] | None = N
     except (TypeError, ValueError) as exc:  # e.g. params of a faulty encoding
         raise FormatError(f"header is not JSON-serialisable: {clip(str(exc), 160)}") from None
     return _write_atomic(target, pack_chunks(raw, blobs))
+
+
+def stored_form(model: nn.Module) -> nn.Module:
+    """``model`` as it is stored. The CSR layers of :func:`nncompress.kernels.sparsify` are a
+    deploy-time engine choice, not a different model: they are saved as the dense layers
+    they stand for (whose zeros then pick a sparse encoding), on a copy, so a sparsified
+    model saves, measures and loads like the model before ``sparsify``."""
+    from nncompress.kernels import SparseConv, SparseLinear
+
+    dense = {id(m): m.to_dense() for m in model.modules()
+             if isinstance(m, SparseLinear | SparseConv)}
+    if not dense:
+        return model
+    if id(model) in dense:  # the model is one such layer
+        return dense[id(model)]
+    return copy.deepcopy(model, memo=dense)  # a CSR tensor cannot be deep-copied itself
 
 
 def _write_atomic(target: Path, chunks: Iterable[Buffer]) -> int:

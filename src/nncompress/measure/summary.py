@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from nncompress import formats
 from nncompress.data import Dataset, example_input
 from nncompress.measure.macs import MacCount, count_macs
 from nncompress.measure.params import ParamCount, count_params
@@ -76,16 +77,19 @@ def measure(model: nn.Module, data: Dataset, *, latency_batches: Sequence[int] =
         ref_report = reports[1] if reference is not None else None
     name = metric or default_metric(data.labelled)
     check_metric(name, labelled=data.labelled, has_teacher=True)
-    weights = weight_bytes(model)
+    # sizes and parameters are those of the model as saved (sparsify's CSR layers count
+    # as the dense layers they stand for); quality and latency are the model's as it runs
+    stored = formats.stored_form(model)
+    weights = weight_bytes(stored)
     # the file stores each weight in the encoding weight_bytes found smallest (the same
     # choice save makes on its own), so the weights are not encoded every way twice
     chosen = {t.name: t.coded_encoding for t in weights}
     return Measurement(
         accuracy=quality(model, data.test, name, teacher=teacher or model),
-        params=count_params(model),
+        params=count_params(stored),
         macs=count_macs(model, example_input(data, 1)),
-        artifact_bytes=artifact_bytes(model, encodings=chosen),
-        torch_save_bytes=torch_save_bytes(model),
+        artifact_bytes=artifact_bytes(stored, encodings=chosen),
+        torch_save_bytes=torch_save_bytes(stored),
         latency=report,
         weights=weights,
         reference_latency=ref_report,
