@@ -174,13 +174,23 @@ def test_compress_metric_and_teacher_on_labelled_data(user: str, capsys) -> None
     ("arrays", ("--teacher", "student"), "--teacher must be original"),
     ("arrays", ("--teacher", "none"), "needs labels"),
     ("arrays", ("--metric", "accuracy"), "needs labelled data"),
-    ("arrays", ("--max-drop", "1"), "max_drop 1 (an accuracy budget) needs labelled data"),
+    ("arrays", ("--max-drop", "1", "--metric", "kl"),
+     "max_drop 1 on inputs only is a budget in points of the quality metric, which must be "
+     "one where higher is better (agreement, cosine, r2); got metric 'kl'"),
 ])
 def test_compress_refusals_are_one_line(user: str, capsys, data: str,
                                         extra: tuple[str, ...], words: str) -> None:
     code, _, err = compress(capsys, user, data, *extra)
     assert words in error_line(code, err)
     assert not Path("small.nnc").exists()
+
+
+def test_compress_max_drop_on_inputs_only_budgets_the_agreement(user: str, capsys) -> None:
+    code, out, err = compress(capsys, user, "arrays", "--max-drop", "2")
+    assert code == 0, err
+    assert "max_drop 2 pt of top-1 agreement with teacher (the data has no labels)" in out
+    assert "max_drop: stage 1 magnitude_prune (sparsity 0.5): validation agreement" in out
+    assert Path("small.nnc").exists()
 
 
 @pytest.mark.parametrize("argv", [

@@ -175,15 +175,45 @@ def test_post_training_stages_need_no_teacher_to_train_with() -> None:
     assert any("no teacher" in line for line in result.log)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_drop": 1.0}, {"metric": "accuracy"}])
-def test_an_accuracy_budget_or_metric_on_inputs_only_is_refused_in_one_line(
-        kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"metric": "accuracy"}, "needs labelled data"),
+    ({"max_drop": 1.0, "metric": "kl"}, "max_drop 1 on inputs only is a budget in points"),
+    ({"max_drop": 1.0, "metric": "mse"}, "where higher is better (agreement, cosine, r2)"),
+])
+def test_an_accuracy_metric_or_a_budget_in_a_lower_is_better_metric_is_refused(
+        kwargs: dict[str, Any], words: str, monkeypatch) -> None:
+    monkeypatch.setattr("nncompress.api.decompose", lambda *a: pytest.fail("a stage ran"))
     recipe = Recipe("p", (Stage.technique("magnitude_prune", sparsity=0.5, steps=1,
                                           epochs_per_step=1),))
     with pytest.raises(DataError) as info:
         run(tiny("mlp"), recipe, without_labels(tiny_data()), **kwargs)
-    text = one_line(info)
-    assert "labelled data" in text and ("max_drop" in text or "accuracy" in text)
+    assert words in one_line(info)
+
+
+@pytest.mark.parametrize("metric", ["agreement", "cosine"])
+def test_max_drop_on_inputs_only_backs_off_in_points_of_the_metric(metric: str) -> None:
+    """On inputs only the budget is the metric against the uncompressed model on held-out
+    training inputs (its reference is the model's own 1.0): 97 % sparsity breaks the
+    budget, the run backs off, and the kept model meets it on that split."""
+    from nncompress.data import holdout
+    from nncompress.measure import quality
+
+    torch.manual_seed(0)
+    labelled = tiny_data(n=400)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+    nc.fit(model, labelled, epochs=30, lr=1e-2, progress=False)
+    data = without_labels(labelled)
+    recipe = Recipe("harsh", (Stage.technique("magnitude_prune", sparsity=0.97, steps=1,
+                                              epochs_per_step=0),), max_drop=2.0)
+    result = run(model, recipe, data, metric=metric)
+    log = "\n".join(result.log)
+    assert "validation split of 0.15 of the training inputs (seed 0); reference: the " \
+           "uncompressed model's 1.0000" in log
+    assert "backing stage 1 magnitude_prune off" in log
+    assert result.stages[0].params["sparsity"] < 0.97
+    _, held = holdout(data, 0.15, seed=0)
+    kept = quality(result.model, held, metric, teacher=model)
+    assert 100 * (1.0 - kept) <= 2.0 + 1e-9
 
 
 def test_kd_with_alpha_zero_is_cross_entropy_and_needs_labels() -> None:

@@ -24,11 +24,11 @@ from nncompress.budget import (
     reference_accuracy,
     strength,
 )
-from nncompress.data import Dataset, holdout, require_labels
+from nncompress.data import Dataset, holdout
 from nncompress.distill.objective import frozen
 from nncompress.errors import DataError, ModelError, RecipeError
-from nncompress.measure import Comparison, Measurement, accuracy, compare, measure
-from nncompress.measure.quality import check_metric, default_metric
+from nncompress.measure import Comparison, Measurement, compare, measure
+from nncompress.measure.quality import METRICS, check_metric, default_metric, quality
 from nncompress.modules import decompose
 from nncompress.recipe import DistillConfig, Recipe, Stage
 from nncompress.technique import TECHNIQUES, Context, all_techniques
@@ -205,15 +205,46 @@ def _results(done: list[tuple[Stage, float, nn.Module | Measurement]],
 
 @dataclass(frozen=True)
 class _Budget:
-    """``max_drop`` points of validation accuracy below ``base`` (a fraction)."""
+    """``max_drop`` points of the validation ``metric`` below ``base`` (a fraction):
+    accuracy on labelled data; on inputs only, a label-free metric where higher is better
+    (agreement, cosine, r2), scored against ``teacher`` (the uncompressed model)."""
 
     max_drop: float
     loader: Any
     base: float
+    metric: str = "accuracy"
+    teacher: nn.Module | None = None
 
     def drop(self, model: nn.Module) -> tuple[float, float]:
-        acc = accuracy(model, self.loader)
-        return acc, 100.0 * (self.base - acc)
+        value = quality(model, self.loader, self.metric, teacher=self.teacher)
+        return value, 100.0 * (self.base - value)
+
+
+def _check_budget(limit: float | None, data: Dataset, metric: str) -> None:
+    """Before anything runs: on inputs only, ``max_drop`` is a budget in points of the run's
+    metric, which must be one where higher is better (a one-line DataError otherwise)."""
+    if limit is None or data.labelled:
+        return
+    if not METRICS.get(metric).higher_is_better:
+        fits = ", ".join(n for n in METRICS.names() if METRICS.get(n).higher_is_better
+                         and METRICS.get(n).uses_teacher())
+        raise DataError(f"max_drop {limit:g} on inputs only is a budget in points of the "
+                        f"quality metric, which must be one where higher is better ({fits}); "
+                        f"got metric {metric!r}")
+
+
+def _label_free_budget(limit: float, data: Dataset, original: nn.Module, metric: str,
+                       validation: float, seed: int) -> tuple[Dataset, _Budget, str]:
+    """The budget on inputs only: ``metric`` against the uncompressed model on a held-out
+    part of the training inputs; its reference is the uncompressed model's own score
+    (1.0 for agreement and cosine), so no control run is needed."""
+    rest, held_out = holdout(data, validation, seed=seed)
+    base = quality(original, held_out, metric, teacher=original)
+    label = METRICS.get(metric).label
+    note = (f"max_drop {limit:g} pt of {label} (the data has no labels): validation split "
+            f"of {validation:g} of the training inputs (seed {seed}); reference: the "
+            f"uncompressed model's {base:.4f}")
+    return rest, _Budget(float(limit), held_out, base, metric, original), note
 
 
 def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
@@ -229,8 +260,8 @@ def _budgeted(work: nn.Module, segment: list[tuple[int, Stage]], ctx: Context,
         work, done = _attempt(work, [(index, stage), *rest], ctx, None)
         acc, drop = budget.drop(work)
         setting = strength(first.name, config)
-        ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation accuracy "
-                 f"{100 * acc:.2f} % ({-drop:+.2f} pt vs the reference; budget "
+        ctx.note(f"max_drop: stage {index} {first.name} ({setting}): validation "
+                 f"{budget.metric} {100 * acc:.2f} % ({-drop:+.2f} pt vs the reference; budget "
                  f"-{budget.max_drop:g} pt)")
         milder = backed_off(first.name, config) if drop > budget.max_drop else None
         if milder is None:
@@ -331,7 +362,8 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     reference (the uncompressed model's, or a control's fine-tuned on the rest of the
     training data if lower: the uncompressed model remembers the split), backing pruning
     and sharing stages off until it holds (:mod:`nncompress.budget`); the stages then
-    train on the rest of the training data.
+    train on the rest of the training data. On unlabelled data the budget is in points of
+    ``metric`` (one where higher is better) against the uncompressed model.
 
     Distillation and label-free compression: ``teacher`` -- ``"original"`` (every stage
     that trains learns from the uncompressed input model, with the recipe's ``distill``
@@ -350,8 +382,7 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
     quality_metric = metric or plan.metric or default_metric(data.labelled)
     check_metric(quality_metric, labelled=data.labelled, has_teacher=True)
     limit = plan.max_drop if max_drop is None else max_drop
-    if limit is not None:
-        require_labels(data, f"max_drop {limit:g} (an accuracy budget)")
+    _check_budget(limit, data, quality_metric)
     try:
         work = copy.deepcopy(model)
     except Exception as exc:
@@ -374,7 +405,11 @@ def compress(model: nn.Module, recipe: Recipe | str | Path, data: Dataset, *, se
                   metric=quality_metric, original=original)
     ctx.note(how)
     budget = None
-    if limit is not None:
+    if limit is not None and not data.labelled:
+        ctx.data, budget, line = _label_free_budget(limit, data, original, quality_metric,
+                                                    plan.validation, seed)
+        ctx.note(line)
+    elif limit is not None:
         ctx.data, held_out = holdout(data, plan.validation, seed=seed)
         first = next((s for s in plan.stages if s.kind == "technique"), None)
         lr = float(getattr(first.config, "lr", 1e-3)) if first is not None else 1e-3

@@ -41,7 +41,9 @@ stage that trains then distils from the uncompressed input model (--teacher orig
 implied), post-training stages (calibration, least-squares reconstruction, sensitivity)
 read inputs only, and the tables show the top-1 agreement with the uncompressed model
 (training uses KD on its soft outputs) unless --metric names another label-free metric
-(cosine for an embedding model: training then maximises it; kl; mse or r2). --max-drop and --metric
-accuracy need labels. On labelled data, --teacher original makes every training stage
-distil from the uncompressed model (Hinton, Vinyals & Dean 2015 KD; the recipe's distill
-key sets T, alpha and the loss) instead of learning from the labels alone."""
+(cosine for an embedding model: training then maximises it; kl; mse or r2). --metric
+accuracy needs labels; --max-drop is then a budget in points of the metric (agreement,
+cosine or r2) against the uncompressed model on held-out training inputs. On labelled
+data, --teacher original makes every training stage distil from the uncompressed model
+(Hinton, Vinyals & Dean 2015 KD; the recipe's distill key sets T, alpha and the loss)
+instead of learning from the labels alone."""

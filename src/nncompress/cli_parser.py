@@ -203,8 +203,9 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--max-drop", type=_float_in("--max-drop", 0.0, 100.0), default=None,
                    metavar="POINTS",
                    help="accuracy budget in points on a validation split carved from the "
-                        "training data; lossy stages back off until it holds (default: the "
-                        "recipe's max_drop)")
+                        "training data (on inputs only: points of the metric, e.g. agreement "
+                        "with the uncompressed model); lossy stages back off until it holds "
+                        "(default: the recipe's max_drop)")
     p.add_argument("--teacher", type=teacher_choice, default=None, metavar="original|none",
                    help=TEACHER_HELP)
     p.add_argument("--metric", type=metric_name, default=None, metavar="NAME",

@@ -268,7 +268,8 @@ class Recipe:
     fraction of the training samples; the stages then train on the rest, and the test
     split is never looked at) and backs pruning and sharing stages off -- lower sparsity,
     more centroids -- until the drop from the uncompressed model is within it (see
-    :mod:`nncompress.budget`). None: no budget.
+    :mod:`nncompress.budget`). On unlabelled data the budget is in points of ``metric``
+    (agreement, cosine or r2) against the uncompressed model. None: no budget.
 
     ``distill``: a :class:`DistillConfig` -- every stage that trains learns from a teacher
     (by default the uncompressed model); None: cross-entropy on the labels (on unlabelled
