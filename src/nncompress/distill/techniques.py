@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from nncompress.data import require_labels
+from nncompress.data import example_input, require_labels
 from nncompress.distill.trainer import cskd_fit, distill, takd
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
@@ -58,7 +58,8 @@ def kd_student(model: nn.Module, config: KDStudentConfig, ctx: Context) -> nn.Mo
         chain = takd(teacher, ctx.data, size_ratio=config.size_ratio,
                      assistants=config.assistants, kind=config.kind, epochs=config.epochs,
                      lr=config.lr, temperature=config.temperature, alpha=config.alpha,
-                     metric=ctx.metric, seed=ctx.seed, progress=ctx.progress)
+                     metric=ctx.metric, seed=ctx.seed, progress=ctx.progress,
+                     note=ctx.note)
         sizes = " -> ".join(str(n) for n in (chain.teacher_params,
                                              *(link.params for link in chain.links)))
         ctx.note(f"kd_student: teacher-assistant chain {sizes} parameters, "
@@ -68,7 +69,8 @@ def kd_student(model: nn.Module, config: KDStudentConfig, ctx: Context) -> nn.Mo
         if config.assistants > 0:
             ctx.note("kd_student: privacy_noise trains the student directly from the noisy "
                      "teacher (no assistants)")
-        student = student_of(teacher, config.size_ratio, kind=config.kind, seed=ctx.seed)
+        student = student_of(teacher, config.size_ratio, kind=config.kind, seed=ctx.seed,
+                             example_input=example_input(ctx.data, 2), note=ctx.note)
         distill(student, teacher, ctx.data, epochs=config.epochs, lr=config.lr,
                 temperature=config.temperature, alpha=config.alpha,
                 privacy_noise=config.privacy_noise, metric=ctx.metric, seed=ctx.seed,

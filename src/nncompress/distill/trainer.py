@@ -18,7 +18,7 @@ Every trainer takes a seed and gives the same weights for the same call.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +175,7 @@ class TAResult:
 def takd(teacher: nn.Module, data: Dataset, *, size_ratio: float, assistants: int = 1,
          kind: str = "auto", epochs: int, lr: float = 3e-3, temperature: float = 4.0,
          alpha: float = 0.9, metric: str | None = None, seed: int = 0,
-         progress: bool = True) -> TAResult:
+         progress: bool = True, note: Callable[[str], None] | None = None) -> TAResult:
     """Teacher-assistant knowledge distillation (Mirzadeh, Farajtabar, Li, Levine,
     Matsukawa & Ghasemzadeh 2020).
 
@@ -184,11 +184,15 @@ def takd(teacher: nn.Module, data: Dataset, *, size_ratio: float, assistants: in
     (strictly decreasing parameter counts; a chain whose sizes would not decrease is a
     one-line ModelError), and trains each for ``epochs`` by KD from the link before it
     (the first from ``teacher``). ``assistants=0`` is plain KD. ``teacher`` is unchanged.
+    A teacher that is not a reference model gets narrowed width students, traced on a
+    batch of ``data`` (``note``: what that analysis leaves alone).
     """
     from nncompress.models.students import student_of
 
     ratios = chain_ratios(size_ratio, assistants)
-    models = [student_of(teacher, r, kind=kind, seed=seed + i) for i, r in enumerate(ratios)]
+    example = example_input(data, 2)
+    models = [student_of(teacher, r, kind=kind, seed=seed + i, example_input=example,
+                         note=note) for i, r in enumerate(ratios)]
     sizes = [sum(p.numel() for p in m.parameters()) for m in models]
     top = sum(p.numel() for p in teacher.parameters())
     if any(b >= a for a, b in zip([top, *sizes], sizes, strict=False)):

@@ -296,8 +296,17 @@ def _base(model: nn.Module, kind: str) -> tuple[type, Config, _Rule]:
     return cls, base, _RULES[cls.arch_name]
 
 
+def _is_reference(model: nn.Module) -> bool:
+    try:
+        _reference(model)
+    except ModelError:
+        return False
+    return True
+
+
 def student_of(model: nn.Module, size_ratio: float = 4.0, kind: str = "auto", seed: int = 0,
-               *, tolerance: float = 0.15) -> ArchModule:
+               *, tolerance: float = 0.15, example_input: Any = None,
+               note: Callable[[str], None] | None = None) -> nn.Module:
     """A freshly initialised student with ~``1 / size_ratio`` of ``model``'s parameters.
 
     ``kind``: ``"width"`` (the same class, every hidden width scaled), ``"shallow"`` (the
@@ -323,14 +332,23 @@ def student_of(model: nn.Module, size_ratio: float = 4.0, kind: str = "auto", se
     initialises the weights; torch's global RNG is left as it was) and monotone: for a
     given model and kind, a larger ``size_ratio`` never gives more parameters.
 
-    Raises :class:`ModelError` (one line) for a model that is not a reference model or
-    efficient student (checked first), ``size_ratio <= 1``, an unknown or inapplicable
-    kind, or a target below the smallest student of that kind (all widths 1).
+    Any other model (a user's network, PyTorch's own ``nn.TransformerEncoder``, stacked
+    or bidirectional RNNs, grouped CNNs) gets a ``"width"`` student (also its ``"auto"``)
+    from the structured-pruning graph: :func:`~nncompress.models.narrowed.narrowed_student`
+    narrows every prunable channel group by one fraction and re-initialises, which needs
+    ``example_input`` (a batch the model accepts) to trace the groups; ``note`` receives
+    what that analysis leaves alone.
+
+    Raises :class:`ModelError` (one line) for ``size_ratio <= 1``, an unknown or
+    inapplicable kind (checked first), a model that is not a reference model given no
+    ``example_input``, or a target below the smallest student of that kind (all widths 1).
     """
-    cls, base, rule = _base(model, kind)
     if isinstance(size_ratio, bool) or not isinstance(size_ratio, (int, float)) \
             or not math.isfinite(size_ratio) or size_ratio <= 1:
         raise ModelError(f"size_ratio must be a number > 1, got {size_ratio!r}")
+    if not _is_reference(model):
+        return _other_model(model, size_ratio, kind, seed, tolerance, example_input, note)
+    cls, base, rule = _base(model, kind)
     teacher = sum(p.numel() for p in model.parameters())
     target = teacher / size_ratio
     what = f"size_ratio {size_ratio:g} of a {teacher}-parameter {type(model).__name__}"
@@ -340,3 +358,22 @@ def student_of(model: nn.Module, size_ratio: float = 4.0, kind: str = "auto", se
         raise ModelError(f"{what}: the nearest {cls.__name__} student has {got} parameters, "
                          f"not within {tolerance:.0%} of {target:.0f}")
     return _build(cls, cfg, seed, model)
+
+
+def _other_model(model: nn.Module, size_ratio: float, kind: str, seed: int, tolerance: float,
+                 example_input: Any, note: Callable[[str], None] | None) -> nn.Module:
+    """:func:`student_of` for a model without width rules: a narrowed copy."""
+    from nncompress.models.narrowed import narrowed_student
+
+    name = type(model).__name__
+    if kind not in KINDS:
+        raise ModelError(f"unknown student kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind not in ("auto", "width"):
+        raise ModelError(f"student kind {kind!r} needs one of the reference models "
+                         f"({', '.join(_RULES)}); a {name} gets a 'width' student")
+    if example_input is None:
+        raise ModelError(f"a width student of a {name} (not a reference model) is narrowed "
+                         "along its structured-pruning graph: give example_input, a batch "
+                         "the model accepts")
+    return narrowed_student(model, size_ratio, example_input, seed=seed, tolerance=tolerance,
+                            note=note)
