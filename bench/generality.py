@@ -66,6 +66,12 @@ CELLS: dict[str, tuple[Stage, ...]] = {
                      epochs_per_step=1, lr=1e-3), T("dead_units")),
     "quantize_int8": (T("quantize_int8", calibration_batches=2),),
     "qat_int8": (T("qat_int8", epochs=1, calibration_batches=2),),
+    "lowbit": (T("lowbit", weight_bits=4, epochs=1),),
+    "mixed_precision": (T("mixed_precision", average_bits=4.0, epochs=1),),
+    "binarize": (T("binarize", activations=False, epochs=1),),
+    "kd_student": (T("kd_student", size_ratio=3.0, epochs=1),),
+    "fskd": (T("l1_filter_prune", ratio=0.3, epochs_per_step=0), T("fskd")),
+    "cs_kd": (T("cs_kd", epochs=1),),
 }
 
 GENERALITY_INTRO = f"""## Every technique on every architecture
@@ -78,7 +84,10 @@ compressed model must run, save to `.nnc` and load back with the same outputs. `
 test accuracy before -> after, `.nnc` size ratio; `refused`: the technique declined before
 touching the model, with a one-line error naming the layer (listed below the table);
 `BROKEN`: an internal error or a model that no longer runs or round-trips (target: none).
-`dead_units` runs after 70 % global magnitude pruning with one epoch of fine-tuning."""
+`dead_units` runs after 70 % global magnitude pruning with one epoch of fine-tuning;
+`fskd` after 30 % L1 filter pruning without fine-tuning. `kd_student` builds a 3x smaller
+student: width rules for the reference models, the narrowed structured-pruning groups for
+the plain ones (`models/narrowed.py`)."""
 
 
 @dataclass(frozen=True)

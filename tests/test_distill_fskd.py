@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+import nncompress as nc
 from nncompress import models
 from nncompress.data import unlabelled
 from nncompress.distill.fskd import (
@@ -21,6 +22,7 @@ from nncompress.distill.fskd import (
 )
 from nncompress.errors import ConstraintError, RecipeError, UnsupportedLayerError
 from nncompress.prune.filter_l1 import L1FilterPruneConfig, l1_filter_prune
+from nncompress.recipe import Recipe, Stage
 from nncompress.technique import TECHNIQUES, Context
 
 
@@ -172,18 +174,53 @@ def test_layers_are_fitted_in_call_order_on_tuple_inputs() -> None:
     assert "5 of 8 teacher channels" in lines[0]
 
 
-def test_unsupported_layer_is_refused_by_name_before_anything_changes() -> None:
+def test_other_layers_are_left_alone_by_name_and_a_model_with_nothing_to_fit_is_refused(
+        ) -> None:
+    """A grouped conv, a GRU, a LayerNorm, a layer called twice: no map after them (named
+    in the log); the Conv / Linear layers around them are still fitted. A model with no
+    fittable layer is refused in one line before anything changes."""
+    torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv1d(1, 4, 3), nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(),
-                            nn.Linear(16, 2))
+                            nn.Linear(16, 6), nn.LayerNorm(6), nn.Linear(6, 2))
     student = copy.deepcopy(teacher)
-    state = copy.deepcopy(student.state_dict())
-    with pytest.raises(UnsupportedLayerError, match=r"1 \(Conv1d groups=2\)"):
-        fskd(student, teacher, torch.randn(4, 1, 8))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(64, 1, 8)
+    before = _logit_mse(student, teacher, x)
+    lines: list[str] = []
+    fskd(student, teacher, x, note=lines.append)
+    assert lines[0] == ("fskd: left as they are (no map fitted after them): "
+                        "1 (Conv1d groups=2), 4 (LayerNorm)")
+    assert [line.split(":")[1].strip() for line in lines[1:]] == ["0", "3", "5"]
+    assert _logit_mse(student, teacher, x) < before
     gru = nn.Module()
     gru.rnn = nn.GRU(3, 4)
-    with pytest.raises(UnsupportedLayerError, match=r"rnn \(GRU\)"):
+    state = copy.deepcopy(gru.state_dict())
+    with pytest.raises(UnsupportedLayerError) as info:
         fskd(gru, gru, torch.randn(2, 5, 3))
-    assert all(torch.equal(v, student.state_dict()[k]) for k, v in state.items())
+    assert str(info.value) == ("fskd: nothing to fit in the Module: no Conv1d / Conv2d "
+                               "(groups=1) or Linear runs once per forward (left alone: "
+                               "rnn (GRU))")
+    assert all(torch.equal(v, gru.state_dict()[k]) for k, v in state.items())
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.inner(torch.relu(self.inner(x)))))
+
+
+def test_a_layer_called_twice_is_left_alone() -> None:
+    torch.manual_seed(1)
+    teacher, student = _Twice(), _Twice()
+    lines: list[str] = []
+    fskd(student, teacher, torch.randn(32, 4), note=lines.append)
+    assert "inner (called more than once per forward)" in lines[0]
+    assert [line.split(":")[1].strip() for line in lines[1:]] == ["head"]
 
 
 def test_layers_without_a_teacher_counterpart_are_refused() -> None:
@@ -219,3 +256,30 @@ def test_config_and_registration() -> None:
     for bad in ({"samples": 0}, {"ridge": -1.0}, {"teacher": "none"}):
         with pytest.raises(ValidationError):
             FSKDConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", ["encoder", "bigru"])
+def test_fskd_through_compress_on_pytorch_built_in_transformer_and_rnn(arch: str) -> None:
+    """nn.TransformerEncoder (rewritten by compress; the teacher gets the same rewrite so
+    q/k/v/out projections pair by name) and a bidirectional GRU + LayerNorm (left alone,
+    named in the log): FSKD after pruning brings the outputs closer to the teacher's."""
+    from nncompress.models.plain import BiGRU, Encoder
+
+    torch.manual_seed(0)
+    teacher = (Encoder(dim=32) if arch == "encoder" else BiGRU()).eval()
+    x = torch.randn(160, 1, 40)
+    data = unlabelled(x[:120], x[120:], batch_size=20)
+    prune = Stage.technique("l1_filter_prune", ratio=0.4, epochs_per_step=0)
+    runs = {}
+    for name, stages in (("pruned", (prune,)), ("fskd", (prune, Stage.technique("fskd")))):
+        runs[name] = nc.compress(teacher, Recipe(name, stages), data, progress=False,
+                                 measure_latency=False, metric="mse")
+    log = "\n".join(runs["fskd"].log)
+    if arch == "encoder":
+        assert "fskd: encoder.layers.0.self_attn.q_proj:" in log
+    else:
+        assert "fskd: left as they are (no map fitted after them): rnn (GRU), norm (LayerNorm)" \
+            in log
+    held = x[120:]
+    assert _logit_mse(runs["fskd"].model, teacher, held) < \
+        0.7 * _logit_mse(runs["pruned"].model, teacher, held)

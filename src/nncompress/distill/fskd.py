@@ -30,19 +30,24 @@ What FSKD means here, precisely:
   ``(Q W)[o] = sum_c Q[o, c] W[c]`` over the output channels of ``W [C_out, C_in, *k]``;
   exact for any kernel, stride, padding or dilation (:func:`merge_pointwise`).
 
-Refused before the model is touched, each named: parameterised modules other than
-Conv1d / Conv2d / Linear with ``groups=1`` and BatchNorm1d / 2d (a grouped convolution,
-an RNN, attention, a factorised layer, ...); a fitted layer missing from the teacher, of
-another type there, wider than the teacher's, called more than once per forward, or whose
-output shape differs from the teacher's in more than the channels; pruned connections
-(masks), which merging ``Q`` would fill.
+Left as they are, and named in the log: parameterised modules other than Conv1d / Conv2d /
+Linear with ``groups=1`` and BatchNorm1d / 2d (a grouped convolution, an RNN, a LayerNorm,
+an embedding, ...) and layers called more than once per forward. The maps are fitted on
+the Conv / Linear layers around them, on features computed through them, so a model built
+of PyTorch's own blocks (RNN classifiers, transformer encoders after
+:func:`~nncompress.modules.decompose`) is repaired where it can be.
+
+Refused before the model is touched, each named: a model with nothing left to fit; a
+fitted layer missing from the teacher, of another type there, wider than the teacher's,
+or whose output shape differs from the teacher's in more than the channels; pruned
+connections (masks), which merging ``Q`` would fill.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NoReturn
 
 import numpy as np
 import torch
@@ -184,8 +189,8 @@ def fit_pointwise(s: torch.Tensor, t: torch.Tensor, ridge: float, *, offset: boo
     return q, (sol[s.shape[1]] if offset else None)
 
 
-def _refused(student: nn.Module) -> list[str]:
-    """Modules of ``student`` FSKD cannot handle, as ``name (what)``."""
+def _left_alone(student: nn.Module) -> list[str]:
+    """Parameterised modules of ``student`` no map is fitted after, as ``name (what)``."""
     out = []
     for name, module in student.named_modules():
         if not list(module.parameters(recurse=False)):
@@ -238,15 +243,22 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _nothing_to_fit(student: nn.Module, left: Sequence[str]) -> NoReturn:
+    raise UnsupportedLayerError(
+        f"fskd: nothing to fit in the {type(student).__name__}: no Conv1d / Conv2d "
+        f"(groups=1) or Linear runs once per forward"
+        + (f" (left alone: {', '.join(left)})" if left else ""))
+
+
 def _check(student: nn.Module, teacher: nn.Module, batches: Sequence[inputs.Inputs]
-           ) -> tuple[list[str], dict[str, torch.Tensor]]:
+           ) -> tuple[list[str], dict[str, torch.Tensor], list[str]]:
     """Every refusal, before anything changes; returns the fitted layers in call order and
-    the teacher's output rows per layer."""
-    refused = _refused(student)
-    if refused:
-        raise UnsupportedLayerError("fskd handles Conv1d / Conv2d (groups=1), Linear and "
-                                    f"BatchNorm layers only, not: {', '.join(refused)}")
-    names = [n for n, m in student.named_modules() if type(m) in FITTED]
+    the teacher's output rows per layer, and the layers left as they are."""
+    left = _left_alone(student)
+    names = [n for n, m in student.named_modules()
+             if type(m) in FITTED and getattr(m, "groups", 1) == 1]
+    if not names:
+        _nothing_to_fit(student, left)
     teacher_layers = dict(teacher.named_modules())
     bad = [f"{n} ({type(student.get_submodule(n)).__name__} vs "
            f"{type(teacher_layers[n]).__name__ if n in teacher_layers else 'missing'})"
@@ -256,9 +268,10 @@ def _check(student: nn.Module, teacher: nn.Module, batches: Sequence[inputs.Inpu
                                     f"teacher layer of the same type for: {', '.join(bad)}")
     order, s_rows, s_rep = _capture(student, names, batches)
     _, t_rows, t_rep = _capture(teacher, order, batches)
-    if s_rep | t_rep:
-        raise UnsupportedLayerError(f"fskd: layers called more than once per forward: "
-                                    f"{', '.join(sorted(s_rep | t_rep))}")
+    left += [f"{n} (called more than once per forward)" for n in sorted(s_rep | t_rep)]
+    order = [n for n in order if n not in s_rep | t_rep]
+    if not order:
+        _nothing_to_fit(student, left)
     bad = [f"{n} (student {s_rows[n].shape[1]} vs teacher {t_rows[n].shape[1]} outputs"
            f"{', over other positions' if len(s_rows[n]) != len(t_rows[n]) else ''})"
            for n in order if len(s_rows[n]) != len(t_rows[n])
@@ -266,7 +279,7 @@ def _check(student: nn.Module, teacher: nn.Module, batches: Sequence[inputs.Inpu
     if bad:
         raise UnsupportedLayerError(f"fskd: student outputs that no teacher output matches: "
                                     f"{', '.join(bad)}")
-    return order, t_rows
+    return order, t_rows, left
 
 
 def _fit_layer(student: nn.Module, name: str, target: torch.Tensor,
@@ -294,7 +307,9 @@ def _fit_layer(student: nn.Module, name: str, target: torch.Tensor,
 
 def _fskd(student: nn.Module, teacher: nn.Module, batches: Sequence[inputs.Inputs],
           ridge: float, note: Note | None) -> nn.Module:
-    order, targets = _check(student, teacher, batches)
+    order, targets, left = _check(student, teacher, batches)
+    if left and note is not None:
+        note(f"fskd: left as they are (no map fitted after them): {', '.join(left)}")
     for name in order:
         line = _fit_layer(student, name, targets[name], batches, ridge)
         if note is not None:
@@ -327,6 +342,13 @@ def _teacher_model(ctx: Context) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise RecipeError("fskd needs a teacher, but this run has none (no original model "
                           "in the context; compress() provides it)")
+    if any(isinstance(m, nn.MultiheadAttention | nn.TransformerEncoderLayer)
+           for m in model.modules()):
+        # the run rewrote these built-ins in the student (compress: decompose); the
+        # teacher gets the same rewrite, on a copy, so its layers pair with the student's
+        from nncompress.modules import decompose
+
+        model = decompose(copy.deepcopy(model))[0].eval()
     return model
 
 
