@@ -84,6 +84,20 @@ def test_hessian_traces_match_the_exact_hessian_of_a_small_net() -> None:
         assert torch.equal(layer.weight, w0) and layer.weight.grad is None
 
 
+def test_hessian_traces_through_pytorch_attention() -> None:
+    """nn.TransformerEncoder's fused attention kernels have no double backward; the traces
+    run it on the math kernel instead of refusing the model (once a one-line refusal)."""
+    from nncompress.models.plain import Encoder
+
+    torch.manual_seed(0)
+    net = Encoder(dim=16).eval()
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 10, (8,))
+    names = ["embed", "encoder.layers.0.linear1", "head"]
+    traces = hessian_traces(net, names, [(x, y)], samples=4, seed=0)
+    assert set(traces) == set(names) and all(math.isfinite(t) for t in traces.values())
+    assert traces["head"] > 0  # convex in the last layer
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_allocator_is_optimal_against_brute_force(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

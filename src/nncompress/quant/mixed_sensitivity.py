@@ -37,6 +37,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nncompress import inputs
 from nncompress.errors import UnsupportedLayerError
@@ -102,7 +103,9 @@ def hessian_traces(model: nn.Module, layers: Sequence[str], batches: Sequence[Ba
     generator = torch.Generator().manual_seed(seed)
     totals = [0.0] * len(layers)
     model.eval()
-    with _grad_on(weights), torch.enable_grad():
+    # the math attention kernel: the fused ones (flash / memory-efficient) of
+    # nn.MultiheadAttention and F.scaled_dot_product_attention have no double backward
+    with _grad_on(weights), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         for x, y in batches:
             def loss(x: inputs.Inputs = x, y: torch.Tensor = y) -> torch.Tensor:
                 return F.cross_entropy(inputs.call(model, x), y)
