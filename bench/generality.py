@@ -69,7 +69,7 @@ CELLS: dict[str, tuple[Stage, ...]] = {
     "lowbit": (T("lowbit", weight_bits=4, epochs=1),),
     "mixed_precision": (T("mixed_precision", average_bits=4.0, epochs=1),),
     "binarize": (T("binarize", activations=False, epochs=1),),
-    "kd_student": (T("kd_student", size_ratio=3.0, epochs=1),),
+    "kd_student": (T("kd_student", size_ratio=3.0, epochs=30),),
     "fskd": (T("l1_filter_prune", ratio=0.3, epochs_per_step=0), T("fskd")),
     "cs_kd": (T("cs_kd", epochs=1),),
 }

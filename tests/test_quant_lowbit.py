@@ -211,9 +211,10 @@ def test_unhandled_layers_are_named_and_attention_is_rewritten() -> None:
     data = tiny_data(features=12)
     torch.manual_seed(0)
     ctx = Context(data, progress=False)
-    out = lowbit(Mixed(), LowBitConfig(weight_bits=4, epochs=0, keep_first=False), ctx)
+    out = lowbit(Mixed(), LowBitConfig(weight_bits=4, epochs=0, keep_first=False,
+                                       exclude=("rnn",)), ctx)
     log = "\n".join(ctx.log)
-    assert "stays float (recurrent layer" in log and "rnn" in log
+    assert "stays float (recurrent layer: excluded, recurrent: false" in log and ": rnn" in log
     assert "stays float (normalisation parameters): norm" in log
     assert "rewrote attn" in log
     for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"):

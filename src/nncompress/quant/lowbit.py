@@ -15,9 +15,12 @@ Steps of :func:`lowbit`:
    (``keep_first`` / ``keep_last``; a power-of-two quantizer gains range, not precision,
    from more bits), ``bits: {layer: b}`` overriding any layer's weight bits; an input
    quantizer is unsigned when the layer's calibration inputs are all non-negative (after a
-   ReLU), signed otherwise. Layers it does not handle (recurrent layers, embeddings,
-   norms, other parameters) stay float and are named in the log with the reason; an empty
-   selection raises before the model is touched;
+   ReLU), signed otherwise. The ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` layers it calls get
+   ``bits.get(name, weight_bits)`` weight matrices, one step per matrix, biases, state and
+   inputs float (:mod:`nncompress.quant.lowbit_rnn`: frozen back to the plain layer with
+   its matrices on the grid, which the container stores as a codebook). Layers it does
+   not handle (embeddings, norms, other parameters) stay float and are named in the log
+   with the reason; an empty selection raises before the model is touched;
 3. the layers become their low-bit training forms (weight steps from the weights, input
    steps from a calibration batch of training samples), the model is fine-tuned with
    ``ctx.fine_tune`` (pruning masks stay applied, so a pruned weight stays code 0) and
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -54,6 +57,7 @@ from nncompress.formats.layer_types import (
     padding_arg,
     positive_arg,
 )
+from nncompress.quant import lowbit_rnn
 from nncompress.quant.lowbit_layers import (
     LOW_BIT_OF,
     FrozenLowBitConv1d,
@@ -65,6 +69,7 @@ from nncompress.quant.lowbit_layers import (
     describe_bits,
     from_float,
 )
+from nncompress.quant.lowbit_rnn import RECURRENT
 from nncompress.quant.lsq import INITS, MAX_BITS, MIN_BITS, QUANTIZERS, make_quantizer
 from nncompress.technique import TECHNIQUES, Context, Technique, TechniqueConfig
 
@@ -77,8 +82,8 @@ Patterns = Annotated[tuple[str, ...], Field(strict=False)]
 KEEP_BITS = 8
 #: Why a parameter-owning module stays float (first isinstance match).
 FLOAT_REASONS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
-    ((nn.RNNBase, nn.RNNCellBase), "recurrent layer (lowbit handles Linear/Conv1d/Conv2d; "
-                                   "quantize_int8 covers GRU/LSTM)"),
+    ((nn.RNNBase, nn.RNNCellBase), "recurrent layer: excluded, recurrent: false, or not "
+                                   "exactly an nn.GRU / nn.LSTM / nn.RNN"),
     ((nn.Embedding, nn.EmbeddingBag), "embedding table"),
     ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm),
      "normalisation parameters"),
@@ -96,7 +101,10 @@ class LowBitConfig(TechniqueConfig):
     overriding all of these for a layer; ``exclude``: fnmatch patterns of layers left
     float; ``init``: the steps' start (``lsq`` rule or least-squared-error ``mse``);
     ``calibration``: training samples that set the input steps and signs; ``epochs`` /
-    ``lr``: fine-tuning with fake quantization; ``seed``: None uses the run's seed.
+    ``lr``: fine-tuning with fake quantization; ``seed``: None uses the run's seed;
+    ``recurrent``: the weight matrices of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` layers go to
+    ``weight_bits`` too (False: they stay float, as ``mixed_precision``'s allocation,
+    which covers Linear / Conv layers only, keeps them).
     """
 
     weight_bits: Bits = 4
@@ -111,6 +119,7 @@ class LowBitConfig(TechniqueConfig):
     epochs: int = Field(default=3, ge=0, le=10_000)
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     seed: int | None = None
+    recurrent: bool = True
 
 
 @dataclass(frozen=True)
@@ -153,25 +162,36 @@ def _float_notes(model: nn.Module, chosen: set[str]) -> list[str]:
     return [f"stays float ({why}): {', '.join(names)}" for why, names in groups.items()]
 
 
-def plan_layers(model: nn.Module, config: LowBitConfig,
-                x: inputs.Inputs) -> tuple[list[LayerPlan], list[str]]:
-    """(the layers to quantize in call order, notes on what stays float); raises
-    ``UnsupportedLayerError`` for an empty selection and ``RecipeError`` for a ``bits``
-    entry naming no selected layer, before anything is changed."""
-    candidates = [n for n, m in model.named_modules() if type(m) in LOW_BIT_OF
-                  and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
+def _selected(model: nn.Module, types: Any, config: LowBitConfig) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) in types
+            and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
+
+
+def recurrent_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs) -> list[str]:
+    """The ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` layers (exact types) the forward calls,
+    minus ``exclude``, in call order: their weight matrices go low-bit too."""
+    return list(_calls(model, _selected(model, RECURRENT, config), x))
+
+
+def plan_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs,
+                recurrent: Sequence[str] = ()) -> tuple[list[LayerPlan], list[str]]:
+    """(the Linear / Conv layers to quantize in call order, notes on what stays float);
+    raises ``UnsupportedLayerError`` for an empty selection and ``RecipeError`` for a
+    ``bits`` entry naming no selected layer, before anything is changed. ``recurrent``:
+    the recurrent layers quantized beside them (:func:`recurrent_layers`)."""
+    candidates = _selected(model, LOW_BIT_OF, config)
     called = _calls(model, candidates, x)
-    if not called:
+    if not called and not recurrent:
         found = sorted({type(m).__name__ for m in model.modules()
                         if next(m.parameters(recurse=False), None) is not None})
         raise UnsupportedLayerError(
             f"lowbit: no Linear/Conv1d/Conv2d layer of the model is called by its forward "
             f"(exclude={list(config.exclude)}; parameter-owning layer types: "
             f"{', '.join(found) or 'none'})")
-    unknown = sorted(set(config.bits) - set(called))
+    unknown = sorted(set(config.bits) - set(called) - set(recurrent))
     if unknown:
         raise RecipeError(f"lowbit: bits names {unknown[0]!r}, not a quantized layer of the "
-                          f"model; quantized layers: {', '.join(called)}")
+                          f"model; quantized layers: {', '.join([*called, *recurrent])}")
     order = list(called)
     plans = []
     for i, name in enumerate(order):
@@ -181,7 +201,7 @@ def plan_layers(model: nn.Module, config: LowBitConfig,
             name, "linear" if kept else config.quantizer,
             config.bits.get(name, KEEP_BITS if kept else config.weight_bits),
             None if act is None else (KEEP_BITS if kept else act), not called[name]))
-    return plans, _float_notes(model, set(order))
+    return plans, _float_notes(model, set(order) | set(recurrent))
 
 
 def _calibration(ctx: Context, count: int, seed: int) -> inputs.Inputs:
@@ -208,9 +228,14 @@ def lowbit(model: nn.Module, config: LowBitConfig, ctx: Context) -> nn.Module:
     seed = ctx.seed if config.seed is None else config.seed
     model = rewrite_builtins(model, ctx.masks, ctx.note, "lowbit")
     batch = _calibration(ctx, config.calibration, seed)
-    plans, notes = plan_layers(model, config, batch)
+    recurrent = recurrent_layers(model, config, batch) if config.recurrent else []
+    plans, notes = plan_layers(model, config, batch, recurrent)
     for line in notes:
         ctx.note(f"lowbit: {line}")
+    for name in recurrent:
+        lowbit_rnn.to_training(model.get_submodule(name),
+                               weight_bits=config.bits.get(name, config.weight_bits),
+                               quantizer=config.quantizer, init=config.init)
     for plan in plans:
         model.set_submodule(plan.name, from_float(
             model.get_submodule(plan.name), weight_bits=plan.weight_bits,
@@ -226,6 +251,12 @@ def lowbit(model: nn.Module, config: LowBitConfig, ctx: Context) -> nn.Module:
         frozen = layer.freeze()
         model.set_submodule(plan.name, frozen)
         ctx.note(f"lowbit: {plan.name}: {describe_bits(frozen)}")
+    for name in recurrent:
+        layer = model.get_submodule(name)
+        bits, kind = layer.weight_bits, layer.quantizer
+        lowbit_rnn.freeze(layer)
+        ctx.note(f"lowbit: {name}: {bits}-bit {kind} weight matrices ({type(layer).__name__};"
+                 " biases, state and inputs float)")
     return model.eval()
 
 

@@ -294,7 +294,7 @@ def lowbit_config(config: MixedPrecisionConfig, bits: Mapping[str, int],
                         activation_bits=config.activation_bits, quantizer=config.quantizer,
                         exclude=config.exclude, init=config.init,
                         calibration=config.calibration, epochs=config.epochs, lr=config.lr,
-                        seed=seed)
+                        seed=seed, recurrent=False)
 
 
 def uniform_bits(model: nn.Module, config: MixedPrecisionConfig, x: inputs.Inputs,
