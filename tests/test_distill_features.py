@@ -192,3 +192,72 @@ def test_feature_distiller_transformer_widths_and_perturb() -> None:
     assert 0.0 < float(fd(x).hint.detach()) <= 4.0
     with pytest.raises(ModelError, match=r"blocks\.9"):
         FeatureDistiller(student, teacher, [("blocks.9", "blocks.0")], x)
+
+
+# ------------------------------------------------------------------ hints in a recipe
+
+HINTED = """
+name: hinted
+distill: {hints: {features.conv2: features.conv2}, hint_loss: angular, hint_weight: 5}
+stages:
+  - technique: l1_filter_prune
+    params: {ratio: 0.5, epochs_per_step: 0}
+  - fine_tune: {epochs: 2, lr: 0.001}
+"""
+
+
+def _hint_run(text: str, **kw: object):
+    import nncompress as nc
+    from helpers import tiny_data
+    from nncompress.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = models.build("cnn1d", (1, 12), 3)
+    data = tiny_data(n=96)
+    return nc.compress(model, Recipe.from_yaml(text), data, progress=False,
+                       measure_latency=False, **kw)
+
+
+def test_recipe_hints_train_every_stage_through_fresh_adapters(monkeypatch) -> None:
+    """The fine_tune stage after pruning matches the pruned conv2 (32 channels) to the
+    teacher's (64) through an adapter built for that stage; without hints the weights
+    come out otherwise."""
+    from nncompress.distill import features
+
+    calls: list[tuple[int, int]] = []
+    real = features.FeatureDistiller.forward
+
+    def spy(self, x):
+        out = real(self, x)
+        calls.append((out.student_out.shape[0], len(list(self.parameters()))))
+        return out
+
+    monkeypatch.setattr(features.FeatureDistiller, "forward", spy)
+    hinted = _hint_run(HINTED)
+    assert any("feature hints (angular, weight 5): features.conv2 -> features.conv2" in line
+               for line in hinted.log)
+    assert len(calls) == 12 and all(n > 0 for _, n in calls)  # 2 epochs x 6 batches
+    plain = _hint_run(HINTED.replace(
+        "distill: {hints: {features.conv2: features.conv2}, hint_loss: angular, "
+        "hint_weight: 5}", "distill: {}"))
+    w_h, w_p = (r.model.features.conv3.weight for r in (hinted, plain))
+    assert w_h.shape == w_p.shape and not torch.equal(w_h, w_p)
+
+
+@pytest.mark.parametrize(("edit", "error", "words"), [
+    ("features.conv2: features.conv2}", ModelError, "no layer 'features.conv9'"),
+    ("hint_loss: angular", RecipeError, "hint_loss"),
+    ("distill: {", RecipeError, "teacher is 'none'"),
+])
+def test_recipe_hint_errors_are_one_line_before_any_stage(edit: str, error: type, words: str,
+                                                          monkeypatch) -> None:
+    monkeypatch.setattr("nncompress.api.decompose", lambda *a: pytest.fail("a stage ran"))
+    text = {
+        "features.conv2: features.conv2}": HINTED.replace(
+            "features.conv2: features.conv2}", "features.conv9: features.conv2}"),
+        "hint_loss: angular": HINTED.replace("hint_loss: angular", "hint_loss: cubic"),
+        "distill: {": HINTED.replace("distill: {", "distill: {teacher: none, "),
+    }[edit]
+    with pytest.raises(error) as info:
+        _hint_run(text)
+    assert words in str(info.value) and "\n" not in str(info.value)

@@ -295,6 +295,9 @@ def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
     implied = config is None and not data.labelled
     if implied:
         config = DistillConfig()
+    if config is not None and config.teacher == "none" and config.hints:
+        raise RecipeError("distill hints match the features of a teacher, but the teacher "
+                          "is 'none'; use teacher: original")
     if config is None or config.teacher == "none":
         return None, ("fine-tuning in the stages learns from the labels (cross-entropy; no "
                       "teacher; kd_student and fskd still learn from their own teacher)")
@@ -305,8 +308,20 @@ def _distillation(plan: Recipe, data: Dataset, original: nn.Module,
     detail = (f"T={config.temperature:g}, alpha={config.alpha:g}" if name == "kd"
               else "to the teacher's outputs")
     why = " (the data has no labels)" if implied else ""
-    return (Teacher(source, loss),
-            f"training stages distil from {who}{why}: {name} loss, {detail}")
+    line = f"training stages distil from {who}{why}: {name} loss, {detail}"
+    if not config.hints:
+        return Teacher(source, loss), line
+    from nncompress.distill.features import resolve
+    from nncompress.distill.trainer import HintedTeacher
+
+    for student_layer, teacher_layer in config.hints.items():
+        resolve(original, student_layer)  # the student starts as a copy of the original
+        resolve(source, teacher_layer)
+    pairs = ", ".join(f"{s} -> {t}" for s, t in config.hints.items())
+    return (HintedTeacher(source, loss, tuple(config.hints.items()), config.hint_loss,
+                          config.hint_weight),
+            f"{line}; feature hints ({config.hint_loss}, weight {config.hint_weight:g}): "
+            f"{pairs}")
 
 
 _EPOCH_FIELDS = ("epochs", "epochs_per_step", "epochs_after")

@@ -64,12 +64,20 @@ class DistillConfig(TechniqueConfig):
     ``mse`` to the teacher's outputs (for embedding or regression models), or ``auto``: the
     one that matches the quality metric (cosine for ``cosine``, mse for ``mse`` / ``r2``,
     kd otherwise).
+
+    ``hints``: ``{student layer: teacher layer}`` whose features every training stage
+    also matches (FitNets, Romero et al. 2015), through a trained adapter where the widths
+    differ (a pruned layer); ``hint_loss`` ``mse`` or ``angular`` (ShrinkTeaNet, Duong et
+    al. 2019), weighted ``hint_weight``. Names are checked before any stage runs.
     """
 
     teacher: Literal["original", "none"] = "original"
     loss: Literal["auto", "kd", "cosine", "mse"] = "auto"
     temperature: float = Field(default=4.0, gt=0.0, le=1000.0)
     alpha: float = Field(default=0.9, ge=0.0, le=1.0)
+    hints: dict[str, str] = Field(default_factory=dict)
+    hint_loss: Literal["mse", "angular"] = "mse"
+    hint_weight: float = Field(default=1.0, ge=0.0, le=1000.0)
 
 
 class EvaluateConfig(TechniqueConfig):

@@ -88,6 +88,12 @@ class Teacher:
         """Parameters the teacher side adds to training (none for output distillation)."""
         return []
 
+    def bind(self, student: nn.Module, data: Dataset) -> Teacher:
+        """The teacher one training run of ``student`` on ``data`` uses (``fit`` calls this
+        first): itself, or, for a teacher that attaches to the student (a recipe's feature
+        hints), one built for this student."""
+        return self
+
 
 class EpochRecord:
     """What every per-epoch training record answers from its ``loss``, ``test_acc`` and
@@ -242,6 +248,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float = 1e-3,
     params = [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return TrainLog((), (), (), (), name)
+    if teacher is not None:
+        teacher = teacher.bind(model, data)
     extra = teacher.trainable() if teacher is not None else []
     optimizer = torch.optim.Adam(params + extra, lr=lr, weight_decay=weight_decay)
     schedule = _Schedule(lr, epochs, _steps_per_epoch(data.train), LR_SCHEDULES[lr_schedule])

@@ -35,7 +35,8 @@ from nncompress.measure.quality import default_metric
 from nncompress.recipe import DistillConfig
 from nncompress.train import Teacher, TrainLog, fit
 
-__all__ = ["ChainLink", "TAResult", "chain_ratios", "cskd_fit", "distill", "takd"]
+__all__ = ["ChainLink", "HintedTeacher", "TAResult", "chain_ratios", "cskd_fit", "distill",
+           "takd"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,22 @@ class _HintTeacher(Teacher):
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.distiller.parameters()) if self.distiller is not None else []
+
+
+@dataclass(frozen=True)
+class HintedTeacher(Teacher):
+    """A recipe's teacher with feature hints (``DistillConfig.hints``): each training run
+    binds it to the student it trains (:meth:`bind`), with fresh adapters, since the
+    student's widths change from stage to stage (pruning)."""
+
+    hints: tuple[tuple[str, str], ...] = ()
+    hint_loss: str = "mse"
+    weight: float = 1.0
+
+    def bind(self, student: nn.Module, data: Dataset) -> Teacher:
+        fd = FeatureDistiller(student, self.model, self.hints, example_input(data, 2),
+                              loss=self.hint_loss)
+        return _HintTeacher(self.model, self.loss, fd, self.weight)
 
 
 @dataclass(frozen=True)
