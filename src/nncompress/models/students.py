@@ -10,7 +10,8 @@ efficient-block students, sized to a parameter budget.
 
 Which config entries are widths, which are stacked layers, and which efficient network
 replaces a CNN live in one table per fact (``_RULES``, ``_CONVERSIONS``, ``_AUTO``).
-A model that is not one of these exact classes is refused before anything is built.
+A model that is not one of these exact classes gets a ``width`` student from its
+structured-pruning groups instead (:mod:`nncompress.models.narrowed`).
 """
 
 from __future__ import annotations
