@@ -342,12 +342,11 @@ def _teacher_model(ctx: Context) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise RecipeError("fskd needs a teacher, but this run has none (no original model "
                           "in the context; compress() provides it)")
-    if any(isinstance(m, nn.MultiheadAttention | nn.TransformerEncoderLayer)
-           for m in model.modules()):
+    from nncompress.modules import decompose, needs_decompose
+
+    if needs_decompose(model):
         # the run rewrote these built-ins in the student (compress: decompose); the
         # teacher gets the same rewrite, on a copy, so its layers pair with the student's
-        from nncompress.modules import decompose
-
         model = decompose(copy.deepcopy(model))[0].eval()
     return model
 
