@@ -152,8 +152,8 @@ def test_lowbit_technique_plans_bits_and_notes() -> None:
 def test_kept_layers_use_uniform_levels_under_the_log_quantizer() -> None:
     torch.manual_seed(0)
     model = models.build("mlp", (1, 12), 3, hidden=[8, 8])
-    plans, _ = plan_layers(model, LowBitConfig(quantizer="log", weight_bits=3),
-                           torch.randn(16, 1, 12))
+    plans, _, _ = plan_layers(model, LowBitConfig(quantizer="log", weight_bits=3),
+                              torch.randn(16, 1, 12))
     assert [(p.name, p.quantizer, p.weight_bits) for p in plans] == [
         ("layers.fc1", "linear", 8), ("layers.fc2", "log", 3), ("layers.fc3", "linear", 8)]
 

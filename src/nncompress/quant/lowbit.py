@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -167,20 +167,18 @@ def _selected(model: nn.Module, types: Any, config: LowBitConfig) -> list[str]:
             and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
 
 
-def recurrent_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs) -> list[str]:
-    """The ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` layers (exact types) the forward calls,
-    minus ``exclude``, in call order: their weight matrices go low-bit too."""
-    return list(_calls(model, _selected(model, RECURRENT, config), x))
-
-
-def plan_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs,
-                recurrent: Sequence[str] = ()) -> tuple[list[LayerPlan], list[str]]:
-    """(the Linear / Conv layers to quantize in call order, notes on what stays float);
+def plan_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs
+                ) -> tuple[list[LayerPlan], list[str], list[str]]:
+    """(the Linear / Conv layers to quantize in call order, notes on what stays float, the
+    ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` layers (exact types; ``config.recurrent``) whose
+    weight matrices go low-bit beside them, in call order), from one forward of ``x``;
     raises ``UnsupportedLayerError`` for an empty selection and ``RecipeError`` for a
-    ``bits`` entry naming no selected layer, before anything is changed. ``recurrent``:
-    the recurrent layers quantized beside them (:func:`recurrent_layers`)."""
+    ``bits`` entry naming no selected layer, before anything is changed."""
     candidates = _selected(model, LOW_BIT_OF, config)
-    called = _calls(model, candidates, x)
+    rnns = _selected(model, RECURRENT, config) if config.recurrent else []
+    seen = _calls(model, candidates + rnns, x)
+    called = {n: nonneg for n, nonneg in seen.items() if n not in rnns}
+    recurrent = [n for n in seen if n in rnns]
     if not called and not recurrent:
         found = sorted({type(m).__name__ for m in model.modules()
                         if next(m.parameters(recurse=False), None) is not None})
@@ -201,7 +199,7 @@ def plan_layers(model: nn.Module, config: LowBitConfig, x: inputs.Inputs,
             name, "linear" if kept else config.quantizer,
             config.bits.get(name, KEEP_BITS if kept else config.weight_bits),
             None if act is None else (KEEP_BITS if kept else act), not called[name]))
-    return plans, _float_notes(model, set(order) | set(recurrent))
+    return plans, _float_notes(model, set(order) | set(recurrent)), recurrent
 
 
 def _calibration(ctx: Context, count: int, seed: int) -> inputs.Inputs:
@@ -228,8 +226,7 @@ def lowbit(model: nn.Module, config: LowBitConfig, ctx: Context) -> nn.Module:
     seed = ctx.seed if config.seed is None else config.seed
     model = rewrite_builtins(model, ctx.masks, ctx.note, "lowbit")
     batch = _calibration(ctx, config.calibration, seed)
-    recurrent = recurrent_layers(model, config, batch) if config.recurrent else []
-    plans, notes = plan_layers(model, config, batch, recurrent)
+    plans, notes, recurrent = plan_layers(model, config, batch)
     for line in notes:
         ctx.note(f"lowbit: {line}")
     for name in recurrent:

@@ -183,8 +183,8 @@ class MixedChoice:
 def _targets(model: nn.Module, config: MixedPrecisionConfig,
              x: inputs.Inputs) -> dict[str, tuple[int, ...]]:
     """``{layer: allowed widths}`` of the layers ``lowbit`` quantizes, in call order."""
-    plans, _ = plan_layers(model, LowBitConfig(keep_first=False, keep_last=False,
-                                               exclude=config.exclude), x)
+    plans, _, _ = plan_layers(model, LowBitConfig(keep_first=False, keep_last=False,
+                                                  exclude=config.exclude, recurrent=False), x)
     names = [p.name for p in plans]
     widths = tuple(sorted(set(config.candidates)))
     out = dict.fromkeys(names, widths)
