@@ -65,10 +65,11 @@ class HintedTeacher(Teacher):
     hints: tuple[tuple[str, str], ...] = ()
     hint_loss: str = "mse"
     weight: float = 1.0
+    perturb: Callable[[torch.Tensor], torch.Tensor] | None = None  # RONA on the features
 
     def bind(self, student: nn.Module, data: Dataset) -> Teacher:
         fd = FeatureDistiller(student, self.model, self.hints, example_input(data, 2),
-                              loss=self.hint_loss)
+                              loss=self.hint_loss, perturb=self.perturb)
         return _HintTeacher(self.model, self.loss, fd, self.weight)
 
 
@@ -122,13 +123,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Dataset, *, epochs: in
     if privacy_noise is not None:
         source = NoisyTeacher(source, privacy_noise, seed=seed).eval()
     objective = loss_for(config, name)[1]
-    if hints:
-        example = example_input(data, 2)
-        fd = FeatureDistiller(student, source, hints, example, loss=hint_loss,
-                              perturb=source.perturb if privacy_noise is not None else None)
-        trainer: Teacher = _HintTeacher(source, objective, fd, float(hint_weight))
-    else:
-        trainer = Teacher(source, objective)
+    trainer = Teacher(source, objective)
+    if hints:  # bound now, so a bad layer name fails before any training
+        pairs = tuple(hints.items()) if isinstance(hints, Mapping) else tuple(hints)
+        perturb = source.perturb if privacy_noise is not None else None
+        trainer = HintedTeacher(source, objective, pairs, hint_loss, float(hint_weight),
+                                perturb).bind(student, data)
     return fit(student, data, epochs=epochs, lr=lr, seed=seed, progress=progress, desc=desc,
                lr_schedule=lr_schedule, teacher=trainer, metric=metric)
 
